@@ -1,0 +1,8 @@
+"""minrlhf: RLHF as InstructGPT did it (SFT, a pairwise reward model, PPO), small enough to read."""
+from .data import (DataError, check_columns, collate_pairs, collate_prompts, collate_sft, encode_pair, encode_preference,
+                   encode_prompt, encode_rl_prompt, encode_sft, ensure_pad_token, load_rows, pad, split_hh,
+                   tokenize)
+from .losses import (KLController, compute_gae, entropy_from_logits, explained_variance, kl_penalized_rewards,
+                     logprobs_from_logits, masked_mean, masked_var, masked_whiten, pairwise_ranking_loss,
+                     ppo_policy_loss, ppo_value_loss)
+from .models import PolicyWithValueHead, load_causal_lm, load_reward_model, position_ids, reward_scores

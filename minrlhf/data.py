@@ -1,0 +1,226 @@
+"""Datasets: load rows, adapt them to canonical rows, tokenize them per stage, collate into batches.
+
+Canonical rows: SFT {prompt, response} | {messages: [{role, content}, ...]} | {text};
+preference {prompt, chosen, rejected}; RL prompts {prompt}. A preference row also serves SFT (prompt +
+chosen) and RL (its prompt). Shapes: B batch, P prompt length, T sequence length.
+"""
+import gzip
+import json
+import os
+
+import datasets
+import torch
+
+HH_TURN = "\n\nAssistant:"
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+STAGE_COLUMNS = {  # each stage accepts any one of these column sets
+    "sft": [("prompt", "response"), ("prompt", "chosen"), ("messages",), ("text",)],
+    "rm": [("prompt", "chosen", "rejected")],
+    "ppo": [("prompt",)],
+}
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the source and what was expected."""
+
+
+def split_hh(row):
+    """Anthropic/hh-rlhf rows are two transcripts that differ only in the last assistant reply. The
+    shared prompt is their common prefix cut after its last '\\n\\nAssistant:' (a reply may itself
+    contain that string), so prompt + reply gives back each transcript exactly."""
+    cut = os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TURN)
+    if cut < 0:
+        raise DataError("Anthropic/hh-rlhf row: chosen and rejected share no '\\n\\nAssistant:' turn")
+    cut += len(HH_TURN)
+    return {"prompt": row["chosen"][:cut], "chosen": row["chosen"][cut:], "rejected": row["rejected"][cut:]}
+
+
+def _shp(row):  # labels == 1: comment A is preferred
+    a, b = row["human_ref_A"], row["human_ref_B"]
+    return {"prompt": row["history"] + "\n\n", "chosen": a if row["labels"] == 1 else b,
+            "rejected": b if row["labels"] == 1 else a}
+
+
+def _tldr_comparison(row):  # replies are written "TL;DR: ..."; make them continue a "TL;DR:" prompt
+    def reply(text):
+        return " " + text.strip().removeprefix("TL;DR:").strip()
+    return {"prompt": row["prompt"].strip() + "\nTL;DR:", "chosen": reply(row["chosen"]),
+            "rejected": reply(row["rejected"])}
+
+
+HUB_ADAPTERS = {  # the seed's Hub datasets: published schema -> canonical rows
+    "Anthropic/hh-rlhf": split_hh,
+    "stanfordnlp/SHP": _shp,
+    "CarperAI/openai_summarize_tldr": lambda row: {"prompt": row["prompt"], "response": row["label"]},
+    "CarperAI/openai_summarize_comparisons": _tldr_comparison,
+    "fka/awesome-chatgpt-prompts": lambda row: {"prompt": row["prompt"]},
+}
+
+
+def _json_fault(path):
+    """Where a .json/.jsonl file stops parsing, as 'line N: reason', or None."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines() if path.removesuffix(".gz").endswith(".jsonl") else [text]
+    for number, line in enumerate(lines, 1):
+        try:
+            line.strip() and json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number + e.lineno - 1}: malformed JSON ({e.msg})"
+    return None
+
+
+def load_rows(source, split="train"):
+    """A `datasets.Dataset` of canonical rows from a local .jsonl/.json/.parquet file (optionally .gz)
+    or a Hub dataset: the seed's ones by name through their adapters, any other in canonical columns."""
+    ext = os.path.splitext(source.removesuffix(".gz"))[1]
+    if ext in LOCAL_FORMATS or os.path.exists(source):
+        if ext not in LOCAL_FORMATS:
+            raise DataError(f"{source}: unknown file type; expected .jsonl, .json or .parquet (optionally .gz)")
+        if not os.path.isfile(source):
+            raise DataError(f"{source}: no such file")
+        if os.path.getsize(source) == 0:
+            raise DataError(f"{source}: the data set is empty")
+        try:
+            rows = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=os.path.abspath(source), split="train")
+        except Exception as e:
+            fault = LOCAL_FORMATS[ext] == "json" and _json_fault(source)
+            raise DataError(f"{source}: {fault or (str(e) or repr(e)).splitlines()[0]}") from None
+    else:
+        try:
+            rows = datasets.load_dataset(source, split=split)
+        except Exception as e:
+            raise DataError(f"{source}: not a local file and not loadable from the Hugging Face Hub "
+                            f"({type(e).__name__}); pass a .jsonl/.json/.parquet file") from None
+        if source in HUB_ADAPTERS:
+            rows = rows.map(HUB_ADAPTERS[source], remove_columns=rows.column_names)
+    if len(rows) == 0:
+        raise DataError(f"{source}: the data set is empty")
+    return rows
+
+
+def check_columns(rows, stage, source):
+    """Raise a DataError unless the rows carry one of the column sets the stage accepts."""
+    if not any(all(c in rows.column_names for c in cols) for cols in STAGE_COLUMNS[stage]):
+        wanted = " or ".join("{" + ", ".join(cols) + "}" for cols in STAGE_COLUMNS[stage])
+        raise DataError(f"{source}: --stage {stage} needs columns {wanted}; found {rows.column_names}")
+
+
+def ensure_pad_token(tokenizer):
+    """Give the tokenizer a pad token that is not EOS. Padding with EOS is how a real EOS gets masked
+    out of labels, rewards and reward reads (reward models stuck near 60% accuracy, policies that never
+    stop). Reuse a distinct special token when there is one; else add '<|pad|>' and return True: the
+    caller must then resize the model's embeddings."""
+    if tokenizer.eos_token is None:
+        raise DataError(f"{tokenizer.name_or_path}: the tokenizer has no EOS token")
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    for token in (tokenizer.unk_token, tokenizer.bos_token):
+        if token is not None and token != tokenizer.eos_token:
+            tokenizer.pad_token = token
+            return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return True
+
+
+def _as_messages(prompt):
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def encode_prompt(tokenizer, prompt):
+    """Token ids of a prompt (a string or a list of chat messages), through the chat template when
+    the tokenizer has one, ending where the assistant's reply begins."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_pair(tokenizer, prompt, response):
+    """(prompt_ids, response_ids) with EOS ending the response. With a chat template the response is
+    the assistant turn exactly as the template writes it after the generation prompt."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    if tokenizer.chat_template:
+        head = tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            _as_messages(prompt) + [{"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(head):
+            raise DataError(f"{tokenizer.name_or_path}: chat template output does not extend the prompt")
+        response = full[len(head):]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id not in response_ids:
+        response_ids.append(tokenizer.eos_token_id)
+    return prompt_ids, response_ids
+
+
+def _sft_pair(row):
+    if row.get("messages"):
+        *prompt, last = row["messages"]
+        return (prompt or ""), last["content"]
+    if row.get("text") is not None:
+        return "", row["text"]
+    return row["prompt"], row["response"] if row.get("response") is not None else row["chosen"]
+
+
+def encode_sft(row, tokenizer, max_length):
+    """{input_ids, labels}: prompt tokens labelled -100, truncated on the right to max_length; None
+    when truncation would leave no response token (the caller drops and counts the row)."""
+    prompt, response = _sft_pair(row)
+    if prompt == "":  # plain text: every token is a label, no chat template
+        prompt_ids, response_ids = [], tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
+    else:
+        prompt_ids, response_ids = encode_pair(tokenizer, prompt, response)
+    ids = (prompt_ids + response_ids)[:max_length]
+    if len(ids) <= len(prompt_ids):
+        return None
+    return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):]}
+
+
+def encode_preference(row, tokenizer, max_length):
+    """{chosen, rejected}: prompt + reply + EOS, each keeping its last max_length tokens, since the
+    reward is read at the end and the replies are what differs."""
+    out = {}
+    for key in ("chosen", "rejected"):
+        prompt_ids, response_ids = encode_pair(tokenizer, row["prompt"], row[key])
+        out[key] = (prompt_ids + response_ids)[-max_length:]
+    return out
+
+
+def encode_rl_prompt(row, tokenizer, max_length):
+    """{prompt, input_ids}: the text (for reward functions) and its ids, keeping the last max_length."""
+    return {"prompt": row["prompt"], "input_ids": encode_prompt(tokenizer, row["prompt"])[-max_length:]}
+
+
+ENCODERS = {"sft": encode_sft, "rm": encode_preference, "ppo": encode_rl_prompt}
+
+
+def tokenize(rows, stage, tokenizer, max_length):
+    """Encode every row for the stage; return (examples, number of rows dropped by truncation)."""
+    examples = [ENCODERS[stage](row, tokenizer, max_length) for row in rows]
+    kept = [e for e in examples if e is not None]
+    return kept, len(examples) - len(kept)
+
+
+def pad(seqs, value, left=False):
+    """Lists of ids -> (B, T) tensor, padded on the right (or the left) with value."""
+    width = max(map(len, seqs))
+    return torch.tensor([[value] * (width - len(s)) + s if left else s + [value] * (width - len(s)) for s in seqs])
+
+
+def collate_sft(batch, pad_id):
+    ids = [b["input_ids"] for b in batch]
+    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0),
+            "labels": pad([b["labels"] for b in batch], -100)}  # (B, T) each
+
+
+def collate_pairs(batch, pad_id):
+    """Chosen rows then rejected rows in one right-padded (2B, T) batch: one forward scores both."""
+    ids = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
+    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0)}
+
+
+def collate_prompts(batch, pad_id):
+    """Left-padded (B, P) prompts, so every row's generation starts at column P."""
+    ids = [b["input_ids"] for b in batch]
+    return {"input_ids": pad(ids, pad_id, left=True), "attention_mask": pad([[1] * len(s) for s in ids], 0, left=True),
+            "prompts": [b["prompt"] for b in batch]}

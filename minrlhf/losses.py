@@ -1,0 +1,123 @@
+"""The RLHF math: pure functions of tensors, no models, no config. Copy freely.
+
+Shapes: B batch, R response length, V vocab. `mask` is 1 on valid response tokens (a contiguous
+prefix of each row) and 0 on padding; every mean is a token-level mean over all valid tokens of the
+batch, and nothing stored at a padded position can reach a valid one.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def logprobs_from_logits(logits, labels):
+    """log p(label) at each position, (B, R, V) & (B, R) -> (B, R) float32.
+    log_softmax would materialise a second (B, R, V) tensor; gather - logsumexp row by row keeps the
+    extra memory to one (R, V) row, which matters at V = 50k-150k."""
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()  # (B, R)
+    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (B, R)
+    return picked - lse
+
+
+def entropy_from_logits(logits):
+    """Entropy of the categorical distribution at each position: (B, R, V) -> (B, R)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
+
+
+def masked_mean(values, mask):
+    """Mean over valid entries; `where`, not a product, so NaN/inf garbage in padding cannot leak."""
+    mask = mask.bool()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(values, mask):
+    """Population variance over valid entries."""
+    return masked_mean((values - masked_mean(values, mask)) ** 2, mask)
+
+
+def masked_whiten(values, mask, shift_mean=True):
+    """(values - mean) / sqrt(var + 1e-8) over valid entries; the mean is kept when shift_mean=False.
+    Padded positions come out as 0."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, 0.0)
+
+
+def pairwise_ranking_loss(chosen_rewards, rejected_rewards):
+    """-log sigmoid(r_chosen - r_rejected), mean over pairs: InstructGPT (Ouyang et al. 2022) eq. 1.
+    logsigmoid is computed stably (softplus form), so a margin of +-400 neither overflows nor NaNs."""
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation, Schulman et al. 2016, eq. 16:
+    A_t = sum_l (gamma*lam)^l delta_{t+l},  delta_t = r_t + gamma*V_{t+1} - V_t.
+    The value after a row's last valid token is 0 (the episode ends there). (B, R) -> (B, R), (B, R)."""
+    mask = mask.bool()
+    rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
+    advantages, last = torch.zeros_like(values), torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = torch.where(mask, advantages, 0.0)
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """Clipped surrogate, Schulman et al. 2017, eq. 7, as a loss to minimise:
+    masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))."""
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)  # (B, R)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            # k3 estimator of KL(old || new), Schulman 2020 "Approximating KL divergence": >= 0, unbiased
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
+    """Clipped value loss (PPO2 baselines; Andrychowicz et al. 2021 study it):
+    0.5 * masked_mean(max((v - R)^2, (v_clipped - R)^2)), v_clipped = old + clip(v - old, +-eps)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+    return loss, stats
+
+
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token reward r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score on
+    the last valid token (Ziegler et al. 2019, eq. 2). (B,), (B, R) x3 -> (B, R)."""
+    mask = mask.bool()
+    rewards = torch.where(mask, -kl_coef * (logprobs - ref_logprobs), 0.0)
+    last = (mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last valid token
+    return rewards.index_put((torch.arange(len(last)), last), scores.to(rewards.dtype), accumulate=True)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+class KLController:
+    """The KL coefficient beta. Fixed when target is None; otherwise adaptive, Ziegler et al. 2019,
+    sec. 2.2: e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + K_beta * e), K_beta = 0.1."""
+
+    def __init__(self, kl_coef, target=None, k_beta=0.1):
+        self.value, self.target, self.k_beta = kl_coef, target, k_beta
+
+    def update(self, kl):
+        if self.target is not None:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + self.k_beta * error
+        return self.value

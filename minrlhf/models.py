@@ -1,0 +1,67 @@
+"""Models: a causal LM with a value head (policy and critic on one backbone), and the reward model,
+a standard AutoModelForSequenceClassification (num_labels=1) so plain transformers loads what we save.
+Shapes: B batch, T sequence length, V vocab, H hidden size.
+"""
+import math
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+
+def dropout_free_config(path, **overrides):
+    """The model's config with every dropout probability set to 0: in RL, dropout makes the log-probs
+    of the update disagree with those of the rollout, and it makes reward scores noisy."""
+    config = AutoConfig.from_pretrained(path, **overrides)
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(config, key, 0.0)
+    return config
+
+
+def load_causal_lm(path, dtype=None):
+    return AutoModelForCausalLM.from_pretrained(path, config=dropout_free_config(path), dtype=dtype)
+
+
+def position_ids(attention_mask):
+    """Positions that skip left padding, as generate() computes them, so that a forward over a
+    left-padded batch gives the same log-probs as the rollout did. (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PolicyWithValueHead(nn.Module):
+    """Policy and critic share one backbone: one forward gives next-token logits and per-token values.
+    The value head reads the last hidden state and starts at zero, so the critic starts neutral."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(backbone.config.get_text_config().hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            position_ids=position_ids(attention_mask), output_hidden_states=True)
+        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)  # (B, T, H)
+        return out.logits, self.value_head(hidden).squeeze(-1)  # (B, T, V), (B, T)
+
+
+def load_reward_model(path, pad_token_id, dtype=None):
+    """A reward model: backbone + scalar head read at the last non-pad token (transformers'
+    sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn from
+    N(0, 1/sqrt(H+1)) (Stiennon et al. 2020; Huang et al. 2024, "The N+ implementation details")."""
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, config=dropout_free_config(path, num_labels=1), dtype=dtype, output_loading_info=True)
+    if any(key.startswith("score.") for key in info["missing_keys"]):
+        hidden = model.config.get_text_config().hidden_size
+        nn.init.normal_(model.score.weight, std=1 / math.sqrt(hidden + 1))
+        if getattr(model.score, "bias", None) is not None:
+            nn.init.zeros_(model.score.bias)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def reward_scores(reward_model, input_ids, attention_mask):
+    """Scalar reward per right-padded sequence: (B, T) -> (B,)."""
+    return reward_model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()

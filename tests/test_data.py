@@ -1,0 +1,179 @@
+"""Loading, adapting, tokenizing and collating data."""
+import gzip
+import json
+import os
+
+import datasets
+import pytest
+import torch
+
+import minrlhf.data as data
+from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_preference, encode_sft,
+                     ensure_pad_token, load_rows, split_hh, tokenize)
+from minrlhf.data import check_columns
+from tiny import make_tokenizer
+
+HH_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
+
+# one row of each seed Hub dataset, in its published schema
+HUB_ROWS = {
+    "Anthropic/hh-rlhf": {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."},
+    "stanfordnlp/SHP": {"post_id": "x", "domain": "askculinary_train", "upvote_ratio": 0.9, "history": "How long to boil an egg?",
+                        "c_root_id_A": "a", "c_root_id_B": "b", "created_at_utc_A": 1, "created_at_utc_B": 2, "score_A": 9,
+                        "score_B": 2, "human_ref_A": "Nine minutes.", "human_ref_B": "lol", "labels": 1,
+                        "seconds_difference": 1.0, "score_ratio": 4.5},
+    "CarperAI/openai_summarize_tldr": {"prompt": "SUBREDDIT: r/cats\nTITLE: cat\nPOST: My cat sleeps all day.\nTL;DR:",
+                                       "label": " lazy cat"},
+    "CarperAI/openai_summarize_comparisons": {"prompt": "SUBREDDIT: r/cats\nTITLE: cat\nPOST: My cat sleeps all day.",
+                                              "chosen": "TL;DR: my cat is lazy", "rejected": "TL;DR: dogs"},
+    "fka/awesome-chatgpt-prompts": {"act": "Linux Terminal", "prompt": "I want you to act as a linux terminal."},
+}
+EXPECTED = {
+    "Anthropic/hh-rlhf": {"prompt": "\n\nHuman: Hi?\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."},
+    "stanfordnlp/SHP": {"prompt": "How long to boil an egg?\n\n", "chosen": "Nine minutes.", "rejected": "lol"},
+    "CarperAI/openai_summarize_tldr": {"prompt": HUB_ROWS["CarperAI/openai_summarize_tldr"]["prompt"], "response": " lazy cat"},
+    "CarperAI/openai_summarize_comparisons": {"prompt": "SUBREDDIT: r/cats\nTITLE: cat\nPOST: My cat sleeps all day.\nTL;DR:",
+                                              "chosen": " my cat is lazy", "rejected": " dogs"},
+    "fka/awesome-chatgpt-prompts": {"prompt": "I want you to act as a linux terminal."},
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_ROWS))
+def test_hub_adapters(name, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, split):  # stands in for the Hub: same call, the published schema
+        calls.append((path, split))
+        return datasets.Dataset.from_list([HUB_ROWS[name]])
+    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    rows = load_rows(name, split="test")
+    assert calls == [(name, "test")] and rows[0] == EXPECTED[name]
+
+
+def test_hub_failure_is_one_clear_line(monkeypatch):
+    def offline(path, split):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(data.datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf: not a local file and not loadable .*ConnectionError"):
+        load_rows("Anthropic/hh-rlhf")
+
+
+def test_hh_split_keeps_replies_that_contain_turn_markers():
+    row = {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c", "rejected": "\n\nHuman: a\n\nAssistant: d"}
+    assert split_hh(row) == {"prompt": "\n\nHuman: a\n\nAssistant:", "chosen": " b\n\nAssistant: c", "rejected": " d"}
+
+
+@pytest.mark.skipif(not os.path.exists(HH_FILE), reason="shared HH-RLHF file absent")
+def test_hh_adapter_on_real_rows():
+    with gzip.open(HH_FILE, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 2312
+    for row in rows:
+        out = split_hh(row)
+        assert out["prompt"] + out["chosen"] == row["chosen"] and out["prompt"] + out["rejected"] == row["rejected"]
+        assert out["prompt"].endswith("\n\nAssistant:") and out["prompt"].startswith("\n\nHuman:")
+
+
+ROWS = [{"prompt": "is it good?", "chosen": " yes", "rejected": " no"}, {"prompt": "hi", "chosen": " hey", "rejected": " bye"}]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz"])
+def test_local_formats(tmp_path, suffix):
+    path = str(tmp_path / f"rows{suffix}")
+    if ".parquet" in suffix:
+        datasets.Dataset.from_list(ROWS).to_parquet(path)
+    else:
+        text = "\n".join(map(json.dumps, ROWS)) if ".jsonl" in suffix else json.dumps(ROWS)
+        with (gzip.open if suffix.endswith(".gz") else open)(path, "wt") as f:
+            f.write(text)
+    assert load_rows(path).to_list() == ROWS
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("bad.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": oops}\n', r"bad\.jsonl: line 3: malformed JSON"),
+    ("bad.json", '[\n{"prompt": "a"},\n{"prompt" "b"}\n]', r"bad\.json: line 3: malformed JSON"),
+    ("rows.csv", "prompt\nhi\n", r"rows\.csv: unknown file type; expected \.jsonl, \.json or \.parquet"),
+    ("empty.jsonl", "", r"empty\.jsonl: the data set is empty"),
+])
+def test_bad_files(tmp_path, name, text, message):
+    with pytest.raises(DataError, match=message):
+        load_rows(write(tmp_path, name, text))
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+
+
+def test_missing_columns_named(tmp_path):
+    rows = load_rows(write(tmp_path, "r.jsonl", '{"question": "a", "answer": "b"}\n'))
+    with pytest.raises(DataError, match=r"--stage rm needs columns \{prompt, chosen, rejected\}; found \['question', 'answer'\]"):
+        check_columns(rows, "rm", "r.jsonl")
+    check_columns(load_rows(write(tmp_path, "p.jsonl", json.dumps(ROWS[0]))), "sft", "p.jsonl")  # prompt + chosen
+
+
+def test_sft_labels_mask_prompt_and_end_with_eos():
+    tok = make_tokenizer()
+    ex = encode_sft({"prompt": "is it good?", "response": " yes, absolutely."}, tok, 64)
+    prompt_len = len(tok("is it good?")["input_ids"])
+    assert ex["labels"][:prompt_len] == [-100] * prompt_len
+    assert ex["labels"][prompt_len:] == ex["input_ids"][prompt_len:]
+    assert ex["input_ids"][-1] == tok.eos_token_id and ex["labels"][-1] == tok.eos_token_id
+    assert tok.decode(ex["input_ids"][prompt_len:-1]) == " yes, absolutely."
+
+
+def test_sft_eos_survives_when_pad_was_eos():
+    tok = make_tokenizer(pad_is_eos=True)
+    ensure_pad_token(tok)
+    batch = collate_sft([encode_sft({"prompt": "a", "response": " b"}, tok, 64),
+                         encode_sft({"prompt": "hello there", "response": " a longer reply"}, tok, 64)], tok.pad_token_id)
+    labels = batch["labels"]
+    assert (labels == tok.eos_token_id).sum(1).tolist() == [1, 1]  # the real EOS is a label in both rows
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == tok.pad_token_id).all()
+    assert (labels[batch["attention_mask"] == 0] == -100).all()
+
+
+def test_sft_chat_template_messages_and_text_rows():
+    tok = make_tokenizer(chat_template=True)
+    ex = encode_sft({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}, tok, 64)
+    prompt_len = ex["labels"].count(-100)
+    assert tok.decode(ex["input_ids"][:prompt_len]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ex["input_ids"][prompt_len:]) == "hello<|im_end|>\n"
+    assert encode_sft({"prompt": "hi", "response": "hello"}, tok, 64) == ex
+    text = encode_sft({"text": "the film was great"}, make_tokenizer(), 64)
+    assert -100 not in text["labels"] and text["input_ids"][-1] == make_tokenizer().eos_token_id
+
+
+def test_truncation_drops_rows_without_response_and_counts_them():
+    tok = make_tokenizer()
+    rows = [{"prompt": "the film was great " * 10, "response": " yes"}, {"prompt": "hi", "response": " the film was great " * 10}]
+    examples, dropped = tokenize(rows, "sft", tok, 12)
+    assert dropped == 1 and len(examples) == 1 and len(examples[0]["input_ids"]) == 12
+    assert any(label != -100 for label in examples[0]["labels"])
+
+
+def test_preference_pairs_share_prompt_and_keep_the_end():
+    tok = make_tokenizer()
+    ex = encode_preference({"prompt": "the film was great " * 5, "chosen": " yes", "rejected": " no"}, tok, 8)
+    assert len(ex["chosen"]) == 8 and ex["chosen"][-1] == ex["rejected"][-1] == tok.eos_token_id
+    full = encode_preference(ROWS[0], tok, 64)
+    prompt = tok(ROWS[0]["prompt"])["input_ids"]
+    assert full["chosen"][: len(prompt)] == full["rejected"][: len(prompt)] == prompt
+    batch = collate_pairs([full, encode_preference(ROWS[1], tok, 64)], tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4  # chosen rows, then rejected rows: one forward
+    assert batch["input_ids"][0, : len(full["chosen"])].tolist() == full["chosen"]
+    assert batch["input_ids"][2, : len(full["rejected"])].tolist() == full["rejected"]
+
+
+def test_prompts_are_left_padded():
+    tok = make_tokenizer()
+    examples, _ = tokenize([{"prompt": "hi"}, {"prompt": "the film was great, was it not?"}], "ppo", tok, 64)
+    batch = collate_prompts(examples, tok.pad_token_id)
+    short = len(examples[0]["input_ids"])
+    assert batch["input_ids"][0, -short:].tolist() == examples[0]["input_ids"]
+    assert batch["attention_mask"][0].tolist() == [0] * (batch["input_ids"].shape[1] - short) + [1] * short
+    assert batch["prompts"] == ["hi", "the film was great, was it not?"]
+    assert batch["attention_mask"][1].all()

@@ -1,0 +1,158 @@
+"""The RLHF math against analytic values and brute-force references."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minrlhf import (KLController, compute_gae, entropy_from_logits, explained_variance, kl_penalized_rewards,
+                     logprobs_from_logits, masked_mean, masked_whiten, pairwise_ranking_loss, ppo_policy_loss,
+                     ppo_value_loss)
+
+# two rows: 4 valid tokens, then 2 valid tokens and 2 of padding
+MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+
+
+def garbage_in_padding(x):
+    """The same tensor with NaN, inf and huge values where MASK is 0."""
+    junk = torch.tensor([float("nan"), float("inf"), -1e30, 7.0]).repeat(x.shape[0], 1)[:, : x.shape[1]]
+    return torch.where(MASK.bool(), x, junk)
+
+
+def test_masked_mean_is_token_level_and_ignores_padding():
+    x = torch.tensor([[1.0, 2, 3, 4], [10, 20, 0, 0]])
+    assert masked_mean(x, MASK).item() == pytest.approx(40 / 6)
+    assert masked_mean(garbage_in_padding(x), MASK).item() == pytest.approx(40 / 6)
+
+
+def test_masked_whiten():
+    x = torch.randn(2, 4) * 3 + 5
+    w = masked_whiten(garbage_in_padding(x), MASK)
+    valid = x[MASK.bool()]
+    expected = (valid - valid.mean()) / torch.sqrt(valid.var(unbiased=False) + 1e-8)
+    torch.testing.assert_close(w[MASK.bool()], expected)
+    assert (w[~MASK.bool()] == 0).all()
+    kept = masked_whiten(x, MASK, shift_mean=False)
+    torch.testing.assert_close(kept[MASK.bool()], expected + valid.mean())
+
+
+def test_pairwise_ranking_loss():
+    r = torch.randn(5)
+    assert pairwise_ranking_loss(r, r).item() == pytest.approx(math.log(2))
+    chosen = torch.tensor([400.0, -400.0], requires_grad=True)
+    loss = pairwise_ranking_loss(chosen, torch.zeros(2))
+    loss.backward()
+    assert loss.item() == pytest.approx(200.0)  # (0 + 400) / 2, no overflow in float32
+    assert torch.isfinite(chosen.grad).all()
+    assert chosen.grad.tolist() == pytest.approx([0.0, -0.5])
+
+
+def gae_reference(rewards, values, length, gamma, lam):
+    """Eq. 16 written out as a double sum over one row of `length` valid tokens."""
+    v = values[:length].tolist() + [0.0]
+    deltas = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(length)]
+    return [sum((gamma * lam) ** l * deltas[t + l] for l in range(length - t)) for t in range(length)]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.95), (1.0, 0.0)])
+def test_compute_gae_matches_equation_16(gamma, lam):
+    rewards, values = torch.randn(2, 4), torch.randn(2, 4)
+    adv, ret = compute_gae(garbage_in_padding(rewards), garbage_in_padding(values), MASK, gamma, lam)
+    for row, length in enumerate([4, 2]):
+        expected = gae_reference(rewards[row].tolist(), values[row], length, gamma, lam)
+        assert adv[row, :length].tolist() == pytest.approx(expected, abs=1e-5)
+        assert (adv[row, length:] == 0).all()
+    torch.testing.assert_close(ret[MASK.bool()], (adv + values)[MASK.bool()])
+
+
+def test_gae_with_gamma_lam_one_is_reward_to_go_minus_value():
+    rewards, values = torch.randn(2, 4), torch.randn(2, 4)
+    adv, _ = compute_gae(rewards, values, MASK, 1.0, 1.0)
+    masked_rewards = rewards * MASK
+    to_go = masked_rewards.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(adv[MASK.bool()], (to_go - values)[MASK.bool()])
+
+
+def test_policy_loss_zero_gradient_outside_clip_band():
+    # token 0: A > 0 and ratio 1.5 > 1.2 (clipped); token 1: A < 0 and ratio 0.5 < 0.8 (clipped);
+    # token 2: inside the band; token 3: A > 0 and ratio 0.5 (the unclipped term is larger: not clipped)
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5]])).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
+    mask = torch.ones(1, 4)
+    loss, stats = ppo_policy_loss(logprobs, old, adv, mask, cliprange=0.2)
+    loss.backward()
+    assert logprobs.grad[0, :2].tolist() == [0.0, 0.0]
+    assert (logprobs.grad[0, 2:] != 0).all()
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    expected = torch.tensor([-1.2, 0.8, -1.1, -0.5]).mean()  # max(-A r, -A clip(r)) per token
+    assert loss.item() == pytest.approx(expected.item())
+    ratio = torch.tensor([1.5, 0.5, 1.1, 0.5])
+    assert stats["approx_kl"].item() == pytest.approx((ratio - 1 - ratio.log()).mean().item(), rel=1e-5)
+
+
+def test_policy_loss_ignores_padding_garbage():
+    logprobs, old, adv = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    clean, clean_stats = ppo_policy_loss(logprobs, old, adv, MASK, 0.2)
+    dirty, dirty_stats = ppo_policy_loss(garbage_in_padding(logprobs), garbage_in_padding(old),
+                                         garbage_in_padding(adv), MASK, 0.2)
+    assert dirty.item() == pytest.approx(clean.item())
+    assert {k: v.item() for k, v in dirty_stats.items()} == pytest.approx({k: v.item() for k, v in clean_stats.items()})
+
+
+def test_value_loss():
+    old = torch.zeros(1, 3)
+    values = torch.tensor([[0.5, 0.1, -0.5]], requires_grad=True)
+    returns = torch.tensor([[1.0, 0.0, 0.0]])
+    loss, stats = ppo_value_loss(values, old, returns, torch.ones(1, 3), cliprange_value=0.2)
+    loss.backward()
+    # token 0: clipped 0.2 -> (0.8)^2 > (0.5)^2 so the clipped term wins and the gradient is 0
+    # token 1: inside the band; token 2: clipped -0.2 -> 0.04 < 0.25, unclipped wins
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.01 + 0.25) / 3)
+    assert values.grad[0, 0].item() == 0.0 and values.grad[0, 2].item() != 0.0
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)
+    dirty, _ = ppo_value_loss(garbage_in_padding(torch.ones(2, 4)), garbage_in_padding(old.new_zeros(2, 4)),
+                              garbage_in_padding(torch.full((2, 4), 2.0)), MASK, 0.2)
+    assert dirty.item() == pytest.approx(0.5 * 1.8 ** 2)
+
+
+def test_kl_penalized_rewards():
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -1.0], [-1.0, -2.0, 0.0, 0.0]])
+    rewards = kl_penalized_rewards(torch.tensor([3.0, -1.0]), garbage_in_padding(logprobs), ref, MASK, 0.1)
+    expected = torch.tensor([[-0.05, 0.0, 0.05, 3.0], [0.1, -1.0, 0.0, 0.0]])
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_logprobs_and_entropy_match_torch():
+    logits, labels = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    expected = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(logprobs_from_logits(logits, labels), expected)
+    torch.testing.assert_close(logprobs_from_logits(logits.bfloat16(), labels), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(entropy_from_logits(logits), torch.distributions.Categorical(logits=logits).entropy())
+
+
+def test_logprobs_match_hugging_face_loss():
+    from tiny import make_causal_lm
+    model = make_causal_lm("llama", vocab_size=64)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    ours = -logprobs_from_logits(out.logits[:, :-1], ids[:, 1:]).mean()  # (B, T-1): token t+1 given <= t
+    assert ours.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert ours.item() == pytest.approx(F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item(), rel=1e-5)
+
+
+def test_explained_variance():
+    returns = torch.randn(2, 4)
+    assert explained_variance(returns, returns, MASK).item() == pytest.approx(1.0)
+    assert explained_variance(torch.zeros(2, 4), returns - masked_mean(returns, MASK), MASK).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_controller_fixed_and_adaptive():
+    fixed = KLController(0.05)
+    assert fixed.update(100.0) == 0.05
+    adaptive = KLController(0.1, target=6.0)
+    assert adaptive.update(12.0) == pytest.approx(0.1 * 1.02)  # error clipped at +0.2
+    assert adaptive.update(6.0) == pytest.approx(0.1 * 1.02)  # on target: unchanged
+    assert adaptive.update(3.0) == pytest.approx(0.1 * 1.02 * 0.98)  # error clipped at -0.2

@@ -1,0 +1,95 @@
+"""Policy with value head and reward model on every supported family, against transformers itself."""
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from minrlhf import (PolicyWithValueHead, collate_pairs, ensure_pad_token, load_causal_lm, load_reward_model,
+                     logprobs_from_logits, reward_scores)
+from tiny import FAMILIES, make_tokenizer, save_tiny
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    return request.param, save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_policy_logits_values_and_left_padding(family_dir):
+    _, path = family_dir
+    policy = PolicyWithValueHead(load_causal_lm(path)).eval()
+    ids = torch.randint(3, 60, (1, 7))
+    padded = torch.cat([torch.full((1, 3), 1), ids], 1)  # 3 pad columns on the left
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        logits, values = policy(ids, torch.ones_like(ids))
+        padded_logits, _ = policy(padded, mask)
+        reference = policy.backbone(input_ids=ids).logits
+    assert logits.shape == (1, 7, policy.backbone.config.vocab_size) and values.shape == (1, 7)
+    assert (values == 0).all()  # zero-initialised value head
+    torch.testing.assert_close(logits, reference)
+    # left padding must not move positions: same log-probs as the unpadded row
+    torch.testing.assert_close(logprobs_from_logits(padded_logits[:, 3:-1], ids[:, 1:]),
+                               logprobs_from_logits(logits[:, :-1], ids[:, 1:]), atol=1e-4, rtol=1e-4)
+
+
+def test_generation_logprobs_match_forward(family_dir):
+    """The log-probs PPO recomputes equal the sampler's own, row by row, under left padding."""
+    _, path = family_dir
+    policy = PolicyWithValueHead(load_causal_lm(path)).eval()
+    ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    torch.manual_seed(0)
+    out = policy.backbone.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                                   max_new_tokens=6, min_new_tokens=6, output_scores=True,
+                                   return_dict_in_generate=True, pad_token_id=1, eos_token_id=None)
+    response = out.sequences[:, 5:]
+    sampler = logprobs_from_logits(torch.stack(out.scores, 1), response)
+    with torch.no_grad():
+        logits, _ = policy(out.sequences, torch.cat([mask, torch.ones_like(response)], 1))
+    torch.testing.assert_close(logprobs_from_logits(logits[:, 4:-1], response), sampler, atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_is_disabled(tmp_path):
+    path = save_tiny("gpt2", tmp_path)
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.5
+    config.save_pretrained(path)
+    model = load_causal_lm(path).train()
+    ids = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_reward_model_parity_with_transformers(family_dir, tmp_path, pad_is_eos):
+    """What minrlhf scores, plain AutoModelForSequenceClassification scores after a save, with right
+    padding and with a tokenizer whose pad token was its EOS; and the score is read at the EOS."""
+    family, path = family_dir
+    tokenizer = make_tokenizer(pad_is_eos=pad_is_eos)
+    added = ensure_pad_token(tokenizer)  # pad == eos == bos and no unk: a new pad token is added
+    assert added == pad_is_eos and tokenizer.pad_token_id != tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = load_reward_model(path, tokenizer.pad_token_id).eval()
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+    hidden = model.config.get_text_config().hidden_size
+    assert model.score.weight.std().item() == pytest.approx(1 / math.sqrt(hidden + 1), rel=0.35)
+    eos = tokenizer.eos_token_id
+    rows = [{"chosen": tokenizer("the film was great")["input_ids"] + [eos],
+             "rejected": tokenizer("awful")["input_ids"] + [eos]}]
+    batch = collate_pairs(rows, tokenizer.pad_token_id)  # the short row is right-padded
+    with torch.no_grad():
+        ours = reward_scores(model, **batch)
+        alone = reward_scores(model, torch.tensor([rows[0]["rejected"]]), torch.ones(1, len(rows[0]["rejected"])))
+        model.save_pretrained(tmp_path)
+        theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()(**batch).logits.squeeze(-1)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours[1:], alone, atol=1e-5, rtol=1e-5)  # padding changes nothing
+
+
+def test_pad_token_added_when_only_eos_exists():
+    tokenizer = make_tokenizer(pad=False)
+    tokenizer.unk_token = None
+    assert ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
