@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 import minrlhf as M
 
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 DEFAULT_LR = {"sft": 1e-5, "rm": 1e-5, "ppo": 3e-6}
 
 
@@ -108,7 +110,10 @@ def init_distributed():
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend="gloo" if accelerator.device_name() == "cpu" else None)
+    on_cpu = accelerator.device_name() == "cpu"
+    if on_cpu and "OMP_NUM_THREADS" not in os.environ:  # N ranks x all cores each would oversubscribe ~60x
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
     return dist.get_rank(), dist.get_world_size(), torch.device(accelerator.device_name(int(os.environ["LOCAL_RANK"])))
 
 
@@ -273,7 +278,12 @@ class Run:
             os.makedirs(args.output, exist_ok=True)
             with open(os.path.join(args.output, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=1)
-            self.metrics = open(os.path.join(args.output, "metrics.jsonl"), "a" if args.resume else "w")
+            path, kept = os.path.join(args.output, "metrics.jsonl"), []
+            if args.resume and os.path.exists(path):  # drop what was logged after the checkpoint
+                with open(path) as f:
+                    kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start]
+            self.metrics = open(path, "w")
+            self.metrics.writelines(kept)
             self.bar = tqdm(total=total, initial=start, desc=args.stage, dynamic_ncols=True)
 
     def log(self, step, stats, write):
@@ -369,7 +379,7 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     order = batches(len(train), args.batch_size, args.seed, start * args.grad_accum)
 
     def step_fn(step):
-        sums = {}
+        sums = {"lr": engine.get_lr()[0]}  # the rate this step uses
         for _ in range(args.grad_accum):
             batch = to_device(collate([train[i] for i in next(order)], tokenizer.pad_token_id), device)
             loss, stats = loss_fn(engine, batch)
@@ -379,7 +389,7 @@ def train_supervised(args, cfg, device, tokenizer, resize):
                 sums[k] = sums.get(k, 0.0) + v / args.grad_accum
         if evals and (step == total or (args.save_every and step % args.save_every == 0)):
             sums.update(evaluate(engine, evals, loss_fn, collate, args, tokenizer.pad_token_id, device))
-        return {**sums, "lr": engine.get_lr()[0]}
+        return sums
 
     if train_loop(args, engine, start, total, step_fn):
         save_final(engine, args, tokenizer)
@@ -476,7 +486,7 @@ def ppo_update(engine, roll, args):
 
 def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3):
     """One PPO iteration on one batch of prompts: the five phases, timed."""
-    times, t0 = {}, time.perf_counter()
+    times, t0, lr = {}, time.perf_counter(), engine.get_lr()[0]
 
     def lap(name):
         nonlocal t0
@@ -508,7 +518,7 @@ def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3)
     stats = ppo_update(engine, roll, args)  # 5. K epochs of clipped updates
     lap("update")
     kl = (torch.where(mask.bool(), logprobs - ref_lp, 0.0).sum(1)).mean().item()  # summed over tokens
-    stats.update(times, reward=scores.mean().item(), kl=kl, kl_coef=kl_ctl.value, lr=engine.get_lr()[0],
+    stats.update(times, reward=scores.mean().item(), kl=kl, kl_coef=kl_ctl.value, lr=lr,
                  response_length=mask.sum(1).float().mean().item(), **{
                      "ppo/val/explained_variance": M.explained_variance(values, returns, mask).item(),
                      "ppo/returns/mean": M.masked_mean(returns, mask).item()})
@@ -550,13 +560,29 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         save_final(engine, args, tokenizer)
 
 
+def check_output(args):
+    """Never train over another run: a different stage's run, or checkpoints without --resume."""
+    try:
+        with open(os.path.join(args.output, "args.json")) as f:
+            stage = json.load(f)["stage"]
+    except (OSError, ValueError, KeyError):
+        stage = None
+    if stage not in (None, args.stage):
+        fail(f"--output {args.output} holds a --stage {stage} run; choose another --output for --stage {args.stage}")
+    if checkpoints(args.output) and not args.resume:
+        fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose another --output")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_output(args)
     rank, world, device = init_distributed()
     cfg = deepspeed_config(args, world)
     torch.manual_seed(args.seed)  # identical initial weights (value / reward heads) on every rank
     tokenizer, resize = load_tokenizer(args.model)
     (train_ppo if args.stage == "ppo" else train_supervised)(args, cfg, device, tokenizer, resize)
+    dist.barrier()
+    dist.destroy_process_group()  # a rank that exits with the group alive can abort the others at exit
 
 
 if __name__ == "__main__":

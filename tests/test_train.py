@@ -1,0 +1,144 @@
+"""train.py end to end on tiny random models, run as a user runs it: each stage learns, ZeRO stages,
+bf16 and offload, 2 ranks under ZeRO-3, resume after SIGKILL, outputs that plain transformers loads."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from tiny import save_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+SUBJECTS = ["the film", "the food", "the movie", "the service", "this product", "the book", "the hotel", "the show"]
+REWARD_FN = "def count_e(prompts, responses):\n    return [float(r.count('e')) for r in responses]\n"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny Llama, an SFT set, an obvious preference set, prompts and a reward function."""
+    # DeepSpeed compiles its CPU ops (shared-memory comm, CPU Adam) on first use: build them once here,
+    # not in two ranks at once
+    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder, "
+                    "CPUAdamBuilder; ShareMemCommBuilder().load(); CPUAdamBuilder().load()"], check=True)
+    d = tmp_path_factory.mktemp("train")
+    save_tiny("llama", d / "model")
+    rows = [{"prompt": f"{s} was", "chosen": " great, I loved it", "rejected": " awful"} for s in SUBJECTS] * 8
+    (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "rewards.py").write_text(REWARD_FN)
+    return d
+
+
+def train(work, *flags, output, launcher=(), timeout=600):
+    cmd = [*launcher, *([] if launcher else [sys.executable]), os.path.join(ROOT, "train.py"),
+           "--model", str(work / "model"), "--dataset", str(work / "pref.jsonl"), "--output", str(work / output),
+           *map(str, flags)]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return metrics(work / output)
+
+
+def metrics(run_dir):
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+PPO = ["--stage", "ppo", "--reward-fn", "rewards:count_e", "--max-new-tokens", 8, "--rollout-batch-size", 16,
+       "--batch-size", 8, "--ppo-epochs", 2, "--temperature", 1.0, "--lr", 3e-3]
+
+
+def test_sft_loss_falls_and_saves_a_pipeline_model(work):
+    log = train(work, "--stage", "sft", "--max-steps", 30, "--lr", 1e-2, "--batch-size", 8, "--save-every", 10,
+                output="sft")
+    assert [m["step"] for m in log] == list(range(1, 31))
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"] and "eval/loss" in log[-1] and "eval/loss" in log[9]
+    assert json.loads((work / "sft" / "args.json").read_text())["stage"] == "sft"
+    assert sorted(os.listdir(work / "sft" / "checkpoints")) == ["step20", "step30"]  # --keep-checkpoints 2
+    generate = pipeline("text-generation", model=str(work / "sft"), tokenizer=str(work / "sft"))
+    out = generate("the book was", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert out.startswith("the book was great")
+
+
+def test_rm_separates_preferences_and_loads_as_sequence_classifier(work):
+    log = train(work, "--stage", "rm", "--max-steps", 20, "--lr", 1e-3, "--batch-size", 8, "--eval-fraction", 0.25,
+                output="rm")
+    assert log[-1]["eval/accuracy"] == 1.0 and log[-1]["eval/margin"] > 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(work / "rm").eval()
+    tok = AutoTokenizer.from_pretrained(work / "rm")
+    tok.padding_side = "right"
+    batch = tok(["the hotel was great, I loved it" + tok.eos_token, "the hotel was awful" + tok.eos_token],
+                return_tensors="pt", padding=True)
+    with torch.no_grad():
+        chosen, rejected = model(**batch).logits.squeeze(-1).tolist()
+    assert chosen > rejected
+
+
+def test_ppo_raises_the_reward(work):
+    log = train(work, *PPO, "--max-steps", 20, output="ppo")
+    first, last = [sum(m["reward"] for m in part) / 5 for part in (log[:5], log[-5:])]
+    assert last > first + 0.3, [m["reward"] for m in log]
+    for key in ("reward", "kl", "kl_coef", "ppo/loss/policy", "ppo/loss/value", "ppo/policy/clipfrac",
+                "ppo/val/clipfrac", "ppo/policy/approx_kl", "entropy", "ppo/val/explained_variance",
+                "response_length", "time/rollout", "time/score", "time/forward", "time/update"):
+        assert key in log[-1]
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference before the first update
+    assert os.path.exists(work / "ppo" / "value_head.pt")
+    assert AutoModelForCausalLM.from_pretrained(work / "ppo").config.vocab_size == 400
+
+
+def test_ppo_with_the_reward_model_and_adaptive_kl(work):
+    if not (work / "rm" / "config.json").exists():
+        pytest.skip("needs the reward model trained by test_rm_...")
+    log = train(work, "--stage", "ppo", "--reward-model", work / "rm", "--max-new-tokens", 6, "--rollout-batch-size", 8,
+                "--batch-size", 4, "--max-steps", 3, "--target-kl", 0.01, "--missing-eos-penalty", 1.0, output="ppo_rm")
+    assert len(log) == 3 and log[1]["kl_coef"] != log[0]["kl_coef"]  # the adaptive controller moved
+
+
+def test_zero3_generation_matches_plain(work):
+    """ZeRO-3 partitions the weights; gathered for generation, it must sample the very same tokens."""
+    plain = train(work, *PPO, "--max-steps", 1, output="z0")
+    zero3 = train(work, *PPO, "--max-steps", 1, "--zero-stage", 3, output="z3")
+    for key in ("reward", "kl", "response_length", "ppo/loss/policy", "ppo/loss/value"):
+        assert zero3[0][key] == pytest.approx(plain[0][key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.parametrize("flags", [["--zero-stage", 1, "--bf16"], ["--zero-stage", 2, "--offload"],
+                                   ["--zero-stage", 3, "--bf16", "--offload"]])
+def test_sft_under_zero_bf16_and_offload(work, flags):
+    log = train(work, "--stage", "sft", "--max-steps", 6, "--lr", 1e-3, "--batch-size", 8, *flags,
+                output="z" + "".join(map(str, flags)).replace("-", ""))
+    assert log[-1]["loss"] < log[0]["loss"]
+    AutoModelForCausalLM.from_pretrained(work / ("z" + "".join(map(str, flags)).replace("-", "")))
+
+
+@pytest.mark.parametrize("stage", ["rm", "ppo"])
+def test_two_ranks_zero3(work, stage):
+    flags = PPO + ["--max-steps", 2] if stage == "ppo" else ["--stage", "rm", "--max-steps", 6, "--lr", 1e-3]
+    log = train(work, *flags, "--zero-stage", 3, output=f"{stage}_2ranks", launcher=[DEEPSPEED, "--num_gpus", "2"])
+    assert len(log) == len(set(m["step"] for m in log))  # rank 0 alone writes metrics
+    loader = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+    loader.from_pretrained(work / f"{stage}_2ranks")
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
+    flags = [*PPO, "--max-steps", 8, "--save-every", 1, "--keep-checkpoints", 3]
+    whole = train(work, *flags, output="whole")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
+           str(work / "pref.jsonl"), "--output", str(work / "cut"), *map(str, flags)]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (work / "cut" / "checkpoints" / "step3").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "cut" / "checkpoints" / "step8").exists(), "the run ended before it could be killed"
+    resumed = train(work, *flags, "--resume", output="cut")
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(whole, resumed):  # bit for bit: weights, optimizer, scheduler, RNG and data position
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
+            {k: v for k, v in b.items() if not k.startswith("time/")}
