@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, GenerationConfig
 import minrlhf as M
 
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
+APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
 DEFAULT_LR = {"sft": 1e-5, "rm": 1e-5, "ppo": 3e-6}
 
 
@@ -143,12 +144,15 @@ def deepspeed_config(args, world_size):
     return cfg
 
 
-def build_engine(model, cfg, total_steps):
+def build_engine(model, cfg, total_steps, args):
     """Trainable model -> DeepSpeed engine with AdamW (from the config) and linear decay to 0."""
     import deepspeed
     params = [p for p in model.parameters() if p.requires_grad]
     decay = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, total_steps)))
-    return deepspeed.initialize(model=model, model_parameters=params, config=cfg, lr_scheduler=decay)[0]
+    try:
+        return deepspeed.initialize(model=model, model_parameters=params, config=cfg, lr_scheduler=decay)[0]
+    except Exception as e:  # DeepSpeed validates the config here
+        fail(f"--deepspeed_config {args.deepspeed_config}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
 
 def frozen(model, cfg, device):
@@ -162,11 +166,11 @@ def frozen(model, cfg, device):
                                                      **{k: cfg[k] for k in keys if k in cfg}})[0]
 
 
-def load_tokenizer(path):
+def load_tokenizer(flag, path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        fail(f"--model {path}: no tokenizer ({str(e).splitlines()[0]})")
+        fail(f"{flag} {path}: no tokenizer ({str(e).splitlines()[0]})")
     resize = M.ensure_pad_token(tokenizer)
     return tokenizer, resize
 
@@ -215,6 +219,13 @@ def checkpoints(output):
     root = os.path.join(output, "checkpoints")
     names = [n for n in os.listdir(root) if n.startswith("step") and n[4:].isdigit()] if os.path.isdir(root) else []
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[4:]))]
+
+
+def weights_finite(engine):
+    """No NaN/inf in any rank's weights (a ZeRO-3 rank holds its partition in ds_tensor)."""
+    ok = torch.tensor(float(all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters())))
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return ok.item() == 1.0
 
 
 def save_checkpoint(engine, args, step, state):
@@ -284,11 +295,16 @@ class Run:
                     kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start]
             self.metrics = open(path, "w")
             self.metrics.writelines(kept)
-            self.bar = tqdm(total=total, initial=start, desc=args.stage, dynamic_ncols=True)
+        self.bar, self.total = None, total
 
     def log(self, step, stats, write):
         if not self.main:
             return
+        if self.bar is None:  # opened after the first step, so errors in it print on a line of their own
+            self.bar = tqdm(total=self.total, initial=step - 1, desc=self.args.stage, dynamic_ncols=True)
+        if stats.get("ppo/policy/approx_kl", 0.0) > APPROX_KL_WARNING:
+            self.bar.write(f"warning: step {step}: approx KL between rollout and updated policy is "
+                           f"{stats['ppo/policy/approx_kl']:.3g} > {APPROX_KL_WARNING}; lower --lr or --ppo-epochs")
         self.bar.update()
         if write:
             self.metrics.write(json.dumps({"step": step, **stats}) + "\n")
@@ -313,6 +329,8 @@ def train_loop(args, engine, start, total, step_fn, state_fn=lambda: {}):
         run.log(step, stats, step % args.log_every == 0 or step == total)
         stop = run.should_stop()
         if stop or step == total or (args.save_every and step % args.save_every == 0):
+            if not weights_finite(engine):
+                fail(f"step {step}: non-finite weights after the update; stopped without writing a checkpoint")
             save_checkpoint(engine, args, step, state_fn())
         if stop:
             return False
@@ -323,12 +341,17 @@ def to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def load_lm(path, tokenizer, resize, reward=False):
-    """A causal LM (or reward model) whose vocabulary and pad id agree with the tokenizer."""
+def load_lm(flag, path, tokenizer, resize, kind="causal"):
+    """A causal LM, or a reward model ("rm": a new head is fine; "reward": a trained head is required),
+    whose vocabulary and pad id agree with the tokenizer."""
     try:
-        model = M.load_reward_model(path, tokenizer.pad_token_id) if reward else M.load_causal_lm(path)
+        if kind == "causal":
+            model = M.load_causal_lm(path)
+        else:
+            model = M.load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm")
     except (OSError, ValueError, KeyError) as e:
-        fail(f"{path}: cannot load as a {'reward model' if reward else 'causal LM'} ({str(e).splitlines()[0]})")
+        fail(f"{flag} {path}: cannot load as a {'causal LM' if kind == 'causal' else 'reward model'} "
+             f"({str(e).splitlines()[0]})")
     if resize:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -371,9 +394,9 @@ def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
 def train_supervised(args, cfg, device, tokenizer, resize):
     world = dist.get_world_size()
     train, evals = load_examples(args, tokenizer, world)
-    model = load_lm(args.model, tokenizer, resize, reward=args.stage == "rm")
+    model = load_lm("--model", args.model, tokenizer, resize, kind="rm" if args.stage == "rm" else "causal")
     total = args.max_steps or max(1, int(args.epochs * len(train)) // (args.batch_size * args.grad_accum * world))
-    engine = build_engine(model, cfg, total)
+    engine = build_engine(model, cfg, total, args)
     start = resume(engine, args)["step"] if args.resume else 0
     loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
     order = batches(len(train), args.batch_size, args.seed, start * args.grad_accum)
@@ -529,21 +552,21 @@ def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3)
 def train_ppo(args, cfg, device, tokenizer, resize):
     world, rank = dist.get_world_size(), dist.get_rank()
     prompts, _ = load_examples(args, tokenizer, world)
-    policy = M.PolicyWithValueHead(load_lm(args.model, tokenizer, resize))
+    fn = import_reward_fn(args.reward_fn) if args.reward_fn else None
+    policy = M.PolicyWithValueHead(load_lm("--model", args.model, tokenizer, resize))
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    ref = frozen(load_lm(args.ref_model or args.model, tokenizer, resize), cfg, device)
-    if args.reward_fn:
-        fn = import_reward_fn(args.reward_fn)
+    ref = frozen(load_lm("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
+    if fn:
         reward = lambda p, t: call_reward_fn(fn, args.reward_fn, p, t).to(device)
     else:
-        rm_tok, rm_resize = load_tokenizer(args.reward_model)
-        rm = frozen(load_lm(args.reward_model, rm_tok, rm_resize, reward=True), cfg, device)
+        rm_tok, rm_resize = load_tokenizer("--reward-model", args.reward_model)
+        rm = frozen(load_lm("--reward-model", args.reward_model, rm_tok, rm_resize, kind="reward"), cfg, device)
         reward = lambda p, t: reward_model_scores(rm, rm_tok, p, t, args.max_length + args.max_new_tokens, device)
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // (args.rollout_batch_size * world))
     updates = args.ppo_epochs * args.rollout_batch_size // (args.batch_size * args.grad_accum)
-    engine = build_engine(policy, cfg, total * updates)
+    engine = build_engine(policy, cfg, total * updates, args)
     kl_ctl, start = M.KLController(args.kl_coef, args.target_kl), 0
     torch.manual_seed(args.seed + rank)  # each rank samples differently
     if args.resume:
@@ -573,13 +596,24 @@ def check_output(args):
         fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose another --output")
 
 
+def quiet_libraries():
+    """Our progress bar and our error lines only: no load bars or library log lines in between."""
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv=None):
     args = parse_args(argv)
+    quiet_libraries()
     check_output(args)
     rank, world, device = init_distributed()
     cfg = deepspeed_config(args, world)
     torch.manual_seed(args.seed)  # identical initial weights (value / reward heads) on every rank
-    tokenizer, resize = load_tokenizer(args.model)
+    tokenizer, resize = load_tokenizer("--model", args.model)
     (train_ppo if args.stage == "ppo" else train_supervised)(args, cfg, device, tokenizer, resize)
     dist.barrier()
     dist.destroy_process_group()  # a rank that exits with the group alive can abort the others at exit

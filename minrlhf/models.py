@@ -20,7 +20,13 @@ def dropout_free_config(path, **overrides):
 
 
 def load_causal_lm(path, dtype=None):
-    return AutoModelForCausalLM.from_pretrained(path, config=dropout_free_config(path), dtype=dtype)
+    """A causal LM; a checkpoint that lacks some of its weights (a reward model, an encoder) is refused,
+    where transformers would initialise the missing head at random and carry on."""
+    model, info = AutoModelForCausalLM.from_pretrained(path, config=dropout_free_config(path), dtype=dtype,
+                                                       output_loading_info=True)
+    if info["missing_keys"]:
+        raise ValueError(f"not a causal LM checkpoint, weights missing: {', '.join(sorted(info['missing_keys'])[:3])}")
+    return model
 
 
 def position_ids(attention_mask):
@@ -47,13 +53,16 @@ class PolicyWithValueHead(nn.Module):
         return out.logits, self.value_head(hidden).squeeze(-1)  # (B, T, V), (B, T)
 
 
-def load_reward_model(path, pad_token_id, dtype=None):
+def load_reward_model(path, pad_token_id, dtype=None, new_head=True):
     """A reward model: backbone + scalar head read at the last non-pad token (transformers'
     sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn from
-    N(0, 1/sqrt(H+1)) (Stiennon et al. 2020; Huang et al. 2024, "The N+ implementation details")."""
+    N(0, 1/sqrt(H+1)) (Stiennon et al. 2020; Huang et al. 2024, "The N+ implementation details");
+    new_head=False refuses a checkpoint without a trained head."""
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path, config=dropout_free_config(path, num_labels=1), dtype=dtype, output_loading_info=True)
     if any(key.startswith("score.") for key in info["missing_keys"]):
+        if not new_head:
+            raise ValueError("not a reward model: it has no trained score head")
         hidden = model.config.get_text_config().hidden_size
         nn.init.normal_(model.score.weight, std=1 / math.sqrt(hidden + 1))
         if getattr(model.score, "bias", None) is not None:

@@ -148,3 +148,38 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
     for a, b in zip(whole, resumed):  # bit for bit: weights, optimizer, scheduler, RNG and data position
         assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
             {k: v for k, v in b.items() if not k.startswith("time/")}
+
+
+def test_same_seed_same_metrics(work):
+    first = train(work, "--stage", "sft", "--max-steps", 5, "--lr", 1e-2, output="det1")
+    again = train(work, "--stage", "sft", "--max-steps", 5, "--lr", 1e-2, output="det2")
+    assert first == again
+
+
+def test_sigint_checkpoints_and_exits_cleanly(work):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
+           str(work / "pref.jsonl"), "--output", str(work / "sigint"), *map(str, PPO), "--max-steps", 50,
+           "--save-every", 0]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (work / "sigint" / "metrics.jsonl").exists() or not metrics(work / "sigint"):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+    steps = [m["step"] for m in metrics(work / "sigint")]
+    assert os.listdir(work / "sigint" / "checkpoints") == [f"step{steps[-1]}"] and steps[-1] < 50
+    resumed = train(work, *PPO, "--max-steps", 50, "--save-every", 0, "--resume", "--ppo-epochs", 2, output="sigint")
+    assert [m["step"] for m in resumed] == list(range(1, 51))
+
+
+def test_divergence_stops_before_a_nan_checkpoint(work):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
+           str(work / "pref.jsonl"), "--output", str(work / "nan"), "--stage", "sft", "--max-steps", 30,
+           "--lr", 1e12, "--save-every", 1, "--keep-checkpoints", 100]
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert __import__("re").search(r"error: step (\d+): non-finite (\\S*loss|weights)", proc.stderr), proc.stderr[-2000:]
+    for ckpt in os.listdir(work / "nan" / "checkpoints"):
+        state = torch.load(work / "nan" / "checkpoints" / ckpt / "mp_rank_00_model_states.pt", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state["module"].values()), ckpt

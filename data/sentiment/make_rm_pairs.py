@@ -1,0 +1,55 @@
+"""Writes rm_pairs.jsonl: preference pairs between the base model's own answers to the train prompts,
+labelled by VADER (the gold judge): chosen is the answer with the higher compound score.
+
+    python data/sentiment/make_rm_pairs.py
+
+Settings: model minrlhf.defaults.default_model() (SmolLM2-135M-Instruct) with its chat template;
+n = 4 samples per prompt, pure sampling (top_k=0, top_p=1.0) at temperature 0.7, at most 48 new
+tokens, torch seed 1 (make_sft.py uses 0), 32 sequences per batch, 2 threads. Answers are kept as
+sampled, cut-off ones included: the reward model must score what PPO's policy writes. Per prompt the
+answers are sorted by score and the best is paired with the worst, the second with the third; a pair
+whose scores differ by less than MIN_GAP = 0.1 is skipped, since VADER's label would be mostly noise.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from minrlhf.defaults import SENTIMENT_DATA, default_model, vader  # noqa: E402
+from minrlhf.sampling import load_chat_model, sample  # noqa: E402
+
+N, TEMPERATURE, MAX_NEW_TOKENS, SEED, MIN_GAP = 4, 0.7, 48, 1, 0.1
+
+
+def pairs(prompt, texts):
+    """[({prompt, chosen, rejected}, chosen score, rejected score)]: i-th best against i-th worst."""
+    ranked = sorted(zip(vader([prompt] * len(texts), texts), texts), reverse=True)
+    out = []
+    for (hi, chosen), (lo, rejected) in zip(ranked[:len(ranked) // 2], ranked[::-1]):
+        if hi - lo >= MIN_GAP:
+            out.append(({"prompt": prompt, "chosen": chosen, "rejected": rejected}, hi, lo))
+    return out
+
+
+def main():
+    torch.set_num_threads(2)
+    torch.manual_seed(SEED)
+    start = time.time()
+    with open(SENTIMENT_DATA["ppo"]) as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
+    model, tokenizer = load_chat_model(default_model())
+    texts = [s["text"] for s in sample(model, tokenizer, [p for p in prompts for _ in range(N)], TEMPERATURE,
+                                       MAX_NEW_TOKENS)]
+    rows = [r for i, p in enumerate(prompts) for r in pairs(p, texts[i * N:(i + 1) * N])]
+    with open(SENTIMENT_DATA["rm"], "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row, _, _ in rows)
+    print(f"{len(rows)} pairs written to {SENTIMENT_DATA['rm']}; mean VADER chosen "
+          f"{sum(r[1] for r in rows) / len(rows):.3f} vs rejected {sum(r[2] for r in rows) / len(rows):.3f}; "
+          f"{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Batched sampling from a chat model outside training: the data scripts and eval.py. Pure sampling
+(no top-k, no nucleus) as in PPO's rollouts, so what is sampled here is what PPO would see."""
+import torch
+from transformers import AutoTokenizer
+
+from .data import collate_prompts, encode_prompt, ensure_pad_token
+from .models import load_causal_lm
+
+
+def load_chat_model(path):
+    """(model in eval mode, tokenizer with a pad token distinct from EOS)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_causal_lm(path)
+    if ensure_pad_token(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, temperature, max_new_tokens, batch_size=32):
+    """One response per prompt (repeat a prompt to get several), in order. Each row: {prompt,
+    prompt_ids, response_ids (through the first EOS), text, ended (True if EOS came)}."""
+    rows = []
+    for i in range(0, len(prompts), batch_size):
+        batch = collate_prompts([{"prompt": p, "input_ids": encode_prompt(tokenizer, p)}
+                                 for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
+                             top_k=0, top_p=1.0, temperature=temperature, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for prompt, ids, mask, response in zip(batch["prompts"], batch["input_ids"], batch["attention_mask"],
+                                               out[:, batch["input_ids"].shape[1]:].tolist()):
+            ended = tokenizer.eos_token_id in response
+            response = response[:response.index(tokenizer.eos_token_id) + 1] if ended else response
+            rows.append({"prompt": prompt, "prompt_ids": ids[mask.bool()].tolist(), "response_ids": response,
+                         "text": tokenizer.decode(response, skip_special_tokens=True).strip(), "ended": ended})
+    return rows

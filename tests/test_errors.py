@@ -1,0 +1,93 @@
+"""Bad input: one clear line on stderr and exit status 2, before any training step."""
+import json
+import os
+
+import pytest
+
+import train
+from minrlhf import load_reward_model
+from tiny import make_tokenizer, save_tiny
+
+REWARDS = """
+def boom(prompts, responses):
+    return [1 / 0 for _ in responses]
+def short(prompts, responses):
+    return [1.0]
+def text(prompts, responses):
+    return ["x" for _ in responses]
+def nan(prompts, responses):
+    return [float("nan") for _ in responses]
+def inf(prompts, responses):
+    return [0.0, float("inf")] + [0.0] * (len(responses) - 2)
+"""
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    d = tmp_path_factory.mktemp("errors")
+    save_tiny("llama", d / "model")
+    load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "rm")
+    make_tokenizer().save_pretrained(d / "rm")
+    rows = [{"prompt": "the film was", "chosen": " great", "rejected": " awful"}] * 8
+    files = {"pref.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "rows.csv": "prompt\nhi\n",
+             "bad.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n', "empty.jsonl": "",
+             "cols.jsonl": '{"question": "a", "answer": "b"}\n', "err_rewards.py": REWARDS,
+             "bad_ds.json": "{oops", "batch_ds.json": json.dumps({"train_micro_batch_size_per_gpu": 3}),
+             "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}})}
+    for name, text in files.items():
+        (d / name).write_text(text)
+    os.makedirs(d / "sft_run")
+    (d / "sft_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
+    os.makedirs(d / "ckpt_run" / "checkpoints" / "step1")
+    return d
+
+
+PPO = ["--stage", "ppo", "--rollout-batch-size", 4, "--max-new-tokens", 2]
+CASES = {  # name: (flags, the one line expected on stderr)
+    "missing file": (["--dataset", "{w}/nope.jsonl"], r"nope\.jsonl: no such file"),
+    "unknown extension": (["--dataset", "{w}/rows.csv"], r"rows\.csv: unknown file type; expected \.jsonl, \.json or \.parquet"),
+    "malformed json": (["--dataset", "{w}/bad.jsonl"], r"bad\.jsonl: line 2: malformed JSON"),
+    "missing columns": (["--dataset", "{w}/cols.jsonl", "--stage", "rm"],
+                        r"cols\.jsonl: --stage rm needs columns \{prompt, chosen, rejected\}; found \['question', 'answer'\]"),
+    "empty data": (["--dataset", "{w}/empty.jsonl"], r"empty\.jsonl: the data set is empty"),
+    "all rows too long": (["--max-length", 3],
+                          r"pref\.jsonl: 0 usable training rows \(8 dropped by --max-length 3\); need at least one batch"),
+    "model missing": (["--model", "{w}/nope"], r"--model .*nope: no tokenizer"),
+    "model not a causal LM": (["--model", "{w}/rm"], r"--model .*rm: cannot load as a causal LM \(not a causal LM "
+                                                     r"checkpoint, weights missing: lm_head\.weight\)"),
+    "reward model without head": (PPO + ["--reward-model", "{w}/model"],
+                                  r"--reward-model .*model: cannot load as a reward model \(not a reward model"),
+    "no reward": (PPO, r"--stage ppo needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION"),
+    "reward fn not importable": (PPO + ["--reward-fn", "nosuch:f"], r"--reward-fn nosuch:f: cannot import \(ModuleNotFoundError"),
+    "reward fn raises": (PPO + ["--reward-fn", "err_rewards:boom"], r"--reward-fn err_rewards:boom raised ZeroDivisionError"),
+    "reward fn length": (PPO + ["--reward-fn", "err_rewards:short"], r"err_rewards:short returned 1 scores for 4 responses"),
+    "reward fn text": (PPO + ["--reward-fn", "err_rewards:text"], r"err_rewards:text: score 0 is 'x'; expected a finite number"),
+    "reward fn nan": (PPO + ["--reward-fn", "err_rewards:nan"], r"err_rewards:nan: score 0 is nan; expected a finite number"),
+    "reward fn inf": (PPO + ["--reward-fn", "err_rewards:inf"], r"err_rewards:inf: score 1 is inf; expected a finite number"),
+    "ds_config not json": (["--deepspeed_config", "{w}/bad_ds.json"], r"--deepspeed_config .*bad_ds\.json: Expecting"),
+    "ds_config contradicts": (["--deepspeed_config", "{w}/batch_ds.json"],
+                              r"batch_ds\.json: train_micro_batch_size_per_gpu=3 contradicts the flags \(4\)"),
+    "ds_config invalid": (["--deepspeed_config", "{w}/zero_ds.json"], r"--deepspeed_config .*zero_ds\.json: "),
+    "rollout not divisible": (PPO[:2] + ["--reward-fn", "err_rewards:boom", "--rollout-batch-size", 6],
+                              r"--rollout-batch-size 6 is not a multiple of the mini-batch"),
+    "mini-batch not divisible": (PPO + ["--reward-fn", "err_rewards:boom", "--mini-batch-size", 6],
+                                 r"--mini-batch-size 6 is not a multiple of --batch-size 4"),
+    "resume without checkpoint": (["--resume"], r"--resume: no complete checkpoint in .*checkpoints"),
+    "output of another stage": (["--stage", "rm", "--output", "{w}/sft_run"], r"sft_run holds a --stage sft run"),
+    "checkpoints without resume": (["--output", "{w}/ckpt_run"], r"ckpt_run already holds checkpoints; pass --resume"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_early_with_one_line(name, w, tmp_path, capsys, monkeypatch):
+    flags, message = CASES[name]
+    argv = ["--stage", "sft", "--model", "{w}/model", "--dataset", "{w}/pref.jsonl", "--output", str(tmp_path / "run")]
+    argv += [str(f) for f in flags]
+    monkeypatch.chdir(w)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([a.format(w=w) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")  # nothing was trained or saved
