@@ -1,0 +1,106 @@
+"""How good is a policy on held-out prompts? Gold score (VADER), reward-model score, KL to the base
+model, response length, and a few answers of the base model and the policy side by side.
+
+    python eval.py --policy runs/ppo --reward-model runs/rm
+    python eval.py --policy "$(python -c 'import minrlhf.defaults as d; print(d.default_model())')"  # baseline
+
+KL is KL(policy || base) per response: the sum over its tokens of log pi - log pi_base, both at the
+sampling temperature (as train.py's `kl`), on responses sampled from the policy; its mean over samples
+estimates the KL. Shapes: N responses, P prompt length, R response length.
+"""
+import argparse
+import json
+
+import torch
+from transformers import AutoTokenizer
+
+import minrlhf as M
+from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
+from minrlhf.sampling import load_chat_model, sample
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a policy on held-out prompts.")
+    p.add_argument("--policy", required=True, help="policy directory (e.g. saved by --stage ppo)")
+    p.add_argument("--reward-model", help="reward model directory saved by --stage rm: also report its mean score")
+    p.add_argument("--base", help="base model for the KL and the side-by-side samples (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", default=SENTIMENT_DATA["eval"], help="jsonl file of {prompt} rows")
+    p.add_argument("--samples", type=int, default=4, help="responses sampled per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; log-probs use it too")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--show", type=int, default=3, help="prompts to show base and policy answers for")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p.parse_args(argv)
+
+
+def seeded_sample(model, tokenizer, prompts, args):
+    torch.manual_seed(args.seed)  # reruns sample the same responses
+    return sample(model, tokenizer, prompts, args.temperature, args.max_new_tokens, args.batch_size)
+
+
+@torch.no_grad()
+def response_logprobs(model, rows, temperature, pad_id, batch_size):
+    """Sum of the log-probs of each row's response tokens: N rows -> (N,)."""
+    sums = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        prompts = M.pad([r["prompt_ids"] for r in chunk], pad_id, left=True)  # (B, P), as in the rollout
+        responses = M.pad([r["response_ids"] for r in chunk], pad_id)  # (B, R)
+        mask = torch.cat([M.pad([[1] * len(r["prompt_ids"]) for r in chunk], 0, left=True),
+                          M.pad([[1] * len(r["response_ids"]) for r in chunk], 0)], 1)  # (B, P + R)
+        ids, P = torch.cat([prompts, responses], 1), prompts.shape[1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids(mask), use_cache=False).logits
+        logprobs = M.logprobs_from_logits(logits[:, P - 1:-1] / temperature, responses)  # (B, R)
+        sums.append(torch.where(mask[:, P:].bool(), logprobs, 0.0).sum(1))
+    return torch.cat(sums)
+
+
+@torch.no_grad()
+def reward_model_means(path, rows, batch_size):
+    """Mean reward-model score of the rows, read through the reward model's own tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    M.ensure_pad_token(tokenizer)
+    model = M.load_reward_model(path, tokenizer.pad_token_id).eval()
+    scores = []
+    for i in range(0, len(rows), batch_size):
+        seqs = [sum(M.encode_pair(tokenizer, r["prompt"], r["text"]), []) for r in rows[i:i + batch_size]]
+        ids, mask = M.pad(seqs, tokenizer.pad_token_id), M.pad([[1] * len(s) for s in seqs], 0)  # (B, T)
+        scores += M.reward_scores(model, ids, mask).tolist()
+    return sum(scores) / len(scores)
+
+
+def summarize(rows, gold, kl, rm_mean=None):
+    """The figures, as a flat dict of means over all sampled responses."""
+    figures = {"gold": sum(gold) / len(gold), "kl": sum(kl) / len(kl),
+               "length": sum(len(r["response_ids"]) for r in rows) / len(rows),
+               "ended": sum(r["ended"] for r in rows) / len(rows), "responses": len(rows)}
+    return figures if rm_mean is None else {**figures, "reward_model": rm_mean}
+
+
+def side_by_side(prompts, base_rows, policy_rows):
+    return "\n\n".join(f"PROMPT {p}\n  base:   {b['text']!r}\n  policy: {q['text']!r}"
+                       for p, b, q in zip(prompts, base_rows, policy_rows))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prompts = [row["prompt"] for row in M.load_rows(args.prompts)]
+    policy, tokenizer = load_chat_model(args.policy)
+    base, _ = load_chat_model(args.base or default_model())
+    rows = seeded_sample(policy, tokenizer, [p for p in prompts for _ in range(args.samples)], args)
+    kl = (response_logprobs(policy, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)
+          - response_logprobs(base, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)).tolist()
+    rm_mean = reward_model_means(args.reward_model, rows, args.batch_size) if args.reward_model else None
+    figures = summarize(rows, vader([r["prompt"] for r in rows], [r["text"] for r in rows]), kl, rm_mean)
+    shown = prompts[:args.show]
+    print(side_by_side(shown, seeded_sample(base, tokenizer, shown, args), rows[::args.samples][:args.show]) + "\n")
+    print(" ".join(f"{k}={v:.4g}" for k, v in figures.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"policy": args.policy, "prompts": args.prompts, **figures}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
