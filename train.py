@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -322,7 +323,11 @@ def train_loop(args, engine, start, total, step_fn, state_fn=lambda: {}):
     Returns False when a signal stopped the run early."""
     run = Run(args, start, total)
     for step in range(start + 1, total + 1):
-        stats = mean_across_ranks(step_fn(step))  # every rank sees the same numbers
+        t0 = time.perf_counter()
+        stats = step_fn(step)
+        stats.update({"time/step": time.perf_counter() - t0,  # peak resident memory of this rank, GiB (Linux)
+                      "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+        stats = mean_across_ranks(stats)  # every rank sees the same numbers
         bad = [k for k, v in stats.items() if not math.isfinite(v)]
         if bad:
             fail(f"step {step}: non-finite {', '.join(bad)}; stopped without writing a checkpoint")
