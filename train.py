@@ -31,7 +31,6 @@ import minrlhf as M
 
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
-DEFAULT_LR = {"sft": 1e-5, "rm": 1e-5, "ppo": 3e-6}
 
 
 def parse_args(argv=None):
@@ -44,11 +43,11 @@ def parse_args(argv=None):
     a("--output", default=None, help="run directory (default runs/STAGE)")
     a("--max-steps", type=int, default=None, help="sft/rm: optimizer steps; ppo: PPO iterations; overrides --epochs")
     a("--epochs", type=float, default=1.0, help="passes over the training data when --max-steps is not set")
-    a("--lr", type=float, default=None, help="peak learning rate, decayed linearly to 0 (default sft/rm 1e-5, ppo 3e-6)")
+    a("--lr", type=float, default=None, help="peak learning rate, decayed linearly to 0 (default rm 5e-5, else 1e-5)")
     a("--batch-size", type=int, default=4, help="micro batch per rank: DeepSpeed train_micro_batch_size_per_gpu")
     a("--grad-accum", type=int, default=1, help="micro batches per optimizer step: gradient_accumulation_steps")
     a("--max-length", type=int, default=512, help="max tokens of a training sequence (ppo: of the prompt)")
-    a("--eval-fraction", type=float, default=0.05, help="share of rows held out for eval (sft loss, rm accuracy)")
+    a("--eval-fraction", type=float, default=0.1, help="share of rows held out for eval (sft loss, rm accuracy)")
     a("--seed", type=int, default=0, help="random seed; rank r samples with seed + r")
     a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage; overrides the config")
     a("--deepspeed_config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
@@ -64,9 +63,10 @@ def parse_args(argv=None):
     g.add_argument("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; "
                                        "or 'vader', the sentiment gold judge")
     g.add_argument("--ref-model", help="frozen reference policy for the KL penalty (default: a copy of --model)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="response length limit R")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="response length limit R")
     g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per rank per PPO iteration")
-    g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout (K in Schulman et al. 2017)")
+    g.add_argument("--ppo-epochs", type=int, default=2,
+                   help="passes over each rollout (K in Schulman et al. 2017; 4 is common, 2 keeps a CPU run short)")
     g.add_argument("--mini-batch-size", type=int, default=None,
                    help="rollouts per rank per optimizer step; sets --grad-accum to it / --batch-size")
     g.add_argument("--kl-coef", type=float, default=0.05, help="beta of the per-token KL penalty (initial if adaptive)")
@@ -82,8 +82,8 @@ def parse_args(argv=None):
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = p.parse_args(argv)
     offline_defaults(args)
+    args.lr = args.lr or (5e-5 if args.stage == "rm" else 1e-5)
     args.output = args.output or os.path.join("runs", args.stage)
-    args.lr = args.lr or DEFAULT_LR[args.stage]
     if args.stage == "ppo" and args.mini_batch_size:
         if args.mini_batch_size % args.batch_size:
             fail(f"--mini-batch-size {args.mini_batch_size} is not a multiple of --batch-size {args.batch_size}")
@@ -329,11 +329,6 @@ class Run:
             self.metrics.flush()
             self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
 
-    def should_stop(self):
-        flag = torch.tensor(float(self.stop))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank interrupted: all stop together
-        return flag.item() > 0
-
 
 def train_loop(args, engine, start, total, step_fn, state_fn=lambda: {}):
     """Shared by all stages: step, log, checkpoint on schedule or on a signal, final checkpoint.
@@ -344,12 +339,12 @@ def train_loop(args, engine, start, total, step_fn, state_fn=lambda: {}):
         stats = step_fn(step)
         stats.update({"time/step": time.perf_counter() - t0,  # peak resident memory of this rank, GiB (Linux)
                       "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
-        stats = mean_across_ranks(stats)  # every rank sees the same numbers
+        stats = mean_across_ranks({**stats, "stop": float(run.stop)})  # every rank sees the same numbers
+        stop = stats.pop("stop") > 0  # one rank interrupted: all stop together
         bad = [k for k, v in stats.items() if not math.isfinite(v)]
         if bad:
             fail(f"step {step}: non-finite {', '.join(bad)}; stopped without writing a checkpoint")
         run.log(step, stats, step % args.log_every == 0 or step == total)
-        stop = run.should_stop()
         if stop or step == total or (args.save_every and step % args.save_every == 0):
             if not weights_finite(engine):
                 fail(f"step {step}: non-finite weights after the update; stopped without writing a checkpoint")
@@ -410,7 +405,7 @@ def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
             for k, v in loss_fn(engine, to_device(collate(chunk, pad_id), device))[1].items():
                 sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v * len(chunk)
     engine.train()
-    return {k: v / len(mine) for k, v in sums.items()}
+    return {k: v / max(1, len(mine)) for k, v in sums.items()}
 
 
 def train_supervised(args, cfg, device, tokenizer, resize):
@@ -567,7 +562,7 @@ def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3)
                  response_length=mask.sum(1).float().mean().item(), **{
                      "ppo/val/explained_variance": M.explained_variance(values, returns, mask).item(),
                      "ppo/returns/mean": M.masked_mean(returns, mask).item()})
-    kl_ctl.update(kl)
+    kl_ctl.update(mean_across_ranks({"kl": kl})["kl"])  # every rank keeps the same coefficient
     return stats
 
 

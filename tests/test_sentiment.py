@@ -102,3 +102,21 @@ def test_summarize_and_side_by_side():
                                      "reward_model": 1.5})
     assert "reward_model" not in eval_py.summarize(rows, [1.0, 0.0], [0.2, 0.4])
     assert "base:   'x'" in eval_py.side_by_side(["p"], rows[1:], rows[:1])
+
+
+def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
+    """`train.py --stage X` alone: the SmolLM2 default, data/sentiment/, each stage starting from the last."""
+    import minrlhf.defaults
+    import train
+    monkeypatch.setattr(minrlhf.defaults, "default_model", lambda: "BASE")
+    monkeypatch.chdir(tmp_path)
+    for stage in ("sft", "rm", "ppo"):
+        args = train.parse_args(["--stage", stage, "--reward-fn", "vader"] if stage == "ppo" else ["--stage", stage])
+        assert (args.model, args.dataset) == ("BASE", defaults.SENTIMENT_DATA[stage])
+    for stage in ("sft", "rm"):
+        (tmp_path / "runs" / stage).mkdir(parents=True)
+        (tmp_path / "runs" / stage / "config.json").write_text("{}")
+    args = train.parse_args(["--stage", "ppo"])
+    assert (args.model, args.reward_model, args.output) == ("runs/sft", "runs/rm", "runs/ppo")
+    assert train.parse_args(["--stage", "sft"]).model == "BASE"  # SFT always starts from the base model
+    assert train.import_reward_fn("vader") is minrlhf.defaults.vader

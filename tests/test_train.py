@@ -16,6 +16,8 @@ from tiny import save_tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 SUBJECTS = ["the film", "the food", "the movie", "the service", "this product", "the book", "the hotel", "the show"]
+# a clean launch: no rendezvous settings left in this process's environment by an in-process run
+ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
 REWARD_FN = "def count_e(prompts, responses):\n    return [float(r.count('e')) for r in responses]\n"
 
 
@@ -41,7 +43,7 @@ def train(work, *flags, output, launcher=(), timeout=600):
     cmd = [*launcher, *([] if launcher else [sys.executable]), os.path.join(ROOT, "train.py"),
            "--model", str(work / "model"), "--dataset", str(work / "pref.jsonl"), "--output", str(work / output),
            *map(str, flags)]
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=work, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return metrics(work / output)
 
@@ -141,7 +143,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
     whole = train(work, *flags, output="whole")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
            str(work / "pref.jsonl"), "--output", str(work / "cut"), *map(str, flags)]
-    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (work / "cut" / "checkpoints" / "step3").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -163,7 +165,8 @@ def test_sigint_checkpoints_and_exits_cleanly(work):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
            str(work / "pref.jsonl"), "--output", str(work / "sigint"), *map(str, PPO), "--max-steps", 50,
            "--save-every", 0]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 300
     while not (work / "sigint" / "metrics.jsonl").exists() or not metrics(work / "sigint"):
         assert proc.poll() is None and time.time() < deadline
@@ -180,7 +183,7 @@ def test_divergence_stops_before_a_nan_checkpoint(work):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
            str(work / "pref.jsonl"), "--output", str(work / "nan"), "--stage", "sft", "--max-steps", 30,
            "--lr", 30, "--save-every", 1, "--keep-checkpoints", 100]
-    proc = subprocess.run(list(map(str, cmd)), cwd=work, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert __import__("re").search(r"error: step (\d+): non-finite (\S*loss|weights)", proc.stderr), proc.stderr[-2000:]
     assert os.listdir(work / "nan" / "checkpoints")  # it ran a little before diverging
