@@ -65,9 +65,9 @@ def reward_model_means(path, rows, batch_size):
     model = M.load_reward_model(path, tokenizer.pad_token_id).eval()
     scores = []
     for i in range(0, len(rows), batch_size):
-        seqs = [sum(M.encode_pair(tokenizer, r["prompt"], r["text"]), []) for r in rows[i:i + batch_size]]
-        ids, mask = M.pad(seqs, tokenizer.pad_token_id), M.pad([[1] * len(s) for s in seqs], 0)  # (B, T)
-        scores += M.reward_scores(model, ids, mask).tolist()
+        chunk = rows[i:i + batch_size]
+        scores += M.score_texts(model, tokenizer, [r["prompt"] for r in chunk], [r["text"] for r in chunk],
+                                tokenizer.model_max_length).tolist()
     return sum(scores) / len(scores)
 
 

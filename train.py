@@ -478,13 +478,6 @@ def rollout(engine, batch, args, tokenizer, zero3):
     return response.masked_fill(~mask, tokenizer.pad_token_id), mask.long(), is_eos.any(1)
 
 
-def reward_model_scores(model, tok, prompts, texts, max_length, device):
-    """2. Scores from a reward model, on text: it may have its own tokenizer and chat template."""
-    seqs = [sum(M.encode_pair(tok, p, r), [])[-max_length:] for p, r in zip(prompts, texts)]
-    ids, mask = M.pad(seqs, tok.pad_token_id), M.pad([[1] * len(s) for s in seqs], 0)  # (B, T) right-padded
-    return M.reward_scores(model, ids.to(device), mask.to(device))
-
-
 def policy_forward(engine, ids, mask, prompt_len, temperature):
     """Log-probs at the sampling temperature and values of the response tokens: (B, T) -> (B, R) x2.
     The logits at position t predict token t+1, hence the shift by one."""
@@ -580,7 +573,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     else:
         rm_tok, rm_resize = load_tokenizer("--reward-model", args.reward_model)
         rm = frozen(load_lm("--reward-model", args.reward_model, rm_tok, rm_resize, kind="reward"), cfg, device)
-        reward = lambda p, t: reward_model_scores(rm, rm_tok, p, t, args.max_length + args.max_new_tokens, device)
+        reward = lambda p, t: M.score_texts(rm, rm_tok, p, t, args.max_length + args.max_new_tokens, device)
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // (args.rollout_batch_size * world))
     updates = args.ppo_epochs * args.rollout_batch_size // (args.batch_size * args.grad_accum)
     engine = build_engine(policy, cfg, total * updates, args)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from .data import encode_pair, pad
+
 
 def dropout_free_config(path, **overrides):
     """The model's config with every dropout probability set to 0: in RL, dropout makes the log-probs
@@ -74,3 +76,11 @@ def load_reward_model(path, pad_token_id, dtype=None, new_head=True):
 def reward_scores(reward_model, input_ids, attention_mask):
     """Scalar reward per right-padded sequence: (B, T) -> (B,)."""
     return reward_model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+def score_texts(reward_model, tokenizer, prompts, responses, max_length, device="cpu"):
+    """Reward of each (prompt, response) text, encoded as in training (`encode_pair`, keeping the last
+    max_length tokens), so a reward model may have its own tokenizer and chat template. -> (B,)"""
+    seqs = [sum(encode_pair(tokenizer, p, r), [])[-max_length:] for p, r in zip(prompts, responses)]
+    ids, mask = pad(seqs, tokenizer.pad_token_id), pad([[1] * len(s) for s in seqs], 0)  # (B, T) right-padded
+    return reward_scores(reward_model, ids.to(device), mask.to(device))

@@ -93,3 +93,15 @@ def test_pad_token_added_when_only_eos_exists():
     tokenizer.unk_token = None
     assert ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
+
+
+def test_score_texts_encodes_like_training(tmp_path):
+    from minrlhf import encode_preference, score_texts
+    tokenizer = make_tokenizer(chat_template=True)
+    model = load_reward_model(save_tiny("llama", tmp_path, chat_template=True), tokenizer.pad_token_id).eval()
+    row = {"prompt": "is it good?", "chosen": " yes, absolutely.", "rejected": " no"}
+    pair = encode_preference(row, tokenizer, 64)
+    with torch.no_grad():
+        expected = reward_scores(model, **collate_pairs([pair], tokenizer.pad_token_id))
+        got = score_texts(model, tokenizer, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], 64)
+    torch.testing.assert_close(got, expected)
