@@ -41,7 +41,7 @@ def seeded_sample(model, tokenizer, prompts, args):
 
 
 @torch.no_grad()
-def response_logprobs(model, rows, temperature, pad_id, batch_size):
+def summed_logprobs(model, rows, temperature, pad_id, batch_size):
     """Sum of the log-probs of each row's response tokens: N rows -> (N,)."""
     sums = []
     for i in range(0, len(rows), batch_size):
@@ -51,8 +51,7 @@ def response_logprobs(model, rows, temperature, pad_id, batch_size):
         mask = torch.cat([M.pad([[1] * len(r["prompt_ids"]) for r in chunk], 0, left=True),
                           M.pad([[1] * len(r["response_ids"]) for r in chunk], 0)], 1)  # (B, P + R)
         ids, P = torch.cat([prompts, responses], 1), prompts.shape[1]
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids(mask), use_cache=False).logits
-        logprobs = M.logprobs_from_logits(logits[:, P - 1:-1] / temperature, responses)  # (B, R)
+        logprobs = M.response_logprobs(model, ids, mask, P, temperature)  # (B, R)
         sums.append(torch.where(mask[:, P:].bool(), logprobs, 0.0).sum(1))
     return torch.cat(sums)
 
@@ -90,8 +89,8 @@ def main(argv=None):
     policy, tokenizer = load_chat_model(args.policy)
     base, _ = load_chat_model(args.base or default_model())
     rows = seeded_sample(policy, tokenizer, [p for p in prompts for _ in range(args.samples)], args)
-    kl = (response_logprobs(policy, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)
-          - response_logprobs(base, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)).tolist()
+    kl = (summed_logprobs(policy, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)
+          - summed_logprobs(base, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)).tolist()
     rm_mean = reward_model_means(args.reward_model, rows, args.batch_size) if args.reward_model else None
     figures = summarize(rows, vader([r["prompt"] for r in rows], [r["text"] for r in rows]), kl, rm_mean)
     shown = prompts[:args.show]

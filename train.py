@@ -486,11 +486,6 @@ def policy_forward(engine, ids, mask, prompt_len, temperature):
     return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values[:, prompt_len - 1:-1].float()
 
 
-def ref_logprobs(ref, ids, mask, prompt_len, temperature):
-    logits = ref(input_ids=ids, attention_mask=mask, position_ids=M.position_ids(mask), use_cache=False).logits
-    return M.logprobs_from_logits(logits[:, prompt_len - 1:-1] / temperature, ids[:, prompt_len:])  # (B, R)
-
-
 def ppo_update(engine, roll, args):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
     every --grad-accum of them, i.e. once per mini-batch. Returns mean stats."""
@@ -536,7 +531,8 @@ def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3)
         P = batch["input_ids"].shape[1]
         ids = torch.cat([batch["input_ids"], response], 1)  # (B, T)
         attention_mask = torch.cat([batch["attention_mask"], mask], 1)
-        parts = [(*policy_forward(engine, i, m, P, args.temperature)[1:], ref_logprobs(ref, i, m, P, args.temperature))
+        parts = [(*policy_forward(engine, i, m, P, args.temperature)[1:],
+                  M.response_logprobs(ref, i, m, P, args.temperature))
                  for i, m in zip(ids.split(args.batch_size), attention_mask.split(args.batch_size))]
         logprobs, values, ref_lp = (torch.cat(x) for x in zip(*parts))  # (B, R) each, once per rollout
         lap("forward")

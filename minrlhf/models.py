@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .data import encode_pair, pad
+from .losses import logprobs_from_logits
 
 
 def dropout_free_config(path, **overrides):
@@ -35,6 +36,15 @@ def position_ids(attention_mask):
     """Positions that skip left padding, as generate() computes them, so that a forward over a
     left-padded batch gives the same log-probs as the rollout did. (B, T) -> (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature):
+    """Log-probs, at the sampling temperature, of the response tokens of left-padded prompt + response
+    rows, from a plain causal LM (the reference model, or any policy outside training).
+    (B, T) -> (B, R); the logits at position t predict token t+1, hence the shift by one."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   use_cache=False).logits  # (B, T, V)
+    return logprobs_from_logits(logits[:, prompt_len - 1:-1] / temperature, input_ids[:, prompt_len:])
 
 
 class PolicyWithValueHead(nn.Module):

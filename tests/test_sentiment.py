@@ -89,8 +89,8 @@ def test_sampled_rows_and_kl_to_self(tiny_chat):
     rows = sample(model, tokenizer, ["is it worth watching?", "the film was great"] * 2, 1.0, 12, batch_size=3)
     assert [r["prompt"] for r in rows] == ["is it worth watching?", "the film was great"] * 2
     assert all(r["ended"] == (r["response_ids"][-1] == tokenizer.eos_token_id) for r in rows)
-    together = eval_py.response_logprobs(model, rows, 1.0, tokenizer.pad_token_id, batch_size=4)  # (4,)
-    alone = torch.cat([eval_py.response_logprobs(model, [r], 1.0, tokenizer.pad_token_id, 1) for r in rows])
+    together = eval_py.summed_logprobs(model, rows, 1.0, tokenizer.pad_token_id, batch_size=4)  # (4,)
+    alone = torch.cat([eval_py.summed_logprobs(model, [r], 1.0, tokenizer.pad_token_id, 1) for r in rows])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
     assert (together < 0).all()
 
