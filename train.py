@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     a("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     a("--log-every", type=int, default=1, help="log metrics every N steps")
+    a("--skip-nonfinite", action="store_true", help="skip an update whose loss, reward or gradient is NaN/inf, "
+                                                    "count it in skipped_steps and go on (default: stop the run)")
     g = p.add_argument_group("ppo")
     g.add_argument("--reward-model", help="reward model directory saved by --stage rm (default: runs/rm if present)")
     g.add_argument("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; "
@@ -166,11 +169,28 @@ def build_engine(model, cfg, total_steps, args):
     """Trainable model -> DeepSpeed engine with AdamW (from the config) and linear decay to 0."""
     import deepspeed
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, total_steps)))
+    decay = lambda opt: torch.optim.lr_scheduler.LambdaLR(skip_nonfinite_updates(opt),
+                                                          lambda s: max(0.0, 1 - s / max(1, total_steps)))
     try:
         return deepspeed.initialize(model=model, model_parameters=params, config=cfg, lr_scheduler=decay)[0]
     except Exception as e:  # DeepSpeed validates the config here
         fail(f"--deepspeed_config {args.deepspeed_config}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def skip_nonfinite_updates(optimizer):
+    """DeepSpeed's ZeRO and bf16 optimizers skip an update whose gradient norm is NaN/inf, set `overflow`
+    and the engine counts it in skipped_steps; its plain fp32 path applies it. Same protocol here."""
+    if hasattr(optimizer, "overflow"):
+        return optimizer
+    step = optimizer.step
+
+    def guarded(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = not all(torch.isfinite(g).all() for g in grads)  # all-reduced: same on every rank
+        if not self.overflow:
+            step(*args, **kwargs)
+    optimizer.step = types.MethodType(guarded, optimizer)  # a bound method, as LambdaLR expects
+    return optimizer
 
 
 def frozen(model, cfg, device):
@@ -335,15 +355,18 @@ def train_loop(args, engine, start, total, step_fn, state_fn=lambda: {}):
     Returns False when a signal stopped the run early."""
     run = Run(args, start, total)
     for step in range(start + 1, total + 1):
-        t0 = time.perf_counter()
+        t0, skipped = time.perf_counter(), engine.skipped_steps
         stats = step_fn(step)
         stats.update({"time/step": time.perf_counter() - t0,  # peak resident memory of this rank, GiB (Linux)
                       "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
         stats = mean_across_ranks({**stats, "stop": float(run.stop)})  # every rank sees the same numbers
         stop = stats.pop("stop") > 0  # one rank interrupted: all stop together
-        bad = [k for k, v in stats.items() if not math.isfinite(v)]
-        if bad:
-            fail(f"step {step}: non-finite {', '.join(bad)}; stopped without writing a checkpoint")
+        bad = [k for k, v in stats.items() if not math.isfinite(v)] + ["gradient"] * (engine.skipped_steps > skipped)
+        if bad and not args.skip_nonfinite:
+            fail(f"step {step}: non-finite {', '.join(bad)}; stopped without writing a checkpoint "
+                 f"(--skip-nonfinite skips such updates instead)")
+        if args.skip_nonfinite:  # DeepSpeed skipped the update (and the lr step); JSON has no NaN
+            stats = {k: v for k, v in stats.items() if math.isfinite(v)} | {"skipped_steps": engine.skipped_steps}
         run.log(step, stats, step % args.log_every == 0 or step == total)
         if stop or step == total or (args.save_every and step % args.save_every == 0):
             if not weights_finite(engine):
@@ -449,7 +472,7 @@ def import_reward_fn(spec):
     return fn
 
 
-def call_reward_fn(fn, spec, prompts, responses):
+def call_reward_fn(fn, spec, prompts, responses, allow_nonfinite):
     """The user's f(prompts, responses) -> list of floats, checked item by item."""
     try:
         out = list(fn(prompts, responses))
@@ -458,7 +481,7 @@ def call_reward_fn(fn, spec, prompts, responses):
     if len(out) != len(prompts):
         fail(f"--reward-fn {spec} returned {len(out)} scores for {len(prompts)} responses")
     for i, x in enumerate(out):
-        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (allow_nonfinite or math.isfinite(x)):
             fail(f"--reward-fn {spec}: score {i} is {x!r}; expected a finite number")
     return torch.tensor([float(x) for x in out])
 
@@ -565,7 +588,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     ref = frozen(load_lm("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
     if fn:
-        reward = lambda p, t: call_reward_fn(fn, args.reward_fn, p, t).to(device)
+        reward = lambda p, t: call_reward_fn(fn, args.reward_fn, p, t, args.skip_nonfinite).to(device)
     else:
         rm_tok, rm_resize = load_tokenizer("--reward-model", args.reward_model)
         rm = frozen(load_lm("--reward-model", args.reward_model, rm_tok, rm_resize, kind="reward"), cfg, device)

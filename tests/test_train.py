@@ -18,7 +18,26 @@ DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 SUBJECTS = ["the film", "the food", "the movie", "the service", "this product", "the book", "the hotel", "the show"]
 # a clean launch: no rendezvous settings left in this process's environment by an in-process run
 ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-REWARD_FN = "def count_e(prompts, responses):\n    return [float(r.count('e')) for r in responses]\n"
+REWARD_FN = """def count_e(prompts, responses):
+    return [float(r.count('e')) for r in responses]
+
+calls = []
+def nan_on_second_call(prompts, responses):
+    calls.append(1)
+    return [float('nan') if len(calls) == 2 else float(r.count('e')) for r in responses]
+"""
+NAN_GRADIENT = """# train.py with a NaN gradient at step 2 while its loss stays finite: d/dx 0 * sqrt(x) at x = 0 is 0 * inf
+import os, runpy, sys, torch
+sys.argv = sys.argv[1:]  # [train.py, flags...]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import minrlhf
+logprobs, calls = minrlhf.logprobs_from_logits, []
+def poisoned(logits, labels):
+    calls.append(1)
+    return logprobs(logits, labels) + (0 * torch.sqrt(logits.sum() - logits.sum()) if len(calls) == 2 else 0)
+minrlhf.logprobs_from_logits = poisoned
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +52,7 @@ def work(tmp_path_factory):
     rows = [{"prompt": f"{s} was", "chosen": " great, I loved it", "rejected": " awful"} for s in SUBJECTS] * 8
     (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "rewards.py").write_text(REWARD_FN)
+    (d / "nan_gradient.py").write_text(NAN_GRADIENT)
     # ZeRO-3 keeps parameters under 1e5 elements whole by default, i.e. all of a tiny model: partition all
     (d / "zero3.json").write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
                                               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
@@ -185,8 +205,35 @@ def test_divergence_stops_before_a_nan_checkpoint(work):
            "--lr", 30, "--save-every", 1, "--keep-checkpoints", 100]
     proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
-    assert __import__("re").search(r"error: step (\d+): non-finite (\S*loss|weights)", proc.stderr), proc.stderr[-2000:]
+    assert __import__("re").search(r"error: step (\d+): non-finite (\S*loss|gradient|weights)", proc.stderr), proc.stderr[-2000:]
     assert os.listdir(work / "nan" / "checkpoints")  # it ran a little before diverging
     for ckpt in os.listdir(work / "nan" / "checkpoints"):
         state = torch.load(work / "nan" / "checkpoints" / ckpt / "mp_rank_00_model_states.pt", weights_only=False)
         assert all(torch.isfinite(t).all() for t in state["module"].values()), ckpt
+
+
+def test_nan_gradient_stops_the_run_naming_it(work):
+    cmd = [sys.executable, work / "nan_gradient.py", os.path.join(ROOT, "train.py"), "--model", work / "model",
+           "--dataset", work / "pref.jsonl", "--output", work / "nan_grad", "--stage", "sft", "--max-steps", 4]
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "error: step 2: non-finite gradient;" in proc.stderr, proc.stderr[-2000:]
+    assert not (work / "nan_grad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--zero-stage", 2], ["--zero-stage", 3], ["--bf16"]])
+def test_skip_nonfinite_skips_a_nan_gradient_and_counts_it(work, flags):
+    out = "skip" + "".join(map(str, flags)).replace("-", "")
+    log = train(work, "--stage", "sft", "--max-steps", 4, "--lr", 1e-3, "--skip-nonfinite", *flags, output=out,
+                launcher=[sys.executable, work / "nan_gradient.py"])
+    assert [m["skipped_steps"] for m in log] == [0, 1, 1, 1]
+    assert log[2]["lr"] == log[1]["lr"] < log[0]["lr"]  # step 2 did not advance the schedule either
+    model = AutoModelForCausalLM.from_pretrained(work / out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skip_nonfinite_skips_a_nan_reward(work):
+    log = train(work, *PPO, "--max-steps", 3, "--skip-nonfinite", "--reward-fn", "rewards:nan_on_second_call",
+                output="skip_ppo")
+    updates = 2 * 16 // 8  # --ppo-epochs x --rollout-batch-size / --batch-size
+    assert [m["skipped_steps"] for m in log] == [0, updates, updates]
+    assert "reward" in log[0] and "reward" not in log[1] and "reward" in log[2]
