@@ -185,8 +185,8 @@ def skip_nonfinite_updates(optimizer):
     step = optimizer.step
 
     def guarded(self, *args, **kwargs):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self.overflow = not all(torch.isfinite(g).all() for g in grads)  # all-reduced: same on every rank
+        grads = [p.grad.sum() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = not torch.isfinite(torch.stack(grads).sum())  # all-reduced grads: same on every rank
         if not self.overflow:
             step(*args, **kwargs)
     optimizer.step = types.MethodType(guarded, optimizer)  # a bound method, as LambdaLR expects
@@ -503,9 +503,10 @@ def rollout(engine, batch, args, tokenizer, zero3):
 
 def policy_forward(engine, ids, mask, prompt_len, temperature):
     """Log-probs at the sampling temperature and values of the response tokens: (B, T) -> (B, R) x2.
-    The logits at position t predict token t+1, hence the shift by one."""
-    logits, values = engine(ids, mask)  # (B, T, V), (B, T)
-    logits = logits[:, prompt_len - 1:-1] / temperature  # (B, R, V)
+    The logits at position t predict token t+1, hence the shift by one; the LM head runs on the last
+    R+1 positions only."""
+    logits, values = engine(ids, mask, ids.shape[1] - prompt_len + 1)  # (B, R+1, V), (B, T)
+    logits = logits[:, :-1] / temperature  # (B, R, V)
     return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values[:, prompt_len - 1:-1].float()
 
 

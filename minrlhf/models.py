@@ -41,10 +41,11 @@ def position_ids(attention_mask):
 def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature):
     """Log-probs, at the sampling temperature, of the response tokens of left-padded prompt + response
     rows, from a plain causal LM (the reference model, or any policy outside training).
-    (B, T) -> (B, R); the logits at position t predict token t+1, hence the shift by one."""
+    (B, T) -> (B, R); the logits at position t predict token t+1, hence the shift by one, and only the
+    last R+1 positions need the LM head (`logits_to_keep`), a large matmul at V = 50k-150k."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   use_cache=False).logits  # (B, T, V)
-    return logprobs_from_logits(logits[:, prompt_len - 1:-1] / temperature, input_ids[:, prompt_len:])
+                   use_cache=False, logits_to_keep=input_ids.shape[1] - prompt_len + 1).logits  # (B, R+1, V)
+    return logprobs_from_logits(logits[:, :-1] / temperature, input_ids[:, prompt_len:])
 
 
 class PolicyWithValueHead(nn.Module):
@@ -58,11 +59,13 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, logits_to_keep=0):
+        """-> logits of the last `logits_to_keep` positions (0: all), (B, K, V), and values (B, T)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                            position_ids=position_ids(attention_mask), output_hidden_states=True)
+                            position_ids=position_ids(attention_mask), output_hidden_states=True,
+                            logits_to_keep=logits_to_keep)
         hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)  # (B, T, H)
-        return out.logits, self.value_head(hidden).squeeze(-1)  # (B, T, V), (B, T)
+        return out.logits, self.value_head(hidden).squeeze(-1)
 
 
 def load_reward_model(path, pad_token_id, dtype=None, new_head=True):
