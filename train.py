@@ -65,6 +65,8 @@ def parse_args(argv=None):
     g.add_argument("--reward-model", help="reward model directory saved by --stage rm (default: runs/rm if present)")
     g.add_argument("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; "
                                        "or 'vader', the sentiment gold judge")
+    g.add_argument("--gold-fn", help="MODULE:FUNCTION or 'vader': a second judge of each rollout, logged as `gold`, "
+                                     "never trained on (default: vader on the built-in sentiment prompts)")
     g.add_argument("--ref-model", help="frozen reference policy for the KL penalty (default: a copy of --model)")
     g.add_argument("--max-new-tokens", type=int, default=48, help="response length limit R")
     g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per rank per PPO iteration")
@@ -108,6 +110,8 @@ def offline_defaults(args):
             args.model = os.path.join("runs", "sft") if args.stage != "sft" and done("sft") else default_model()
         except RuntimeError as e:
             fail(str(e))
+    if args.stage == "ppo" and args.dataset is None and args.gold_fn is None:
+        args.gold_fn = "vader"  # the judge that plays the human labeller, to watch PPO over-optimise the RM
     args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
     if args.stage == "ppo" and not (args.reward_model or args.reward_fn) and done("rm"):
         args.reward_model = os.path.join("runs", "rm")
@@ -460,29 +464,29 @@ def train_supervised(args, cfg, device, tokenizer, resize):
 
 # ---------------------------------------------------------------- stage 3: PPO
 
-def import_reward_fn(spec):
+def import_reward_fn(flag, spec):
     module, _, name = {"vader": "minrlhf.defaults:vader"}.get(spec, spec).partition(":")
     sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), name)
     except Exception as e:
-        fail(f"--reward-fn {spec}: cannot import ({type(e).__name__}: {e}); expected MODULE:FUNCTION")
+        fail(f"{flag} {spec}: cannot import ({type(e).__name__}: {e}); expected MODULE:FUNCTION")
     if not callable(fn):
-        fail(f"--reward-fn {spec}: not callable")
+        fail(f"{flag} {spec}: not callable")
     return fn
 
 
-def call_reward_fn(fn, spec, prompts, responses, allow_nonfinite):
+def call_reward_fn(fn, flag, spec, prompts, responses, allow_nonfinite):
     """The user's f(prompts, responses) -> list of floats, checked item by item."""
     try:
         out = list(fn(prompts, responses))
     except Exception as e:
-        fail(f"--reward-fn {spec} raised {type(e).__name__}: {e}")
+        fail(f"{flag} {spec} raised {type(e).__name__}: {e}")
     if len(out) != len(prompts):
-        fail(f"--reward-fn {spec} returned {len(out)} scores for {len(prompts)} responses")
+        fail(f"{flag} {spec} returned {len(out)} scores for {len(prompts)} responses")
     for i, x in enumerate(out):
         if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (allow_nonfinite or math.isfinite(x)):
-            fail(f"--reward-fn {spec}: score {i} is {x!r}; expected a finite number")
+            fail(f"{flag} {spec}: score {i} is {x!r}; expected a finite number")
     return torch.tensor([float(x) for x in out])
 
 
@@ -512,12 +516,14 @@ def policy_forward(engine, ids, mask, prompt_len, temperature):
 
 def ppo_update(engine, roll, args):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
-    every --grad-accum of them, i.e. once per mini-batch. Returns mean stats."""
+    every --grad-accum of them, i.e. once per mini-batch. Returns mean stats and summed phase times."""
     keys = ("ppo/loss/policy", "ppo/loss/value", "ppo/policy/clipfrac", "ppo/val/clipfrac",
             "ppo/policy/approx_kl", "entropy")
     sums, count, P = dict.fromkeys(keys, 0.0), 0, roll["prompt_len"]
+    times = dict.fromkeys(("time/update/forward", "time/update/backward", "time/update/optimizer"), 0.0)
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(len(roll["ids"])).split(args.batch_size):
+            t = [time.perf_counter()]
             mask = roll["mask"][mb]
             logits, logprobs, values = policy_forward(engine, roll["ids"][mb], roll["attention_mask"][mb], P,
                                                       args.temperature)
@@ -525,18 +531,23 @@ def ppo_update(engine, roll, args):
                                                   args.cliprange)
             vf_loss, vf_stats = M.ppo_value_loss(values, roll["values"][mb], roll["returns"][mb], mask,
                                                  args.cliprange_value)
+            t.append(time.perf_counter())
             engine.backward(pg_loss + args.vf_coef * vf_loss)
+            t.append(time.perf_counter())
             engine.step()
+            t.append(time.perf_counter())
+            for key, start, end in zip(times, t, t[1:]):
+                times[key] += end - start
             with torch.no_grad():
                 entropy = M.masked_mean(M.entropy_from_logits(logits), mask)
             for k, v in zip(keys, (pg_loss, vf_loss, pg_stats["clipfrac"], vf_stats["clipfrac"],
                                    pg_stats["approx_kl"], entropy)):
                 sums[k] += v.item()
             count += 1
-    return {k: v / count for k, v in sums.items()}
+    return {k: v / count for k, v in sums.items()} | times
 
 
-def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3):
+def ppo_step(engine, ref, reward, gold, batch, kl_ctl, args, tokenizer, device, zero3):
     """One PPO iteration on one batch of prompts: the five phases, timed."""
     times, t0, lr = {}, time.perf_counter(), engine.get_lr()[0]
 
@@ -550,6 +561,7 @@ def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3)
         lap("rollout")
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
         scores = reward(batch["prompts"], texts).float()  # 2. score, (B,)
+        judged = {"gold": gold(batch["prompts"], texts).mean().item()} if gold else {}
         penalized = scores - args.missing_eos_penalty * (~ended).float() if args.missing_eos_penalty else scores
         lap("score")
         P = batch["input_ids"].shape[1]
@@ -571,7 +583,7 @@ def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3)
     stats = ppo_update(engine, roll, args)  # 5. K epochs of clipped updates
     lap("update")
     kl = (torch.where(mask.bool(), logprobs - ref_lp, 0.0).sum(1)).mean().item()  # summed over tokens
-    stats.update(times, reward=scores.mean().item(), kl=kl, kl_coef=kl_ctl.value, lr=lr,
+    stats.update(times, **judged, reward=scores.mean().item(), kl=kl, kl_coef=kl_ctl.value, lr=lr,
                  response_length=mask.sum(1).float().mean().item(), **{
                      "ppo/val/explained_variance": M.explained_variance(values, returns, mask).item(),
                      "ppo/returns/mean": M.masked_mean(returns, mask).item()})
@@ -582,14 +594,16 @@ def ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3)
 def train_ppo(args, cfg, device, tokenizer, resize):
     world, rank = dist.get_world_size(), dist.get_rank()
     prompts, _ = load_examples(args, tokenizer, world)
-    fn = import_reward_fn(args.reward_fn) if args.reward_fn else None
+    fn = import_reward_fn("--reward-fn", args.reward_fn) if args.reward_fn else None
+    gold_fn = import_reward_fn("--gold-fn", args.gold_fn) if args.gold_fn else None
+    gold = gold_fn and (lambda p, t: call_reward_fn(gold_fn, "--gold-fn", args.gold_fn, p, t, False))
     policy = M.PolicyWithValueHead(load_lm("--model", args.model, tokenizer, resize))
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     ref = frozen(load_lm("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
     if fn:
-        reward = lambda p, t: call_reward_fn(fn, args.reward_fn, p, t, args.skip_nonfinite).to(device)
+        reward = lambda p, t: call_reward_fn(fn, "--reward-fn", args.reward_fn, p, t, args.skip_nonfinite).to(device)
     else:
         rm_tok, rm_resize = load_tokenizer("--reward-model", args.reward_model)
         rm = frozen(load_lm("--reward-model", args.reward_model, rm_tok, rm_resize, kind="reward"), cfg, device)
@@ -607,7 +621,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
 
     def step_fn(step):
         batch = to_device(M.collate_prompts([prompts[i] for i in next(order)], tokenizer.pad_token_id), device)
-        return ppo_step(engine, ref, reward, batch, kl_ctl, args, tokenizer, device, zero3)
+        return ppo_step(engine, ref, reward, gold, batch, kl_ctl, args, tokenizer, device, zero3)
 
     if train_loop(args, engine, start, total, step_fn, lambda: {"kl_coef": kl_ctl.value}):
         save_final(engine, args, tokenizer)

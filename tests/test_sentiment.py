@@ -118,5 +118,6 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
         (tmp_path / "runs" / stage / "config.json").write_text("{}")
     args = train.parse_args(["--stage", "ppo"])
     assert (args.model, args.reward_model, args.output) == ("runs/sft", "runs/rm", "runs/ppo")
+    assert args.gold_fn == "vader"  # the gold judge is logged beside the reward model's score
     assert train.parse_args(["--stage", "sft"]).model == "BASE"  # SFT always starts from the base model
-    assert train.import_reward_fn("vader") is minrlhf.defaults.vader
+    assert train.import_reward_fn("--reward-fn", "vader") is minrlhf.defaults.vader

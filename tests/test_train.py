@@ -125,8 +125,10 @@ def test_ppo_with_the_reward_model_and_adaptive_kl(work):
     if not (work / "rm" / "config.json").exists():
         pytest.skip("needs the reward model trained by test_rm_...")
     log = train(work, "--stage", "ppo", "--reward-model", work / "rm", "--max-new-tokens", 6, "--rollout-batch-size", 8,
-                "--batch-size", 4, "--max-steps", 3, "--target-kl", 0.01, "--missing-eos-penalty", 1.0, output="ppo_rm")
+                "--batch-size", 4, "--max-steps", 3, "--target-kl", 0.01, "--missing-eos-penalty", 1.0,
+                "--gold-fn", "rewards:count_e", output="ppo_rm")
     assert len(log) == 3 and log[1]["kl_coef"] != log[0]["kl_coef"]  # the adaptive controller moved
+    assert all(m["gold"] >= 0 for m in log)  # the second judge is logged, not trained on
 
 
 def test_zero3_generation_matches_plain(work):
