@@ -118,21 +118,25 @@ def case_ppo(args, tmp, files):
             "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
 
 
+def supervised(stage, max_length, args, tmp, files):
+    """One minrlhf run and one TRL run of the sft or rm step on 8 rows (pairs) of max_length tokens, raw text
+    -> (minrlhf metrics, TRL's JSON, TRL's median seconds per step)."""
+    a = ours(stage, ["--batch-size", "8", "--max-length", str(max_length), "--eval-fraction", "0"], files[stage], tmp,
+             args, files["raw"])
+    b = peer("new", "trl_peer.py", [stage, "--model", args.model, "--data", files[stage], "--steps", args.steps,
+                                    "--batch-size", 8, "--max-length", max_length, "--lr", 1e-5,
+                                    "--optim", "adamw_torch_fused"], args)
+    return a, b, statistics.median(b["step_seconds"][1:])
+
+
 def case_rm(args, tmp, files):
-    a = ours("rm", ["--batch-size", "8", "--max-length", "256", "--eval-fraction", "0"], files["rm"], tmp, args,
-             files["raw"])
-    b = peer("new", "trl_peer.py", ["rm", "--model", args.model, "--data", files["rm"], "--steps", args.steps,
-                                    "--batch-size", 8, "--max-length", 256, "--lr", 1e-5, "--optim", "adamw_torch_fused"], args)
-    return {"pairs/s": (8 / a["time/step"], 8 / statistics.median(b["step_seconds"][1:])),
-            "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
+    a, b, seconds = supervised("rm", 256, args, tmp, files)
+    return {"pairs/s": (8 / a["time/step"], 8 / seconds), "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
 
 
 def case_sft(args, tmp, files):
-    a = ours("sft", ["--batch-size", "8", "--max-length", "128", "--eval-fraction", "0"], files["sft"], tmp, args,
-             files["raw"])
-    b = peer("new", "trl_peer.py", ["sft", "--model", args.model, "--data", files["sft"], "--steps", args.steps,
-                                    "--batch-size", 8, "--max-length", 128, "--lr", 1e-5, "--optim", "adamw_torch_fused"], args)
-    tokens = (8 * 128 / a["time/step"], statistics.median(b["tokens_per_step"]) / statistics.median(b["step_seconds"][1:]))
+    a, b, seconds = supervised("sft", 128, args, tmp, files)
+    tokens = (8 * 128 / a["time/step"], statistics.median(b["tokens_per_step"]) / seconds)
     gflops = tuple(6 * args.params * t / 1e9 for t in tokens)  # forward 2, backward 4 FLOPs per parameter and token
     return {"tokens/s": tokens, "GFLOP/s (6 N tokens / time)": gflops,
             "% of fp32 matmul peak": tuple(100 * g / args.peak for g in gflops),
