@@ -476,8 +476,14 @@ def import_reward_fn(flag, spec):
     return fn
 
 
+def checked_reward_fn(flag, spec, allow_nonfinite):
+    """--reward-fn / --gold-fn: the user's f(prompts, responses) -> list of floats, each call checked
+    item by item -> (B,) tensor."""
+    fn = import_reward_fn(flag, spec)
+    return lambda prompts, responses: call_reward_fn(fn, flag, spec, prompts, responses, allow_nonfinite)
+
+
 def call_reward_fn(fn, flag, spec, prompts, responses, allow_nonfinite):
-    """The user's f(prompts, responses) -> list of floats, checked item by item."""
     try:
         out = list(fn(prompts, responses))
     except Exception as e:
@@ -594,16 +600,15 @@ def ppo_step(engine, ref, reward, gold, batch, kl_ctl, args, tokenizer, device, 
 def train_ppo(args, cfg, device, tokenizer, resize):
     world, rank = dist.get_world_size(), dist.get_rank()
     prompts, _ = load_examples(args, tokenizer, world)
-    fn = import_reward_fn("--reward-fn", args.reward_fn) if args.reward_fn else None
-    gold_fn = import_reward_fn("--gold-fn", args.gold_fn) if args.gold_fn else None
-    gold = gold_fn and (lambda p, t: call_reward_fn(gold_fn, "--gold-fn", args.gold_fn, p, t, False))
+    fn = args.reward_fn and checked_reward_fn("--reward-fn", args.reward_fn, args.skip_nonfinite)
+    gold = args.gold_fn and checked_reward_fn("--gold-fn", args.gold_fn, False)
     policy = M.PolicyWithValueHead(load_lm("--model", args.model, tokenizer, resize))
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     ref = frozen(load_lm("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
     if fn:
-        reward = lambda p, t: call_reward_fn(fn, "--reward-fn", args.reward_fn, p, t, args.skip_nonfinite).to(device)
+        reward = lambda p, t: fn(p, t).to(device)
     else:
         rm_tok, rm_resize = load_tokenizer("--reward-model", args.reward_model)
         rm = frozen(load_lm("--reward-model", args.reward_model, rm_tok, rm_resize, kind="reward"), cfg, device)

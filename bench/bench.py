@@ -60,8 +60,7 @@ def ours(stage, flags, data, tmp, args, model=None):
     """train.py for --steps steps -> medians of its metrics over the steps after the first."""
     out = tempfile.mkdtemp(dir=tmp)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", stage, "--model", model or args.model,
-           "--dataset", data,
-           "--output", out, "--max-steps", str(args.steps), "--save-every", "0", "--seed", "0", "--lr", "1e-5", *flags]
+           "--dataset", data, "--output", out, "--max-steps", str(args.steps), "--save-every", "0", "--seed", "0", "--lr", "1e-5", *flags]
     subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -227,10 +226,11 @@ def main():
     for _ in range(args.rounds):
         for c in cases:
             results[c].append({"ppo": case_ppo, "rm": case_rm, "sft": case_sft}[c](args, tmp, files))
-    versions = json.loads(subprocess.run([PEER["new"], "-c", "import json, trl, transformers; print(json.dumps([trl.__version__, transformers.__version__]))"], capture_output=True, text=True).stdout)
+    query = "import trl, transformers; print(f'TRL {trl.__version__} + transformers {transformers.__version__}')"
+    versions = [subprocess.run([python, "-c", query], capture_output=True, text=True).stdout.strip() for python in PEER.values()]
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} threads, fp32, torch {torch.__version__}; fp32 matmul peak {args.peak:.0f} GFLOP/s; "
-          f"median of {args.rounds} interleaved rounds x {args.steps - 1} steps; TRL {versions}")
+          f"median of {args.rounds} interleaved rounds x {args.steps - 1} steps; peers: {', '.join(versions)}")
     if results:
         table(results)
     if "scaling" in args.cases:
