@@ -34,3 +34,12 @@ def sample(model, tokenizer, prompts, temperature, max_new_tokens, batch_size=32
             rows.append({"prompt": prompt, "prompt_ids": ids[mask.bool()].tolist(), "response_ids": response,
                          "text": tokenizer.decode(response, skip_special_tokens=True).strip(), "ended": ended})
     return rows
+
+
+def sample_n(path, prompts, n, temperature, max_new_tokens, seed):
+    """The data scripts' samples: n per prompt from the chat model at path, seeded before loading as
+    when the data was made; one list of n rows per prompt."""
+    torch.manual_seed(seed)
+    model, tokenizer = load_chat_model(path)
+    rows = sample(model, tokenizer, [p for p in prompts for _ in range(n)], temperature, max_new_tokens)
+    return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -1,5 +1,6 @@
 """The offline defaults: sentiment data files, the VADER judge, the converted SmolLM2 folder, and the
 helpers of eval.py and plot.py. Fast; nothing is downloaded."""
+import collections
 import importlib.util
 import json
 import os
@@ -11,7 +12,7 @@ import eval as eval_py
 import minrlhf as M
 import plot
 from minrlhf import defaults
-from minrlhf.sampling import sample
+from minrlhf.sampling import sample, sample_n
 from tiny import make_causal_lm, make_tokenizer
 
 STAGE_OF = {"sft": "sft", "rm": "rm", "ppo": "ppo", "eval": "ppo"}  # eval prompts are RL prompts
@@ -35,9 +36,13 @@ def test_prompts_are_many_and_eval_is_held_out():
 
 
 def test_rm_pairs_are_labelled_by_vader_with_a_margin():
+    spec = importlib.util.spec_from_file_location("make_rm_pairs", os.path.join(defaults.DATA_DIR, "make_rm_pairs.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # its settings: MIN_GAP, PAIRS_PER_PROMPT
     rows = M.load_rows(defaults.SENTIMENT_DATA["rm"])
     chosen, rejected = defaults.vader(rows["prompt"], rows["chosen"]), defaults.vader(rows["prompt"], rows["rejected"])
-    assert all(c - r >= 0.1 - 1e-9 for c, r in zip(chosen, rejected))
+    assert all(c - r >= script.MIN_GAP - 1e-9 for c, r in zip(chosen, rejected))
+    assert max(collections.Counter(rows["prompt"]).values()) <= script.PAIRS_PER_PROMPT
 
 
 def test_vader_ranks_obvious_sentences():
@@ -93,6 +98,14 @@ def test_sampled_rows_and_kl_to_self(tiny_chat):
     alone = torch.cat([eval_py.summed_logprobs(model, [r], 1.0, tokenizer.pad_token_id, 1) for r in rows])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
     assert (together < 0).all()
+
+
+def test_sample_n_groups_by_prompt_and_repeats_with_its_seed(tiny_chat, tmp_path):
+    model, tokenizer = tiny_chat
+    model.save_pretrained(tmp_path), tokenizer.save_pretrained(tmp_path)
+    first, again, other = (sample_n(str(tmp_path), ["good?", "bad?"], 3, 1.0, 8, seed) for seed in (1, 1, 2))
+    assert [[r["prompt"] for r in group] for group in first] == [["good?"] * 3, ["bad?"] * 3]
+    assert first == again and first != other
 
 
 def test_summarize_and_side_by_side():

@@ -4,11 +4,12 @@ labelled by VADER (the gold judge): chosen is the answer with the higher compoun
     python data/sentiment/make_rm_pairs.py
 
 Settings: model minrlhf.defaults.default_model() (SmolLM2-135M-Instruct) with its chat template;
-n = 4 samples per prompt, pure sampling (top_k=0, top_p=1.0) at temperature 0.7, at most 48 new
+n = 8 samples per prompt, pure sampling (top_k=0, top_p=1.0) at temperature 0.7, at most 48 new
 tokens, torch seed 1 (make_sft.py uses 0), 32 sequences per batch, 1 thread. Answers are kept as
 sampled, cut-off ones included: the reward model must score what PPO's policy writes. Per prompt the
-answers are sorted by score and the best is paired with the worst, the second with the third; a pair
-whose scores differ by less than MIN_GAP = 0.1 is skipped, since VADER's label would be mostly noise.
+answers are sorted by score; the best is paired with the worst and the second best with the second worst
+(PAIRS_PER_PROMPT = 2); a pair whose scores differ by less than MIN_GAP = 0.3 is skipped, since VADER's
+label would be mostly noise. (4 samples, all pairs 0.1 apart: 367 pairs, 61% held-out RM accuracy.)
 """
 import json
 import os
@@ -19,16 +20,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader  # noqa: E402
-from minrlhf.sampling import load_chat_model, sample  # noqa: E402
+from minrlhf.sampling import sample_n  # noqa: E402
 
-N, TEMPERATURE, MAX_NEW_TOKENS, SEED, MIN_GAP = 4, 0.7, 48, 1, 0.1
+N, PAIRS_PER_PROMPT, TEMPERATURE, MAX_NEW_TOKENS, SEED, MIN_GAP = 8, 2, 0.7, 48, 1, 0.3
 
 
 def pairs(prompt, texts):
     """[({prompt, chosen, rejected}, chosen score, rejected score)]: i-th best against i-th worst."""
     ranked = sorted(zip(vader([prompt] * len(texts), texts), texts), reverse=True)
     out = []
-    for (hi, chosen), (lo, rejected) in zip(ranked[:len(ranked) // 2], ranked[::-1]):
+    for (hi, chosen), (lo, rejected) in zip(ranked[:PAIRS_PER_PROMPT], ranked[::-1]):
         if hi - lo >= MIN_GAP:
             out.append(({"prompt": prompt, "chosen": chosen, "rejected": rejected}, hi, lo))
     return out
@@ -36,14 +37,11 @@ def pairs(prompt, texts):
 
 def main():
     torch.set_num_threads(1)  # measured: 2 threads gain ~4% here, 1 lets the two data scripts run side by side
-    torch.manual_seed(SEED)
     start = time.time()
     with open(SENTIMENT_DATA["ppo"]) as f:
         prompts = [json.loads(line)["prompt"] for line in f]
-    model, tokenizer = load_chat_model(default_model())
-    texts = [s["text"] for s in sample(model, tokenizer, [p for p in prompts for _ in range(N)], TEMPERATURE,
-                                       MAX_NEW_TOKENS)]
-    rows = [r for i, p in enumerate(prompts) for r in pairs(p, texts[i * N:(i + 1) * N])]
+    samples = sample_n(default_model(), prompts, N, TEMPERATURE, MAX_NEW_TOKENS, SEED)
+    rows = [r for p, group in zip(prompts, samples) for r in pairs(p, [s["text"] for s in group])]
     with open(SENTIMENT_DATA["rm"], "w") as f:
         f.writelines(json.dumps(row) + "\n" for row, _, _ in rows)
     print(f"{len(rows)} pairs written to {SENTIMENT_DATA['rm']}; mean VADER chosen "
