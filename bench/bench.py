@@ -179,6 +179,8 @@ def case_hh(args, tmp, files):
                     "--max-length", "256", "--lr", "1e-5", "--seed", "0", "--save-every", "0"], check=True, cwd=tmp,
                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     seconds = time.perf_counter() - t0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        step_seconds = sum(json.loads(line)["time/step"] for line in f)  # the training steps alone, as TRL's
     b = peer("new", "trl_peer.py", ["rm-hh", "--model", args.model, "--hh", args.hh, "--train", "0:1000",
                                     "--eval", "2000:2312", "--batch-size", 8, "--max-length", 256, "--lr", 1e-5], args)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -186,9 +188,10 @@ def case_hh(args, tmp, files):
     with torch.no_grad():
         margins = torch.cat([M.score_texts(model, tokenizer, [r["prompt"]] * 2, [r["chosen"], r["rejected"]], 256)
                              .diff().neg() for r in rows[2000:2312]])
-    print(f"hh: minrlhf accuracy {(margins > 0).float().mean():.3f}, margin {margins.mean():.3f}, {seconds:.0f} s "
-          f"(train.py wall time incl. load); TRL accuracy {b['accuracy']:.3f} (before {b['accuracy_before']:.3f}), "
-          f"margin {b['margin']:.3f}, {b['train_seconds']:.0f} s (trainer.train()); scored in fp32; eval file {evals}")
+    print(f"hh: minrlhf accuracy {(margins > 0).float().mean():.3f}, margin {margins.mean():.3f}, "
+          f"{step_seconds:.0f} s of training steps ({seconds:.0f} s train.py wall time incl. load and save); "
+          f"TRL accuracy {b['accuracy']:.3f} (before {b['accuracy_before']:.3f}), margin {b['margin']:.3f}, "
+          f"{b['train_seconds']:.0f} s (trainer.train()); scored in fp32; eval file {evals}")
 
 
 def table(results):
