@@ -213,8 +213,10 @@ def load_tokenizer(flag, path):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         fail(f"{flag} {path}: no tokenizer ({str(e).splitlines()[0]})")
-    resize = M.ensure_pad_token(tokenizer)
-    return tokenizer, resize
+    try:
+        return tokenizer, M.ensure_pad_token(tokenizer)  # True: a pad token was added, resize the embeddings
+    except M.DataError as e:
+        fail(f"{flag} {path}: unusable tokenizer ({e})")
 
 
 def load_examples(args, tokenizer, world_size):

@@ -28,6 +28,9 @@ def w(tmp_path_factory):
     save_tiny("llama", d / "model")
     load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "rm")
     make_tokenizer().save_pretrained(d / "rm")
+    no_eos = make_tokenizer()
+    no_eos.eos_token = None
+    no_eos.save_pretrained(d / "no_eos")
     rows = [{"prompt": "the film was", "chosen": " great", "rejected": " awful"}] * 8
     files = {"pref.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "rows.csv": "prompt\nhi\n",
              "bad.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n', "empty.jsonl": "",
@@ -53,6 +56,7 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "all rows too long": (["--max-length", 3],
                           r"pref\.jsonl: 0 usable training rows \(8 dropped by --max-length 3\); need at least one batch"),
     "model missing": (["--model", "{w}/nope"], r"--model .*nope: no tokenizer"),
+    "tokenizer without EOS": (["--model", "{w}/no_eos"], r"--model .*no_eos: unusable tokenizer \(.*has no EOS token\)"),
     "model not a causal LM": (["--model", "{w}/rm"], r"--model .*rm: cannot load as a causal LM \(not a causal LM "
                                                      r"checkpoint, weights missing: lm_head\.weight\)"),
     "reward model without head": (PPO + ["--reward-model", "{w}/model"],
