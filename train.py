@@ -74,14 +74,21 @@ def parse_args(argv=None):
                    help="passes over each rollout (K in Schulman et al. 2017; 4 is common, 2 keeps a CPU run short)")
     g.add_argument("--mini-batch-size", type=int, default=None,
                    help="rollouts per rank per optimizer step; sets --grad-accum to it / --batch-size")
-    g.add_argument("--kl-coef", type=float, default=0.05, help="beta of the per-token KL penalty (initial if adaptive)")
+    g.add_argument("--kl-coef", type=float, default=0.1,
+                   help="beta of the per-token KL penalty, against scores of std 1 under --reward-norm (initial if adaptive)")
     g.add_argument("--target-kl", type=float, default=None, help="adaptive KL controller target, nats (Ziegler et al.)")
     g.add_argument("--cliprange", type=float, default=0.2, help="policy ratio clip epsilon")
     g.add_argument("--cliprange-value", type=float, default=0.2, help="value clip around the rollout values")
     g.add_argument("--vf-coef", type=float, default=0.1, help="value loss weight in the shared-backbone loss")
     g.add_argument("--gamma", type=float, default=1.0, help="discount")
-    g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    g.add_argument("--lam", type=float, default=1.0,
+                   help="GAE lambda. 1: Monte-Carlo returns, as the zero-initialised critic learns little in a short "
+                        "run, and with values near 0, lambda < 1 shrinks token t's credit by lambda^(R-t). 0.95 suits "
+                        "a trained critic")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; log-probs use it too")
+    g.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="shift and scale scores to mean 0, std 1 on the first rollout, so --kl-coef means the same "
+                        "for any reward's scale (Ziegler et al. 2019)")
     g.add_argument("--whiten-rewards", action="store_true", help="whiten the KL-shaped rewards before GAE")
     g.add_argument("--missing-eos-penalty", type=float, default=None, help="subtract from scores of responses without EOS")
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -555,7 +562,20 @@ def ppo_update(engine, roll, args):
     return {k: v / count for k, v in sums.items()} | times
 
 
-def ppo_step(engine, ref, reward, gold, batch, kl_ctl, args, tokenizer, device, zero3):
+def shaped_scores(scores, ended, norm, args):
+    """The scores PPO optimises: less --missing-eos-penalty where no EOS came, then normalised to mean 0,
+    std 1 under the initial policy (Ziegler et al. 2019, sec. 2), i.e. with the first rollout's statistics,
+    which `norm` keeps (and checkpoints)."""
+    if args.reward_norm and not norm:
+        m = mean_across_ranks({"mean": scores.mean().item(), "sq": scores.pow(2).mean().item()})
+        if all(map(math.isfinite, m.values())):  # else (--skip-nonfinite) the next rollout sets it
+            norm.update(mean=m["mean"], std=math.sqrt(max(m["sq"] - m["mean"] ** 2, 1e-12)))
+    if args.missing_eos_penalty:
+        scores = scores - args.missing_eos_penalty * (~ended).float()
+    return (scores - norm["mean"]) / norm["std"] if norm else scores
+
+
+def ppo_step(engine, ref, reward, gold, batch, kl_ctl, norm, args, tokenizer, device, zero3):
     """One PPO iteration on one batch of prompts: the five phases, timed."""
     times, t0, lr = {}, time.perf_counter(), engine.get_lr()[0]
 
@@ -570,7 +590,7 @@ def ppo_step(engine, ref, reward, gold, batch, kl_ctl, args, tokenizer, device, 
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
         scores = reward(batch["prompts"], texts).float()  # 2. score, (B,)
         judged = {"gold": gold(batch["prompts"], texts).mean().item()} if gold else {}
-        penalized = scores - args.missing_eos_penalty * (~ended).float() if args.missing_eos_penalty else scores
+        shaped = shaped_scores(scores, ended, norm, args)
         lap("score")
         P = batch["input_ids"].shape[1]
         ids = torch.cat([batch["input_ids"], response], 1)  # (B, T)
@@ -580,7 +600,7 @@ def ppo_step(engine, ref, reward, gold, batch, kl_ctl, args, tokenizer, device, 
                  for i, m in zip(ids.split(args.batch_size), attention_mask.split(args.batch_size))]
         logprobs, values, ref_lp = (torch.cat(x) for x in zip(*parts))  # (B, R) each, once per rollout
         lap("forward")
-        rewards = M.kl_penalized_rewards(penalized, logprobs, ref_lp, mask, kl_ctl.value)  # 3. KL-shaped rewards
+        rewards = M.kl_penalized_rewards(shaped, logprobs, ref_lp, mask, kl_ctl.value)  # 3. KL-shaped rewards
         if args.whiten_rewards:
             rewards = M.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = M.compute_gae(rewards, values, mask, args.gamma, args.lam)  # 4. GAE + whitening
@@ -618,19 +638,20 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // (args.rollout_batch_size * world))
     updates = args.ppo_epochs * args.rollout_batch_size // (args.batch_size * args.grad_accum)
     engine = build_engine(policy, cfg, total * updates, args)
-    kl_ctl, start = M.KLController(args.kl_coef, args.target_kl), 0
+    kl_ctl, norm, start = M.KLController(args.kl_coef, args.target_kl), {}, 0
     torch.manual_seed(args.seed + rank)  # each rank samples differently
     if args.resume:
         state = resume(engine, args)
         start, kl_ctl.value = state["step"], state["kl_coef"]
+        norm.update(state.get("reward_norm", {}))  # older checkpoints lack it: set from the next rollout
     order = batches(len(prompts), args.rollout_batch_size, args.seed, start)
     zero3 = cfg["zero_optimization"]["stage"] == 3
 
     def step_fn(step):
         batch = to_device(M.collate_prompts([prompts[i] for i in next(order)], tokenizer.pad_token_id), device)
-        return ppo_step(engine, ref, reward, gold, batch, kl_ctl, args, tokenizer, device, zero3)
+        return ppo_step(engine, ref, reward, gold, batch, kl_ctl, norm, args, tokenizer, device, zero3)
 
-    if train_loop(args, engine, start, total, step_fn, lambda: {"kl_coef": kl_ctl.value}):
+    if train_loop(args, engine, start, total, step_fn, lambda: {"kl_coef": kl_ctl.value, "reward_norm": norm}):
         save_final(engine, args, tokenizer)
 
 

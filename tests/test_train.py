@@ -21,6 +21,9 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_P
 REWARD_FN = """def count_e(prompts, responses):
     return [float(r.count('e')) for r in responses]
 
+def count_e_affine(prompts, responses):
+    return [2 * x + 3 for x in count_e(prompts, responses)]
+
 calls = []
 def nan_on_second_call(prompts, responses):
     calls.append(1)
@@ -119,6 +122,16 @@ def test_ppo_raises_the_reward(work):
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference before the first update
     assert os.path.exists(work / "ppo" / "value_head.pt")
     assert AutoModelForCausalLM.from_pretrained(work / "ppo").config.vocab_size == 400
+
+
+def test_reward_norm_makes_ppo_blind_to_the_reward_scale(work):
+    """Scores are normalised with the first rollout's mean and std, so 2 * score + 3 trains identically."""
+    plain = train(work, *PPO, "--max-steps", 3, output="norm_plain")
+    affine = train(work, *PPO, "--max-steps", 3, "--reward-fn", "rewards:count_e_affine", output="norm_affine")
+    for a, b in zip(plain, affine):
+        assert b["reward"] == pytest.approx(2 * a["reward"] + 3)
+        for key in ("kl", "ppo/loss/policy", "ppo/loss/value", "ppo/returns/mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
 
 
 def test_ppo_with_the_reward_model_and_adaptive_kl(work):
