@@ -391,6 +391,8 @@ def train_loop(args, engine, start, total, step_fn, state_fn=lambda: {}):
 
 
 def to_device(batch, device):
+    if isinstance(batch, list):  # reward-model pairs
+        return [to_device(b, device) for b in batch]
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -421,9 +423,9 @@ def sft_loss(engine, batch):
     return loss, {"loss": loss.item()}
 
 
-def rm_loss(engine, batch):
-    """Chosen and rejected in one forward pass (rows [0, B) and [B, 2B)), pairwise ranking loss."""
-    chosen, rejected = M.reward_scores(engine, batch["input_ids"], batch["attention_mask"]).chunk(2)  # (B,) each
+def rm_loss(engine, pairs):
+    """Pairwise ranking loss; each pair's prompt runs once for both replies (M.pair_scores)."""
+    chosen, rejected = torch.stack([M.pair_scores(engine, **pair) for pair in pairs]).unbind(1)  # (B,) each
     loss = M.pairwise_ranking_loss(chosen, rejected)
     return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                   "margin": (chosen - rejected).mean().item()}

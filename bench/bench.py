@@ -181,8 +181,12 @@ def case_hh(args, tmp, files):
     seconds = time.perf_counter() - t0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         step_seconds = sum(json.loads(line)["time/step"] for line in f)  # the training steps alone, as TRL's
-    b = peer("new", "trl_peer.py", ["rm-hh", "--model", args.model, "--hh", args.hh, "--train", "0:1000",
-                                    "--eval", "2000:2312", "--batch-size", 8, "--max-length", 256, "--lr", 1e-5], args)
+    if args.hh_peer:
+        with open(args.hh_peer) as f:
+            b = json.loads(f.read().strip().splitlines()[-1])
+    else:
+        b = peer("new", "trl_peer.py", ["rm-hh", "--model", args.model, "--hh", args.hh, "--train", "0:1000",
+                                        "--eval", "2000:2312", "--batch-size", 8, "--max-length", 256, "--lr", 1e-5], args)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = M.load_reward_model(out, tokenizer.pad_token_id, new_head=False).eval()
     with torch.no_grad():
@@ -212,6 +216,8 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     p.add_argument("--hh", default=os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz"),
                    help="Anthropic HH-RLHF jsonl.gz with chosen/rejected, for --cases hh")
+    p.add_argument("--hh-peer", help="for --cases hh: TRL's JSON line saved from an earlier `bench/trl_peer.py rm-hh` "
+                                     "run on this machine, instead of running it again (~1 h)")
     args = p.parse_args()
     args.model = args.model or default_model()
     if not os.path.isdir(args.model + "-tf4"):

@@ -5,5 +5,5 @@ from .data import (DataError, check_columns, collate_pairs, collate_prompts, col
 from .losses import (KLController, compute_gae, entropy_from_logits, explained_variance, kl_penalized_rewards,
                      logprobs_from_logits, masked_mean, masked_var, masked_whiten, pairwise_ranking_loss,
                      ppo_policy_loss, ppo_value_loss)
-from .models import (PolicyWithValueHead, load_causal_lm, load_reward_model, position_ids,
+from .models import (PolicyWithValueHead, load_causal_lm, load_reward_model, pair_scores, position_ids,
                      response_logprobs, reward_scores, score_texts)

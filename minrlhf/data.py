@@ -129,11 +129,13 @@ def _as_messages(prompt):
 
 def encode_prompt(tokenizer, prompt):
     """Token ids of a prompt (a string or a list of chat messages), through the chat template when
-    the tokenizer has one, ending where the assistant's reply begins."""
+    the tokenizer has one, ending where the assistant's reply begins. An empty prompt is the BOS token
+    (EOS without one): generation, and the reward model's prompt pass, need at least one token."""
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return ids or [tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id]
 
 
 def encode_pair(tokenizer, prompt, response):
@@ -177,13 +179,15 @@ def encode_sft(row, tokenizer, max_length):
 
 
 def encode_preference(row, tokenizer, max_length):
-    """{chosen, rejected}: prompt + reply + EOS, each keeping its last max_length tokens, since the
-    reward is read at the end and the replies are what differs."""
-    out = {}
-    for key in ("chosen", "rejected"):
-        prompt_ids, response_ids = encode_pair(tokenizer, row["prompt"], row[key])
-        out[key] = (prompt_ids + response_ids)[-max_length:]
-    return out
+    """{prompt, chosen, rejected} ids, each reply ending with EOS. The replies keep their last max_length - 1
+    tokens and the prompt its last tokens that fit beside the longer reply (one at least, so every pair
+    makes the same forward calls, as ZeRO-3 needs): both replies are judged in the same context, and the
+    ends, where the reward is read and the replies differ, are never cut."""
+    prompt, chosen = encode_pair(tokenizer, row["prompt"], row["chosen"])
+    rejected = encode_pair(tokenizer, row["prompt"], row["rejected"])[1]
+    chosen, rejected = chosen[1 - max_length:], rejected[1 - max_length:]
+    keep = max_length - max(len(chosen), len(rejected))
+    return {"prompt": prompt[max(0, len(prompt) - keep):], "chosen": chosen, "rejected": rejected}
 
 
 def encode_rl_prompt(row, tokenizer, max_length):
@@ -214,9 +218,15 @@ def collate_sft(batch, pad_id):
 
 
 def collate_pairs(batch, pad_id):
-    """Chosen rows then rejected rows in one right-padded (2B, T) batch: one forward scores both."""
-    ids = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
-    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0)}
+    """One entry per pair, for `pair_scores`: prompt_ids (1, P), reply_ids (2, R) right-padded (chosen in
+    row 0) and attention_mask (2, P+R). Pairs are not padded to a common length: on HH-RLHF's varied
+    prompts and replies that padding would cost more tokens than sharing the prompt saves."""
+    out = []
+    for b in batch:
+        replies = [b["chosen"], b["rejected"]]
+        out.append({"prompt_ids": torch.tensor([b["prompt"]], dtype=torch.long), "reply_ids": pad(replies, pad_id),
+                    "attention_mask": pad([[1] * (len(b["prompt"]) + len(r)) for r in replies], 0)})
+    return out
 
 
 def collate_prompts(batch, pad_id):

@@ -158,14 +158,21 @@ def test_truncation_drops_rows_without_response_and_counts_them():
 def test_preference_pairs_share_prompt_and_keep_the_end():
     tok = make_tokenizer()
     ex = encode_preference({"prompt": "the film was great " * 5, "chosen": " yes", "rejected": " no"}, tok, 8)
-    assert len(ex["chosen"]) == 8 and ex["chosen"][-1] == ex["rejected"][-1] == tok.eos_token_id
+    assert ex["chosen"][-1] == ex["rejected"][-1] == tok.eos_token_id  # the ends are kept
+    assert len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) == 8
+    long = encode_preference({"prompt": "hi", "chosen": " the film was great" * 9, "rejected": " no"}, tok, 8)
+    assert len(long["prompt"]) == 1 and len(long["chosen"]) == 7  # the prompt keeps a token: ZeRO-3 parity
+    empty = encode_preference({"prompt": "", "chosen": " yes", "rejected": " no"}, tok, 8)
+    assert empty["prompt"] == [tok.bos_token_id]
     full = encode_preference(ROWS[0], tok, 64)
-    prompt = tok(ROWS[0]["prompt"])["input_ids"]
-    assert full["chosen"][: len(prompt)] == full["rejected"][: len(prompt)] == prompt
-    batch = collate_pairs([full, encode_preference(ROWS[1], tok, 64)], tok.pad_token_id)
-    assert batch["input_ids"].shape[0] == 4  # chosen rows, then rejected rows: one forward
-    assert batch["input_ids"][0, : len(full["chosen"])].tolist() == full["chosen"]
-    assert batch["input_ids"][2, : len(full["rejected"])].tolist() == full["rejected"]
+    assert full["prompt"] == tok(ROWS[0]["prompt"])["input_ids"]
+    assert full["chosen"] == tok(ROWS[0]["chosen"])["input_ids"] + [tok.eos_token_id]
+    short = encode_preference(ROWS[1], tok, 64)
+    pairs = collate_pairs([full, short], tok.pad_token_id)  # per pair: no padding to the batch's longest
+    assert len(pairs) == 2 and pairs[1]["prompt_ids"].tolist() == [short["prompt"]]
+    replies, mask = pairs[0]["reply_ids"], pairs[0]["attention_mask"]  # (2, R), (2, P+R)
+    assert replies[1, : len(full["rejected"])].tolist() == full["rejected"]
+    assert mask.sum(1).tolist() == [len(full["prompt"]) + len(full[k]) for k in ("chosen", "rejected")]
 
 
 def test_prompts_are_left_padded():

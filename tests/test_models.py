@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from minrlhf import (PolicyWithValueHead, collate_pairs, ensure_pad_token, load_causal_lm, load_reward_model,
-                     logprobs_from_logits, reward_scores)
+from minrlhf import (PolicyWithValueHead, collate_pairs, encode_preference, ensure_pad_token, load_causal_lm,
+                     load_reward_model, logprobs_from_logits, pad, pair_scores, reward_scores, score_texts)
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
@@ -78,7 +78,8 @@ def test_reward_model_parity_with_transformers(family_dir, tmp_path, pad_is_eos)
     eos = tokenizer.eos_token_id
     rows = [{"chosen": tokenizer("the film was great")["input_ids"] + [eos],
              "rejected": tokenizer("awful")["input_ids"] + [eos]}]
-    batch = collate_pairs(rows, tokenizer.pad_token_id)  # the short row is right-padded
+    seqs = [rows[0]["chosen"], rows[0]["rejected"]]
+    batch = {"input_ids": pad(seqs, tokenizer.pad_token_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
     with torch.no_grad():
         ours = reward_scores(model, **batch)
         alone = reward_scores(model, torch.tensor([rows[0]["rejected"]]), torch.ones(1, len(rows[0]["rejected"])))
@@ -86,6 +87,33 @@ def test_reward_model_parity_with_transformers(family_dir, tmp_path, pad_is_eos)
         theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()(**batch).logits.squeeze(-1)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(ours[1:], alone, atol=1e-5, rtol=1e-5)  # padding changes nothing
+
+
+@pytest.mark.parametrize("max_length", [64, 12, 4])  # whole prompt, its end, its last token
+def test_pair_scores_match_the_full_sequences(family_dir, max_length):
+    """Replies scored on the prompt's KV cache get the scores and gradients of the full sequences."""
+    family, path = family_dir
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = load_reward_model(path, tokenizer.pad_token_id)
+    row = {"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"}
+    pair = encode_preference(row, tokenizer, max_length)
+    whole = tokenizer(row["prompt"])["input_ids"]
+    kept = min(len(whole), max_length - len(pair["chosen"]))  # the prompt's end that fits beside the longer reply
+    assert kept >= 1 and len(pair["chosen"]) >= len(pair["rejected"])
+    assert pair["prompt"] == whole[len(whole) - kept:] and pair["rejected"][-1] == tokenizer.eos_token_id
+    full = [pair["prompt"] + pair[key] for key in ("chosen", "rejected")]
+    grads = []
+    for scores in (lambda: reward_scores(model, pad(full, tokenizer.pad_token_id), pad([[1] * len(s) for s in full], 0)),
+                   lambda: pair_scores(model, **collate_pairs([pair], tokenizer.pad_token_id)[0])):
+        model.zero_grad()
+        out = scores()
+        out.diff().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (expected, expected_grads), (got, got_grads) = grads
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_pad_token_added_when_only_eos_exists():
@@ -96,12 +124,11 @@ def test_pad_token_added_when_only_eos_exists():
 
 
 def test_score_texts_encodes_like_training(tmp_path):
-    from minrlhf import encode_preference, score_texts
     tokenizer = make_tokenizer(chat_template=True)
     model = load_reward_model(save_tiny("llama", tmp_path, chat_template=True), tokenizer.pad_token_id).eval()
     row = {"prompt": "is it good?", "chosen": " yes, absolutely.", "rejected": " no"}
     pair = encode_preference(row, tokenizer, 64)
     with torch.no_grad():
-        expected = reward_scores(model, **collate_pairs([pair], tokenizer.pad_token_id))
+        expected = pair_scores(model, **collate_pairs([pair], tokenizer.pad_token_id)[0])
         got = score_texts(model, tokenizer, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], 64)
     torch.testing.assert_close(got, expected)
