@@ -105,8 +105,9 @@ def pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
 
 
 def score_texts(reward_model, tokenizer, prompts, responses, max_length, device="cpu"):
-    """Reward of each (prompt, response) text, encoded as in training (`encode_pair`, keeping the last
-    max_length tokens), so a reward model may have its own tokenizer and chat template. -> (B,)"""
+    """Reward of each (prompt, response) text, encoded as in training (`encode_pair`), so a reward model
+    may have its own tokenizer and chat template. Past max_length it keeps each sequence's last tokens,
+    where training cuts a pair's shared prompt to fit its longer reply. -> (B,)"""
     seqs = [sum(encode_pair(tokenizer, p, r), [])[-max_length:] for p, r in zip(prompts, responses)]
     ids, mask = pad(seqs, tokenizer.pad_token_id), pad([[1] * len(s) for s in seqs], 0)  # (B, T) right-padded
     return reward_scores(reward_model, ids.to(device), mask.to(device))
