@@ -391,7 +391,7 @@ def train_loop(args, engine, start, total, step_fn, state_fn=lambda: {}):
 
 
 def to_device(batch, device):
-    if isinstance(batch, list):  # reward-model pairs
+    if isinstance(batch, list):  # reward-model pair groups
         return [to_device(b, device) for b in batch]
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -423,9 +423,9 @@ def sft_loss(engine, batch):
     return loss, {"loss": loss.item()}
 
 
-def rm_loss(engine, pairs):
+def rm_loss(engine, groups):
     """Pairwise ranking loss; each pair's prompt runs once for both replies (M.pair_scores)."""
-    chosen, rejected = torch.stack([M.pair_scores(engine, **pair) for pair in pairs]).unbind(1)  # (B,) each
+    chosen, rejected = torch.cat([M.pair_scores(engine, **group) for group in groups]).unbind(1)  # (B,) each
     loss = M.pairwise_ranking_loss(chosen, rejected)
     return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                   "margin": (chosen - rejected).mean().item()}
@@ -453,7 +453,9 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     total = args.max_steps or max(1, int(args.epochs * len(train)) // (args.batch_size * args.grad_accum * world))
     engine = build_engine(model, cfg, total, args)
     start = resume(engine, args)["step"] if args.resume else 0
-    loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
+    slack = None if cfg["zero_optimization"]["stage"] == 3 and world > 1 else 0.25  # see M.collate_pairs
+    loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else \
+        (rm_loss, lambda batch, pad_id: M.collate_pairs(batch, pad_id, slack))
     order = batches(len(train), args.batch_size, args.seed, start * args.grad_accum)
 
     def step_fn(step):

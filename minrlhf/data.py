@@ -195,6 +195,7 @@ def encode_rl_prompt(row, tokenizer, max_length):
     return {"prompt": row["prompt"], "input_ids": encode_prompt(tokenizer, row["prompt"])[-max_length:]}
 
 
+REPLIES = ("chosen", "rejected")
 ENCODERS = {"sft": encode_sft, "rm": encode_preference, "ppo": encode_rl_prompt}
 
 
@@ -217,16 +218,28 @@ def collate_sft(batch, pad_id):
             "labels": pad([b["labels"] for b in batch], -100)}  # (B, T) each
 
 
-def collate_pairs(batch, pad_id):
-    """One entry per pair, for `pair_scores`: prompt_ids (1, P), reply_ids (2, R) right-padded (chosen in
-    row 0) and attention_mask (2, P+R). Pairs are not padded to a common length: on HH-RLHF's varied
-    prompts and replies that padding would cost more tokens than sharing the prompt saves."""
-    out = []
-    for b in batch:
-        replies = [b["chosen"], b["rejected"]]
-        out.append({"prompt_ids": torch.tensor([b["prompt"]], dtype=torch.long), "reply_ids": pad(replies, pad_id),
-                    "attention_mask": pad([[1] * (len(b["prompt"]) + len(r)) for r in replies], 0)})
-    return out
+def collate_pairs(batch, pad_id, slack=0.25):
+    """Pairs in groups for `pair_scores`, each {prompt_ids (G, P) left-padded, reply_ids (2G, R) right-padded
+    (chosen 0, rejected 0, chosen 1, ...), attention_mask (2G, P+R)}. Sorted by prompt length, a pair joins
+    the group before it while the group's padded size stays within 1 + slack of its pairs' sizes alone:
+    similar pairs share larger matmuls, unlike ones (most of HH-RLHF) are not padded to each other.
+    slack=None: one pair per group, as ZeRO-3 across ranks needs (every rank makes the same forwards)."""
+    size = lambda g: len(g) * (max(len(b["prompt"]) for b in g) + 2 * max(len(b[k]) for b in g for k in REPLIES))
+    groups = []
+    for b in sorted(batch, key=lambda b: len(b["prompt"])):
+        if slack is not None and groups and size(groups[-1] + [b]) <= (1 + slack) * sum(size([x]) for x in groups[-1] + [b]):
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return [collate_group(g, pad_id) for g in groups]
+
+
+def collate_group(group, pad_id):
+    prompts = [b["prompt"] for b in group]
+    replies = [b[k] for b in group for k in REPLIES]
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, left=True).repeat_interleave(2, 0)  # (2G, P)
+    return {"prompt_ids": pad(prompts, pad_id, left=True), "reply_ids": pad(replies, pad_id),
+            "attention_mask": torch.cat([prompt_mask, pad([[1] * len(r) for r in replies], 0)], 1)}
 
 
 def collate_prompts(batch, pad_id):

@@ -92,16 +92,18 @@ def reward_scores(reward_model, input_ids, attention_mask):
 
 
 def pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
-    """Scores of one prompt's two replies, the prompt run once: its keys and values (the KV cache, copied
-    for the two rows) serve both replies, which attend to exactly what they would in the full sequences.
+    """Scores of B pairs of replies, each prompt run once: its keys and values (the KV cache, copied for
+    its two rows) serve both replies, which attend to exactly what they would in the full sequences.
     On HH-RLHF at 256 tokens this needs 1.6x fewer tokens than scoring chosen and rejected in full.
-    prompt_ids (1, P) with P >= 1, reply_ids (2, R) right-padded, attention_mask (2, P+R) -> (2,)"""
-    cache = reward_model(input_ids=prompt_ids, use_cache=True).past_key_values
-    cache.batch_repeat_interleave(2)  # every layer's (1, ...) keys and values -> (2, ...)
-    positions = torch.arange(prompt_ids.shape[1], attention_mask.shape[1], device=reply_ids.device)
-    positions = positions.expand_as(reply_ids)  # (2, R)
+    prompt_ids (B, P) left-padded with P >= 1, reply_ids (2B, R) right-padded, rows chosen 0, rejected 0,
+    chosen 1, ..., attention_mask (2B, P+R) -> (B, 2)"""
+    prompt_mask = attention_mask[::2, :prompt_ids.shape[1]]  # (B, P)
+    cache = reward_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                         use_cache=True).past_key_values
+    cache.batch_repeat_interleave(2)  # every layer's (B, ...) keys and values -> (2B, ...)
+    positions = position_ids(attention_mask)[:, prompt_ids.shape[1]:]  # (2B, R): each reply goes on from its prompt
     return reward_model(input_ids=reply_ids, attention_mask=attention_mask, position_ids=positions,
-                        past_key_values=cache).logits.squeeze(-1).float()
+                        cache=cache).logits.float().view(-1, 2)
 
 
 def score_texts(reward_model, tokenizer, prompts, responses, max_length, device="cpu"):

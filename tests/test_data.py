@@ -1,6 +1,7 @@
 """Loading, adapting, tokenizing and collating data."""
 import gzip
 import json
+import math
 import os
 
 import datasets
@@ -168,11 +169,21 @@ def test_preference_pairs_share_prompt_and_keep_the_end():
     assert full["prompt"] == tok(ROWS[0]["prompt"])["input_ids"]
     assert full["chosen"] == tok(ROWS[0]["chosen"])["input_ids"] + [tok.eos_token_id]
     short = encode_preference(ROWS[1], tok, 64)
-    pairs = collate_pairs([full, short], tok.pad_token_id)  # per pair: no padding to the batch's longest
-    assert len(pairs) == 2 and pairs[1]["prompt_ids"].tolist() == [short["prompt"]]
-    replies, mask = pairs[0]["reply_ids"], pairs[0]["attention_mask"]  # (2, R), (2, P+R)
-    assert replies[1, : len(full["rejected"])].tolist() == full["rejected"]
-    assert mask.sum(1).tolist() == [len(full["prompt"]) + len(full[k]) for k in ("chosen", "rejected")]
+    batch = collate_pairs([full, short], tok.pad_token_id, slack=math.inf)[0]  # one group: both pairs padded
+    prompts, replies, mask = batch["prompt_ids"], batch["reply_ids"], batch["attention_mask"]  # (2, P), (4, R), (4, P+R)
+    first, second = sorted([full, short], key=lambda ex: len(ex["prompt"]))  # groups run in prompt-length order
+    assert prompts[0, prompts.shape[1] - len(first["prompt"]):].tolist() == first["prompt"]  # left-padded
+    assert replies[3, : len(second["rejected"])].tolist() == second["rejected"] and replies[0, 0] == first["chosen"][0]
+    lengths = [len(ex["prompt"]) + len(ex[k]) for ex in (first, second) for k in ("chosen", "rejected")]
+    assert mask.sum(1).tolist() == lengths and mask[:2, : prompts.shape[1] - len(first["prompt"])].sum() == 0
+
+
+def test_pairs_are_grouped_only_when_padding_costs_little():
+    ex = lambda p, c, r: {"prompt": [5] * p, "chosen": [6] * c, "rejected": [7] * r}
+    alike = [ex(250, 3, 2), ex(250, 2, 3), ex(248, 3, 3)]  # 1 of 771 tokens would be padding
+    unlike = [ex(20, 200, 30), ex(200, 40, 50)]  # padded to 200 + 2 x 200 each
+    assert [len(g["prompt_ids"]) for g in collate_pairs(alike + unlike, 0)] == [1, 1, 3]
+    assert [len(g["prompt_ids"]) for g in collate_pairs(alike, 0, slack=None)] == [1, 1, 1]
 
 
 def test_prompts_are_left_padded():

@@ -91,24 +91,27 @@ def test_reward_model_parity_with_transformers(family_dir, tmp_path, pad_is_eos)
 
 @pytest.mark.parametrize("max_length", [64, 12, 4])  # whole prompt, its end, its last token
 def test_pair_scores_match_the_full_sequences(family_dir, max_length):
-    """Replies scored on the prompt's KV cache get the scores and gradients of the full sequences."""
+    """Replies scored on their prompt's KV cache, in a batch whose prompts and replies need padding, get the
+    scores and gradients of the full sequences."""
     family, path = family_dir
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     model = load_reward_model(path, tokenizer.pad_token_id)
-    row = {"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"}
-    pair = encode_preference(row, tokenizer, max_length)
-    whole = tokenizer(row["prompt"])["input_ids"]
-    kept = min(len(whole), max_length - len(pair["chosen"]))  # the prompt's end that fits beside the longer reply
-    assert kept >= 1 and len(pair["chosen"]) >= len(pair["rejected"])
-    assert pair["prompt"] == whole[len(whole) - kept:] and pair["rejected"][-1] == tokenizer.eos_token_id
-    full = [pair["prompt"] + pair[key] for key in ("chosen", "rejected")]
+    rows = [{"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"},
+            {"prompt": "hi", "chosen": " hello", "rejected": " go away, I am busy"}]
+    pairs = [encode_preference(row, tokenizer, max_length) for row in rows]
+    whole = tokenizer(rows[0]["prompt"])["input_ids"]
+    kept = min(len(whole), max_length - len(pairs[0]["chosen"]))  # the prompt's end that fits beside the longer reply
+    assert kept >= 1 and len(pairs[0]["chosen"]) >= len(pairs[0]["rejected"])
+    assert pairs[0]["prompt"] == whole[len(whole) - kept:] and pairs[0]["rejected"][-1] == tokenizer.eos_token_id
+    pairs.sort(key=lambda pair: len(pair["prompt"]))  # the order collate_pairs puts them in
+    full = [pair["prompt"] + pair[key] for pair in pairs for key in ("chosen", "rejected")]
     grads = []
     for scores in (lambda: reward_scores(model, pad(full, tokenizer.pad_token_id), pad([[1] * len(s) for s in full], 0)),
-                   lambda: pair_scores(model, **collate_pairs([pair], tokenizer.pad_token_id)[0])):
+                   lambda: pair_scores(model, **collate_pairs(pairs, tokenizer.pad_token_id, slack=math.inf)[0]).flatten()):
         model.zero_grad()
         out = scores()
-        out.diff().sum().backward()
+        (out * torch.tensor([1.0, -2.0, 3.0, -4.0])).sum().backward()
         grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     (expected, expected_grads), (got, got_grads) = grads
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -129,6 +132,6 @@ def test_score_texts_encodes_like_training(tmp_path):
     row = {"prompt": "is it good?", "chosen": " yes, absolutely.", "rejected": " no"}
     pair = encode_preference(row, tokenizer, 64)
     with torch.no_grad():
-        expected = pair_scores(model, **collate_pairs([pair], tokenizer.pad_token_id)[0])
+        expected = pair_scores(model, **collate_pairs([pair], tokenizer.pad_token_id)[0])[0]
         got = score_texts(model, tokenizer, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], 64)
     torch.testing.assert_close(got, expected)
