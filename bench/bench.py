@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def ours(stage, flags, data, tmp, args, model=None):
                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][1:]  # step 1 is warm-up
+    shutil.rmtree(out)  # its final checkpoint and model: ~2 GiB per run
     return {k: statistics.median(r[k] for r in rows) for k in rows[0] if all(k in r for r in rows)}
 
 
