@@ -8,6 +8,7 @@ Shapes: B batch, P prompt length, R response length, T = P + R, V vocab.
 """
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -453,9 +454,9 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     total = args.max_steps or max(1, int(args.epochs * len(train)) // (args.batch_size * args.grad_accum * world))
     engine = build_engine(model, cfg, total, args)
     start = resume(engine, args)["step"] if args.resume else 0
-    slack = None if cfg["zero_optimization"]["stage"] == 3 and world > 1 else 0.25  # see M.collate_pairs
-    loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else \
-        (rm_loss, lambda batch, pad_id: M.collate_pairs(batch, pad_id, slack))
+    one_pair_groups = cfg["zero_optimization"]["stage"] == 3 and world > 1  # equal forwards on every rank
+    pairs = functools.partial(M.collate_pairs, slack=None) if one_pair_groups else M.collate_pairs
+    loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, pairs)
     order = batches(len(train), args.batch_size, args.seed, start * args.grad_accum)
 
     def step_fn(step):

@@ -227,8 +227,9 @@ def collate_pairs(batch, pad_id, slack=0.25):
     size = lambda g: len(g) * (max(len(b["prompt"]) for b in g) + 2 * max(len(b[k]) for b in g for k in REPLIES))
     groups = []
     for b in sorted(batch, key=lambda b: len(b["prompt"])):
-        if slack is not None and groups and size(groups[-1] + [b]) <= (1 + slack) * sum(size([x]) for x in groups[-1] + [b]):
-            groups[-1].append(b)
+        joined = groups[-1] + [b] if groups and slack is not None else []
+        if joined and size(joined) <= (1 + slack) * sum(size([x]) for x in joined):
+            groups[-1] = joined
         else:
             groups.append([b])
     return [collate_group(g, pad_id) for g in groups]
