@@ -184,9 +184,12 @@ def build_engine(model, cfg, total_steps, args):
     decay = lambda opt: torch.optim.lr_scheduler.LambdaLR(skip_nonfinite_updates(opt),
                                                           lambda s: max(0.0, 1 - s / max(1, total_steps)))
     try:
-        return deepspeed.initialize(model=model, model_parameters=params, config=cfg, lr_scheduler=decay)[0]
+        engine = deepspeed.initialize(model=model, model_parameters=params, config=cfg, lr_scheduler=decay)[0]
     except Exception as e:  # DeepSpeed validates the config here
         fail(f"--deepspeed_config {args.deepspeed_config}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    if dist.get_world_size() == 1 and cfg["zero_optimization"]["stage"] == 0:
+        engine.enable_backward_allreduce = False  # else it flattens, "averages" and copies back every gradient
+    return engine
 
 
 def skip_nonfinite_updates(optimizer):
@@ -526,11 +529,10 @@ def rollout(engine, batch, args, tokenizer, zero3):
 
 
 def policy_forward(engine, ids, mask, prompt_len, temperature):
-    """Log-probs at the sampling temperature and values of the response tokens: (B, T) -> (B, R) x2.
-    The logits at position t predict token t+1, hence the shift by one; the LM head runs on the last
-    R+1 positions only."""
-    logits, values = engine(ids, mask, ids.shape[1] - prompt_len + 1)  # (B, R+1, V), (B, T)
-    logits = logits[:, :-1] / temperature  # (B, R, V)
+    """Logits and log-probs at the sampling temperature, and values, of the response tokens: (B, T) ->
+    (B, R, V), (B, R) x2. The LM head runs on the response positions only (P-1 .. T-2, shifted by one)."""
+    logits, values = engine(ids, mask, M.response_positions(ids, prompt_len))  # (B, R, V), (B, T)
+    logits = logits / temperature
     return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values[:, prompt_len - 1:-1].float()
 
 
@@ -551,6 +553,9 @@ def ppo_update(engine, roll, args):
                                                   args.cliprange)
             vf_loss, vf_stats = M.ppo_value_loss(values, roll["values"][mb], roll["returns"][mb], mask,
                                                  args.cliprange_value)
+            with torch.no_grad():  # row by row, then drop the logits: no (B, R, V) tensors beside the backward
+                entropy = M.masked_mean(torch.stack([M.entropy_from_logits(row) for row in logits]), mask)
+            del logits
             t.append(time.perf_counter())
             engine.backward(pg_loss + args.vf_coef * vf_loss)
             t.append(time.perf_counter())
@@ -558,8 +563,6 @@ def ppo_update(engine, roll, args):
             t.append(time.perf_counter())
             for key, start, end in zip(times, t, t[1:]):
                 times[key] += end - start
-            with torch.no_grad():
-                entropy = M.masked_mean(M.entropy_from_logits(logits), mask)
             for k, v in zip(keys, (pg_loss, vf_loss, pg_stats["clipfrac"], vf_stats["clipfrac"],
                                    pg_stats["approx_kl"], entropy)):
                 sums[k] += v.item()

@@ -8,9 +8,11 @@
 Cases (issue 6): 1. PPO, 8 prompts x 32 new tokens, 4 PPO epochs, 1 mini-batch, a reward model (SmolLM2 with a
 fresh score head, the same folder for both sides); peer TRL 0.24 PPOTrainer. 2. reward-model step, 8 pairs x 256
 tokens; peer TRL RewardTrainer. 3. SFT step, 8 x 128 tokens; peer TRL SFTTrainer. Every run does --steps steps;
-the first is warm-up, the rest give the median. Ratios are minrlhf / TRL of medians over all rounds.
+the first is warm-up, the rest give the median. Ratios are minrlhf / TRL of medians over all rounds. Both sides
+run under the same allocator, jemalloc by default (--malloc; Debian: apt install libjemalloc2).
 """
 import argparse
+import ctypes.util
 import json
 import os
 import platform
@@ -43,6 +45,18 @@ def write_jsonl(path, rows):
     return path
 
 
+def preload(malloc):
+    """LD_PRELOAD for --malloc. Both sides run under the same allocator: PyTorch's CPU tuning guide recommends
+    jemalloc or tcmalloc, which reuse freed blocks where glibc maps and page-faults every block over 32 MiB anew."""
+    if malloc == "glibc":
+        return {}
+    lib = ctypes.util.find_library({"jemalloc": "jemalloc", "tcmalloc": "tcmalloc_minimal"}[malloc])
+    if not lib:
+        sys.exit(f"--malloc {malloc}: library not found; install it (apt install libjemalloc2 or "
+                 f"libtcmalloc-minimal4) or pass --malloc glibc")
+    return {"LD_PRELOAD": lib}
+
+
 def matmul_peak(dtype, n):
     """GFLOP/s of an n x n matmul, best of 5: the machine's practical peak for that precision."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -62,8 +76,7 @@ def ours(stage, flags, data, tmp, args, model=None):
     out = tempfile.mkdtemp(dir=tmp)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", stage, "--model", model or args.model,
            "--dataset", data, "--output", out, "--max-steps", str(args.steps), "--save-every", "0", "--seed", "0", "--lr", "1e-5", *flags]
-    subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=args.env)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][1:]  # step 1 is warm-up
     shutil.rmtree(out)  # its final checkpoint and model: ~2 GiB per run
@@ -73,8 +86,7 @@ def ours(stage, flags, data, tmp, args, model=None):
 def peer(venv, script, argv, args):
     """A TRL script in its own venv; it prints one JSON line."""
     cmd = [PEER[venv], os.path.join(ROOT, "bench", script), *map(str, argv), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=args.env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -179,7 +191,7 @@ def case_hh(args, tmp, files):
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "rm", "--model", files["raw"],
                     "--dataset", train, "--output", out, "--eval-fraction", "0", "--batch-size", "8",
                     "--max-length", "256", "--lr", "1e-5", "--seed", "0", "--save-every", "0"], check=True, cwd=tmp,
-                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                   env=args.env)
     seconds = time.perf_counter() - t0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         step_seconds = sum(json.loads(line)["time/step"] for line in f)  # the training steps alone, as TRL's
@@ -216,6 +228,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="A B rounds per case, interleaved")
     p.add_argument("--steps", type=int, default=3, help="steps per run; the first is warm-up")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    p.add_argument("--malloc", default="jemalloc", choices=("jemalloc", "tcmalloc", "glibc"),
+                   help="allocator preloaded into both sides' processes (Debian: libjemalloc2, libtcmalloc-minimal4)")
     p.add_argument("--hh", default=os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz"),
                    help="Anthropic HH-RLHF jsonl.gz with chosen/rejected, for --cases hh")
     p.add_argument("--hh-peer", help="for --cases hh: TRL's JSON line saved from an earlier `bench/trl_peer.py rm-hh` "
@@ -225,6 +239,7 @@ def main():
     if not os.path.isdir(args.model + "-tf4"):
         make_tf4(args.model, args.model + "-tf4")
     torch.set_num_threads(args.threads)
+    args.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **preload(args.malloc)}
     args.peak = matmul_peak(torch.float32, 2048)
     args.params = sum(p.numel() for p in M.load_causal_lm(args.model).parameters())
     tmp = tempfile.mkdtemp(prefix="minrlhf-bench-")
@@ -240,7 +255,7 @@ def main():
     query = "import trl, transformers; print(f'TRL {trl.__version__} + transformers {transformers.__version__}')"
     versions = [subprocess.run([python, "-c", query], capture_output=True, text=True).stdout.strip() for python in PEER.values()]
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{args.threads} threads, fp32, torch {torch.__version__}; fp32 matmul peak {args.peak:.0f} GFLOP/s; "
+          f"{args.threads} threads, fp32, torch {torch.__version__}, {args.malloc}; fp32 matmul peak {args.peak:.0f} GFLOP/s; "
           f"median of {args.rounds} interleaved rounds x {args.steps - 1} steps; peers: {', '.join(versions)}")
     if results:
         table(results)

@@ -6,4 +6,4 @@ from .losses import (KLController, compute_gae, entropy_from_logits, explained_v
                      logprobs_from_logits, masked_mean, masked_var, masked_whiten, pairwise_ranking_loss,
                      ppo_policy_loss, ppo_value_loss)
 from .models import (PolicyWithValueHead, load_causal_lm, load_reward_model, pair_scores, position_ids,
-                     response_logprobs, reward_scores, score_texts)
+                     response_logprobs, response_positions, reward_scores, score_texts)

@@ -41,11 +41,16 @@ def position_ids(attention_mask):
 def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature):
     """Log-probs, at the sampling temperature, of the response tokens of left-padded prompt + response
     rows, from a plain causal LM (the reference model, or any policy outside training).
-    (B, T) -> (B, R); the logits at position t predict token t+1, hence the shift by one, and only the
-    last R+1 positions need the LM head (`logits_to_keep`), a large matmul at V = 50k-150k."""
+    (B, T) -> (B, R). Only the positions that predict the response need the LM head, a large matmul at
+    V = 50k-150k: `response_positions`."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   use_cache=False, logits_to_keep=input_ids.shape[1] - prompt_len + 1).logits  # (B, R+1, V)
-    return logprobs_from_logits(logits[:, :-1] / temperature, input_ids[:, prompt_len:])
+                   use_cache=False, logits_to_keep=response_positions(input_ids, prompt_len)).logits  # (B, R, V)
+    return logprobs_from_logits(logits / temperature, input_ids[:, prompt_len:])
+
+
+def response_positions(input_ids, prompt_len):
+    """The logits at position t predict token t+1, so positions P-1 .. T-2 predict the response: (R,)."""
+    return torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)
 
 
 class PolicyWithValueHead(nn.Module):
@@ -60,7 +65,8 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, logits_to_keep=0):
-        """-> logits of the last `logits_to_keep` positions (0: all), (B, K, V), and values (B, T)."""
+        """-> logits at `logits_to_keep` (0: all positions; n: the last n; a tensor: those), (B, K, V),
+        and values (B, T)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                             position_ids=position_ids(attention_mask), output_hidden_states=True,
                             logits_to_keep=logits_to_keep)

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from minrlhf import (PolicyWithValueHead, collate_pairs, encode_preference, ensure_pad_token, load_causal_lm,
-                     load_reward_model, logprobs_from_logits, pad, pair_scores, reward_scores, score_texts)
+                     load_reward_model, logprobs_from_logits, pad, pair_scores, response_logprobs, response_positions,
+                     reward_scores, score_texts)
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
@@ -45,9 +46,12 @@ def test_generation_logprobs_match_forward(family_dir):
                                    return_dict_in_generate=True, pad_token_id=1, eos_token_id=None)
     response = out.sequences[:, 5:]
     sampler = logprobs_from_logits(torch.stack(out.scores, 1), response)
+    full_mask = torch.cat([mask, torch.ones_like(response)], 1)
     with torch.no_grad():
-        logits, _ = policy(out.sequences, torch.cat([mask, torch.ones_like(response)], 1))
-    torch.testing.assert_close(logprobs_from_logits(logits[:, 4:-1], response), sampler, atol=1e-4, rtol=1e-4)
+        logits, _ = policy(out.sequences, full_mask, response_positions(out.sequences, 5))  # (B, R, V)
+        frozen = response_logprobs(policy.backbone, out.sequences, full_mask, 5, 1.0)  # as the reference model's
+    torch.testing.assert_close(logprobs_from_logits(logits, response), sampler, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(frozen, sampler, atol=1e-4, rtol=1e-4)
 
 
 def test_dropout_is_disabled(tmp_path):
