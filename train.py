@@ -421,9 +421,11 @@ def load_lm(flag, path, tokenizer, resize, kind="causal"):
 
 def sft_loss(engine, batch):
     """Next-token loss on response tokens only (prompt labels are -100). (B, T) -> scalar."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    loss = -M.masked_mean(M.logprobs_from_logits(logits[:, :-1], labels.clamp(min=0)), labels != -100)
+    ids = batch["input_ids"]  # (B, T); positions 0 .. T-2 predict tokens 1 .. T-1: no logits at the last
+    logits = engine(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False,
+                    logits_to_keep=M.response_positions(ids, 1)).logits  # (B, T-1, V)
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    loss = -M.masked_mean(M.logprobs_from_logits(logits, labels.clamp(min=0)), labels != -100)
     return loss, {"loss": loss.item()}
 
 

@@ -85,6 +85,18 @@ PPO = ["--stage", "ppo", "--reward-fn", "rewards:count_e", "--max-new-tokens", 8
        "--batch-size", 8, "--ppo-epochs", 2, "--temperature", 1.0, "--lr", 3e-3]
 
 
+def test_sft_loss_is_transformers_own(tmp_path):
+    """sft_loss (LM head on positions 0 .. T-2, prompt labels -100) is the loss transformers computes from labels."""
+    sys.path.insert(0, ROOT)
+    import train
+    model = AutoModelForCausalLM.from_pretrained(save_tiny("llama", tmp_path))
+    ids = torch.randint(3, 60, (2, 9))
+    labels = ids.clone()
+    labels[0, :4], labels[1, 7:] = -100, -100
+    loss, _ = train.sft_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    torch.testing.assert_close(loss, model(input_ids=ids, labels=labels).loss)
+
+
 def test_sft_loss_falls_and_saves_a_pipeline_model(work):
     log = train(work, "--stage", "sft", "--max-steps", 30, "--lr", 1e-2, "--batch-size", 8, "--save-every", 10,
                 output="sft")
