@@ -555,8 +555,8 @@ def ppo_update(engine, roll, args):
                                                   args.cliprange)
             vf_loss, vf_stats = M.ppo_value_loss(values, roll["values"][mb], roll["returns"][mb], mask,
                                                  args.cliprange_value)
-            with torch.no_grad():  # row by row, then drop the logits: no (B, R, V) tensors beside the backward
-                entropy = M.masked_mean(torch.stack([M.entropy_from_logits(row) for row in logits]), mask)
+            with torch.no_grad():  # then drop the logits: no (B, R, V) tensor beside the backward
+                entropy = M.masked_mean(M.entropy_from_logits(logits), mask)
             del logits
             t.append(time.perf_counter())
             engine.backward(pg_loss + args.vf_coef * vf_loss)

@@ -16,9 +16,11 @@ def logprobs_from_logits(logits, labels):
 
 
 def entropy_from_logits(logits):
-    """Entropy of the categorical distribution at each position: (B, R, V) -> (B, R)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
+    """Entropy of the categorical distribution at each position: (B, R, V) -> (B, R). Row by row, as above."""
+    def one(row):  # (R, V) -> (R,), in float32 one row at a time
+        row = row.float()
+        return torch.logsumexp(row, -1) - (F.softmax(row, -1) * row).sum(-1)
+    return torch.stack([one(row) for row in logits])
 
 
 def masked_mean(values, mask):
