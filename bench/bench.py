@@ -1,4 +1,4 @@
-"""minrlhf against Hugging Face TRL on SmolLM2-135M-Instruct (CPU, fp32), interleaved A B A B in one run.
+"""minrlhf against Hugging Face TRL on SmolLM2-135M-Instruct (CPU, fp32 or --bf16), interleaved A B A B in one run.
 
     bash bench/setup_trl.sh                        # once: the two TRL venvs (bench/.venv-trl024, bench/.venv-trl)
     python bench/bench.py                          # cases 1-3, ~25 min on 2 cores; prints the table
@@ -9,7 +9,8 @@ Cases (issue 6): 1. PPO, 8 prompts x 32 new tokens, 4 PPO epochs, 1 mini-batch, 
 fresh score head, the same folder for both sides); peer TRL 0.24 PPOTrainer. 2. reward-model step, 8 pairs x 256
 tokens; peer TRL RewardTrainer. 3. SFT step, 8 x 128 tokens; peer TRL SFTTrainer. Every run does --steps steps;
 the first is warm-up, the rest give the median. Ratios are minrlhf / TRL of medians over all rounds. Both sides
-run under the same allocator, jemalloc by default (--malloc; Debian: apt install libjemalloc2).
+run under the same allocator, jemalloc by default (--malloc; Debian: apt install libjemalloc2). --bf16 runs both
+sides in bf16 (minrlhf --bf16: bf16 weights under DeepSpeed; TRL bf16=True: autocast) and measures the bf16 peak.
 """
 import argparse
 import ctypes.util
@@ -58,10 +59,11 @@ def preload(malloc):
 
 
 def matmul_peak(dtype, n):
-    """GFLOP/s of an n x n matmul, best of 5: the machine's practical peak for that precision."""
+    """GFLOP/s of an n x n matmul in nn.Linear's layout (x @ W.T), best of 5: the machine's practical peak for
+    that precision. (Without AVX-512 bf16, PyTorch's bf16 a @ b takes a scalar path ~20x slower than this.)"""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(timed(lambda: a @ b) for _ in range(5))
+    torch.nn.functional.linear(a, b)
+    best = min(timed(lambda: torch.nn.functional.linear(a, b)) for _ in range(5))
     return 2 * n ** 3 / best / 1e9
 
 
@@ -75,7 +77,8 @@ def ours(stage, flags, data, tmp, args, model=None):
     """train.py for --steps steps -> medians of its metrics over the steps after the first."""
     out = tempfile.mkdtemp(dir=tmp)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", stage, "--model", model or args.model,
-           "--dataset", data, "--output", out, "--max-steps", str(args.steps), "--save-every", "0", "--seed", "0", "--lr", "1e-5", *flags]
+           "--dataset", data, "--output", out, "--max-steps", str(args.steps), "--save-every", "0", "--seed", "0",
+           "--lr", "1e-5", *args.precision_flag, *flags]
     subprocess.run(cmd, check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=args.env)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][1:]  # step 1 is warm-up
@@ -85,7 +88,8 @@ def ours(stage, flags, data, tmp, args, model=None):
 
 def peer(venv, script, argv, args):
     """A TRL script in its own venv; it prints one JSON line."""
-    cmd = [PEER[venv], os.path.join(ROOT, "bench", script), *map(str, argv), "--threads", str(args.threads)]
+    cmd = [PEER[venv], os.path.join(ROOT, "bench", script), *map(str, argv), "--threads", str(args.threads),
+           *args.precision_flag]
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=args.env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -152,7 +156,7 @@ def case_sft(args, tmp, files):
     tokens = (8 * 128 / a["time/step"], statistics.median(b["tokens_per_step"]) / seconds)
     gflops = tuple(6 * args.params * t / 1e9 for t in tokens)  # forward 2, backward 4 FLOPs per parameter and token
     return {"tokens/s": tokens, "GFLOP/s (6 N tokens / time)": gflops,
-            "% of fp32 matmul peak": tuple(100 * g / args.peak for g in gflops),
+            f"% of {args.precision} matmul peak": tuple(100 * g / args.peak for g in gflops),
             "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
 
 
@@ -181,7 +185,7 @@ def case_scaling(args, tmp, files):
 
 def case_hh(args, tmp, files):
     """Case 4: reward-model accuracy on real human preferences, pairs 0-999 to train, 2000-2311 to evaluate,
-    1 epoch of 8 pairs, lr 1e-5, the last 256 tokens (EOS appended first), seed 0, fp32; scored in fp32."""
+    1 epoch of 8 pairs, lr 1e-5, the last 256 tokens (EOS appended first), seed 0, fp32 or --bf16; scored in fp32."""
     import gzip
     with gzip.open(args.hh, "rt") as f:
         rows = [M.split_hh(json.loads(line)) for line in f]
@@ -190,8 +194,8 @@ def case_hh(args, tmp, files):
     out, t0 = os.path.join(tmp, "hh_rm"), time.perf_counter()
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "rm", "--model", files["raw"],
                     "--dataset", train, "--output", out, "--eval-fraction", "0", "--batch-size", "8",
-                    "--max-length", "256", "--lr", "1e-5", "--seed", "0", "--save-every", "0"], check=True, cwd=tmp,
-                   env=args.env)
+                    "--max-length", "256", "--lr", "1e-5", "--seed", "0", "--save-every", "0", *args.precision_flag],
+                   check=True, cwd=tmp, env=args.env)
     seconds = time.perf_counter() - t0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         step_seconds = sum(json.loads(line)["time/step"] for line in f)  # the training steps alone, as TRL's
@@ -202,7 +206,7 @@ def case_hh(args, tmp, files):
         b = peer("new", "trl_peer.py", ["rm-hh", "--model", args.model, "--hh", args.hh, "--train", "0:1000",
                                         "--eval", "2000:2312", "--batch-size", 8, "--max-length", 256, "--lr", 1e-5], args)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = M.load_reward_model(out, tokenizer.pad_token_id, new_head=False).eval()
+    model = M.load_reward_model(out, tokenizer.pad_token_id, new_head=False).float().eval()  # scored in fp32
     with torch.no_grad():
         margins = torch.cat([M.score_texts(model, tokenizer, [r["prompt"]] * 2, [r["chosen"], r["rejected"]], 256)
                              .diff().neg() for r in rows[2000:2312]])
@@ -228,6 +232,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="A B rounds per case, interleaved")
     p.add_argument("--steps", type=int, default=3, help="steps per run; the first is warm-up")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    p.add_argument("--bf16", action="store_true", help="both sides in bf16 (minrlhf --bf16, TRL bf16=True), against "
+                                                       "the bf16 matmul peak (default: fp32)")
     p.add_argument("--malloc", default="jemalloc", choices=("jemalloc", "tcmalloc", "glibc"),
                    help="allocator preloaded into both sides' processes (Debian: libjemalloc2, libtcmalloc-minimal4)")
     p.add_argument("--hh", default=os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz"),
@@ -240,7 +246,8 @@ def main():
         make_tf4(args.model, args.model + "-tf4")
     torch.set_num_threads(args.threads)
     args.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **preload(args.malloc)}
-    args.peak = matmul_peak(torch.float32, 2048)
+    args.precision, args.precision_flag = ("bf16", ["--bf16"]) if args.bf16 else ("fp32", [])
+    args.peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32, 2048)
     args.params = sum(p.numel() for p in M.load_causal_lm(args.model).parameters())
     tmp = tempfile.mkdtemp(prefix="minrlhf-bench-")
     files = {"sft": write_jsonl(os.path.join(tmp, "sft.jsonl"), [{"text": TEXT}] * 64),
@@ -255,8 +262,8 @@ def main():
     query = "import trl, transformers; print(f'TRL {trl.__version__} + transformers {transformers.__version__}')"
     versions = [subprocess.run([python, "-c", query], capture_output=True, text=True).stdout.strip() for python in PEER.values()]
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{args.threads} threads, fp32, torch {torch.__version__}, {args.malloc}; fp32 matmul peak {args.peak:.0f} GFLOP/s; "
-          f"median of {args.rounds} interleaved rounds x {args.steps - 1} steps; peers: {', '.join(versions)}")
+          f"{args.threads} threads, {args.precision}, torch {torch.__version__}, {args.malloc}; {args.precision} matmul peak "
+          f"{args.peak:.0f} GFLOP/s; median of {args.rounds} interleaved rounds x {args.steps - 1} steps; peers: {', '.join(versions)}")
     if results:
         table(results)
     if "scaling" in args.cases:

@@ -7,7 +7,8 @@
 
 sft/rm time each optimizer step (SFTTrainer / RewardTrainer) with a callback; rm-hh trains a reward model for one
 epoch on HH-RLHF pairs and scores held-out pairs before and after. Each prints ONE JSON line on stdout (logs: stderr).
-TRL configs default to bf16=True and gradient_checkpointing=True even on CPU, so every setting is given explicitly.
+TRL configs default to bf16=True and gradient_checkpointing=True even on CPU, so every setting is given explicitly:
+fp32, or bf16 autocast with --bf16 (weights stay fp32; held-out pairs are scored in fp32 either way).
 """
 import argparse
 import gzip
@@ -58,7 +59,7 @@ def tokenizer_for(model_dir):
 
 def config_kwargs(args, max_steps):
     """Settings shared by SFTConfig and RewardConfig, all explicit (TRL's defaults differ from Trainer's)."""
-    return dict(output_dir=tempfile.mkdtemp(prefix="trl-peer-"), use_cpu=True, bf16=False, fp16=False,
+    return dict(output_dir=tempfile.mkdtemp(prefix="trl-peer-"), use_cpu=True, bf16=args.bf16, fp16=False,
                 gradient_checkpointing=False, per_device_train_batch_size=args.batch_size,
                 gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0,
                 optim=args.optim, weight_decay=0.0, max_grad_norm=1.0, seed=0, data_seed=0, num_train_epochs=1,
@@ -155,6 +156,7 @@ def main():
         s.add_argument("--lr", type=float, default=1e-5, help="peak learning rate, linear decay to 0")
         s.add_argument("--optim", default="adamw_torch", help="transformers optimizer name (adamw_torch_fused: fused)")
         s.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+        s.add_argument("--bf16", action="store_true", help="train under bf16 autocast (default: fp32)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tok, pad_info = tokenizer_for(args.model)

@@ -1,11 +1,11 @@
 """PPO peer for bench/bench.py: Hugging Face TRL 0.24.0's PPOTrainer on the same setup, timed per phase.
 
     bench/.venv-trl024/bin/python bench/trl_ppo_peer.py --model DIR --prompts FILE.jsonl --updates 3 \
-        [--rollout-batch-size 8 --new-tokens 32 --ppo-epochs 4 --lr 1e-5 --threads 2]
+        [--rollout-batch-size 8 --new-tokens 32 --ppo-epochs 4 --lr 1e-5 --threads 2 --bf16]
 
 Four models, as TRL's PPO requires: policy and reference (AutoModelForCausalLM of DIR), value and reward
 (AutoModelForSequenceClassification of DIR, num_labels=1, fresh score heads, seed 0). One mini-batch of
-the whole rollout, fp32, stop at EOS (stop_token="eos"), temperature 1.0, linear lr decay (TRL's default).
+the whole rollout, fp32 (or bf16 autocast: --bf16), stop at EOS (stop_token="eos"), temperature 1.0, linear lr decay (TRL's default).
 Pad token: <|endoftext|>, not SmolLM2's <|im_end|> (= EOS), which TRL would mask everywhere.
 
 train() is one loop, so phases are timed by wrapping what it calls and summed per update:
@@ -37,6 +37,7 @@ p.add_argument("--ppo-epochs", type=int, default=4, help="PPO epochs over each r
 p.add_argument("--lr", type=float, default=1e-5, help="learning rate (decays linearly to 0, as in minrlhf)")
 p.add_argument("--threads", type=int, default=2, help="torch CPU threads (also OMP_NUM_THREADS)")
 p.add_argument("--seed", type=int, default=0, help="seed for score-head init, shuffling and sampling")
+p.add_argument("--bf16", action="store_true", help="TRL's bf16=True: bf16 autocast, fp32 weights (default: fp32)")
 args = p.parse_args()
 os.environ["OMP_NUM_THREADS"] = str(args.threads)
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -71,7 +72,7 @@ ds = datasets.Dataset.from_list([{"input_ids": tok.apply_chat_template([{"role":
 B = args.rollout_batch_size
 cfg = trl.PPOConfig(
     output_dir="/tmp/trl_ppo_peer", report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,
-    disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=args.seed,
+    disable_tqdm=True, use_cpu=True, bf16=args.bf16, fp16=False, gradient_checkpointing=False, seed=args.seed,
     learning_rate=args.lr, total_episodes=args.updates * B, per_device_train_batch_size=B,
     gradient_accumulation_steps=1, num_mini_batches=1, local_rollout_forward_batch_size=B,
     num_ppo_epochs=args.ppo_epochs, response_length=args.new_tokens, temperature=1.0, stop_token="eos",
@@ -149,7 +150,7 @@ print(json.dumps({
                  "new_tokens": args.new_tokens, "ppo_epochs": args.ppo_epochs, "num_mini_batches": 1,
                  "lr": args.lr, "lr_scheduler": cfg.lr_scheduler_type.value, "optim": cfg.optim.value,
                  "adam_betas": [cfg.adam_beta1, cfg.adam_beta2],
-                 "threads": torch.get_num_threads(), "dtype": "float32", "temperature": 1.0, "stop_token": "eos",
+                 "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if args.bf16 else "float32", "temperature": 1.0, "stop_token": "eos",
                  "pad_token": pad, "kl_coef": 0.05, "cliprange": 0.2, "vf_coef": 0.1, "seed": args.seed,
                  "grad_clipping": "none (TRL 0.24 PPO never clips; max_grad_norm unused)"},
 }), flush=True)
