@@ -262,8 +262,9 @@ def main():
     query = "import trl, transformers; print(f'TRL {trl.__version__} + transformers {transformers.__version__}')"
     versions = [subprocess.run([python, "-c", query], capture_output=True, text=True).stdout.strip() for python in PEER.values()]
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{args.threads} threads, {args.precision}, torch {torch.__version__}, {args.malloc}; {args.precision} matmul peak "
-          f"{args.peak:.0f} GFLOP/s; median of {args.rounds} interleaved rounds x {args.steps - 1} steps; peers: {', '.join(versions)}")
+          f"{args.threads} threads, {args.precision}, torch {torch.__version__}, {args.malloc}; {args.precision} "
+          f"matmul peak {args.peak:.0f} GFLOP/s; median of {args.rounds} interleaved rounds x {args.steps - 1} steps; "
+          f"peers: {', '.join(versions)}")
     if results:
         table(results)
     if "scaling" in args.cases:

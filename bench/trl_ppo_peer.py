@@ -5,7 +5,8 @@
 
 Four models, as TRL's PPO requires: policy and reference (AutoModelForCausalLM of DIR), value and reward
 (AutoModelForSequenceClassification of DIR, num_labels=1, fresh score heads, seed 0). One mini-batch of
-the whole rollout, fp32 (or bf16 autocast: --bf16), stop at EOS (stop_token="eos"), temperature 1.0, linear lr decay (TRL's default).
+the whole rollout, fp32 (or bf16 autocast: --bf16), stop at EOS (stop_token="eos"), temperature 1.0, linear lr
+decay (TRL's default).
 Pad token: <|endoftext|>, not SmolLM2's <|im_end|> (= EOS), which TRL would mask everywhere.
 
 train() is one loop, so phases are timed by wrapping what it calls and summed per update:
@@ -150,7 +151,8 @@ print(json.dumps({
                  "new_tokens": args.new_tokens, "ppo_epochs": args.ppo_epochs, "num_mini_batches": 1,
                  "lr": args.lr, "lr_scheduler": cfg.lr_scheduler_type.value, "optim": cfg.optim.value,
                  "adam_betas": [cfg.adam_beta1, cfg.adam_beta2],
-                 "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if args.bf16 else "float32", "temperature": 1.0, "stop_token": "eos",
+                 "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if args.bf16 else "float32",
+                 "temperature": 1.0, "stop_token": "eos",
                  "pad_token": pad, "kl_coef": 0.05, "cliprange": 0.2, "vf_coef": 0.1, "seed": args.seed,
                  "grad_clipping": "none (TRL 0.24 PPO never clips; max_grad_norm unused)"},
 }), flush=True)
