@@ -248,3 +248,10 @@ def collate_prompts(batch, pad_id):
     ids = [b["input_ids"] for b in batch]
     return {"input_ids": pad(ids, pad_id, left=True), "attention_mask": pad([[1] * len(s) for s in ids], 0, left=True),
             "prompts": [b["prompt"] for b in batch]}
+
+
+def to_device(batch, device):
+    """A collated batch (or a list of pair groups) with its tensors on device."""
+    if isinstance(batch, list):
+        return [to_device(b, device) for b in batch]
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

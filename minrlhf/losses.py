@@ -8,10 +8,18 @@ import torch
 import torch.nn.functional as F
 
 
+def first_eos_mask(response, eos_token_id):
+    """True on each row's tokens up to and including its first EOS (all of a row without EOS): what
+    was generated before the episode ended. (B, R) -> (B, R) bool."""
+    is_eos = (response == eos_token_id).long()
+    return is_eos.cumsum(1) - is_eos == 0  # no EOS strictly before this position
+
+
 def logprobs_from_logits(logits, labels):
-    """log p(label) at each position, (B, R, V) & (B, R) -> (B, R) float32.
-    Cross-entropy fuses log-softmax and the pick, forward and backward; row by row, the extra memory
-    is one (R, V) row, not a second (B, R, V) tensor, which matters at V = 50k-150k."""
+    """log p(label) at each position, (B, R, V) & (B, R) -> (B, R) float32; equals
+    `log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]` (tested). Cross-entropy fuses the
+    log-softmax and the pick, forward and backward; row by row, the extra memory is one (R, V) row, not a
+    second (B, R, V) tensor, which matters at V = 50k-150k."""
     return -torch.stack([F.cross_entropy(row.float(), label, reduction="none") for row, label in zip(logits, labels)])
 
 

@@ -49,7 +49,13 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature)
 
 
 def response_positions(input_ids, prompt_len):
-    """The logits at position t predict token t+1, so positions P-1 .. T-2 predict the response: (R,)."""
+    """The positions whose outputs belong to the response tokens: P-1 .. T-2, (R,). The logits at position
+    t predict token t+1, and the value there is of the state before token t+1 is chosen:
+
+        token      p0   p1   p2 | r0   r1   r2        (P = 3, R = 3, T = 6)
+        position    0    1    2 |  3    4    5
+        predicts   p1   p2   r0 | r1   r2   --        so r_i's log-prob and value sit at P-1+i
+    """
     return torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)
 
 
@@ -112,6 +118,14 @@ def pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
                         cache=cache).logits.float().view(-1, 2)
 
 
+def score_pairs(reward_model, groups):
+    """Scores of the chosen and the rejected replies, (B,) each, from `collate_pairs` groups: what scoring
+    each prompt + reply in full gives (`reward_scores`; tested), with each prompt run once (`pair_scores`)."""
+    chosen, rejected = torch.cat([pair_scores(reward_model, **group) for group in groups]).unbind(1)
+    return chosen, rejected
+
+
+@torch.no_grad()
 def score_texts(reward_model, tokenizer, prompts, responses, max_length, device="cpu"):
     """Reward of each (prompt, response) text, encoded as in training (`encode_pair`), so a reward model
     may have its own tokenizer and chat template. Past max_length it keeps each sequence's last tokens,

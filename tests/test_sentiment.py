@@ -121,6 +121,7 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     """`train.py --stage X` alone: the SmolLM2 default, data/sentiment/, each stage starting from the last."""
     import minrlhf.defaults
     import train
+    from minrlhf.inputs import RewardFunction
     monkeypatch.setattr(minrlhf.defaults, "default_model", lambda: "BASE")
     monkeypatch.chdir(tmp_path)
     for stage in ("sft", "rm", "ppo"):
@@ -133,4 +134,4 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     assert (args.model, args.reward_model, args.output) == ("runs/sft", "runs/rm", "runs/ppo")
     assert args.gold_fn == "vader"  # the gold judge is logged beside the reward model's score
     assert train.parse_args(["--stage", "sft"]).model == "BASE"  # SFT always starts from the base model
-    assert train.import_reward_fn("--reward-fn", "vader") is minrlhf.defaults.vader
+    assert RewardFunction("--reward-fn", "vader").fn is minrlhf.defaults.vader

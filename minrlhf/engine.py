@@ -1,0 +1,103 @@
+"""DeepSpeed plumbing for train.py: process group, config from the flags, engines, cross-rank means.
+The library's other modules never import deepspeed; this one and run.py are all train.py needs of it."""
+import contextlib
+import functools
+import json
+import os
+import socket
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from .run import fail
+
+
+def init_distributed():
+    """One process without a launcher is a world of one; under `deepspeed` the launcher sets these.
+    -> (rank, world size, device)."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    accelerator = get_accelerator()
+    on_cpu = accelerator.device_name() == "cpu"
+    if on_cpu and "OMP_NUM_THREADS" not in os.environ:  # N ranks x all cores each would oversubscribe ~60x
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    device = torch.device(accelerator.device_name(int(os.environ["LOCAL_RANK"])))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def deepspeed_config(args, world_size):
+    """The config file with the flags filled in; contradictions between the two are errors."""
+    try:
+        with open(args.deepspeed_config) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"--deepspeed_config {args.deepspeed_config}: {e}")
+    batch = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
+             "train_batch_size": args.batch_size * args.grad_accum * world_size}
+    for key, value in batch.items():
+        if key in cfg and cfg[key] != value:
+            fail(f"--deepspeed_config {args.deepspeed_config}: {key}={cfg[key]} contradicts the flags "
+                 f"({value}); leave batch keys out, train.py fills them")
+    cfg.update(batch)
+    zero = cfg.setdefault("zero_optimization", {})
+    zero["stage"] = zero.get("stage", 0) if args.zero_stage is None else args.zero_stage
+    if args.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if zero["stage"] == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    if args.bf16:
+        cfg["bf16"] = {"enabled": True}
+    cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"]["lr"] = args.lr
+    return cfg
+
+
+def build_engine(model, cfg, total_steps, config_path):
+    """Trainable model -> DeepSpeed engine with AdamW (from the config) and linear decay to 0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = functools.partial(torch.optim.lr_scheduler.LambdaLR,
+                              lr_lambda=lambda s: max(0.0, 1 - s / max(1, total_steps)))
+    try:
+        engine = deepspeed.initialize(model=model, model_parameters=params, config=cfg, lr_scheduler=decay)[0]
+    except Exception as e:  # DeepSpeed validates the config here
+        fail(f"--deepspeed_config {config_path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    if not hasattr(engine.optimizer, "overflow"):
+        engine.optimizer.register_step_pre_hook(skip_nonfinite_step)
+    if dist.get_world_size() == 1 and cfg["zero_optimization"]["stage"] == 0:
+        engine.enable_backward_allreduce = False  # else it flattens, "averages" and copies back every gradient
+    return engine
+
+
+def skip_nonfinite_step(optimizer, args, kwargs):
+    """DeepSpeed's ZeRO and bf16 optimizers skip an update whose gradients hold NaN/inf and set `overflow`,
+    which the engine reads to count skipped_steps and hold the lr schedule; its plain fp32 path has no such
+    check. This step pre-hook gives it one: it drops the gradients, and torch optimizers skip parameters
+    without one. The gradients are all-reduced already, so every rank decides alike."""
+    grads = [p.grad.sum() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    optimizer.overflow = not torch.isfinite(torch.stack(grads).sum())
+    if optimizer.overflow:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def frozen(model, cfg, device):
+    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3."""
+    model.requires_grad_(False).eval()
+    if cfg["zero_optimization"]["stage"] < 3:
+        return model.to(device, torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else None)
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
+    return deepspeed.initialize(model=model, config={"zero_optimization": {"stage": 3},
+                                                     **{k: cfg[k] for k in keys if k in cfg}})[0]
+
+
+def gathered(engine):
+    """Whole weights for generate(), which calls the model once per token: under ZeRO-3 gather them once
+    around it instead of per forward."""
+    if not engine.zero_optimization_partition_weights():
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))

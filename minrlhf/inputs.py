@@ -1,0 +1,90 @@
+"""What the flags name, loaded and checked for train.py: tokenizer, models, examples, reward functions.
+Every failure is one line naming the flag or file (`fail`), before any training starts."""
+import importlib
+import math
+import numbers
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from .data import DataError, check_columns, ensure_pad_token, load_rows, tokenize
+from .models import load_causal_lm, load_reward_model
+from .run import fail
+
+
+def load_tokenizer(flag, path):
+    """-> (tokenizer with a pad token distinct from EOS, True if that token was added: resize the model)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {path}: no tokenizer ({str(e).splitlines()[0]})")
+    try:
+        return tokenizer, ensure_pad_token(tokenizer)
+    except DataError as e:
+        fail(f"{flag} {path}: unusable tokenizer ({e})")
+
+
+def load_model(flag, path, tokenizer, resize, kind="causal"):
+    """A causal LM, or a reward model ("rm": a new head is fine; "reward": a trained head is required),
+    whose vocabulary and pad id agree with the tokenizer."""
+    try:
+        if kind == "causal":
+            model = load_causal_lm(path)
+        else:
+            model = load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm")
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{flag} {path}: cannot load as a {'causal LM' if kind == 'causal' else 'reward model'} "
+             f"({str(e).splitlines()[0]})")
+    if resize:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_examples(args, tokenizer):
+    """Tokenized (train, eval) examples for the stage; all data errors surface here, before training."""
+    try:
+        rows = load_rows(args.dataset)
+        check_columns(rows, args.stage, args.dataset)
+    except DataError as e:
+        fail(str(e))
+    examples, dropped = tokenize(rows, args.stage, tokenizer, args.max_length)
+    if dropped and dist.get_rank() == 0:
+        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows with no response token within --max-length")
+    n_eval = 0 if args.stage == "ppo" else int(len(examples) * args.eval_fraction)
+    train = examples[: len(examples) - n_eval]
+    if len(train) < args.batch_size * dist.get_world_size():
+        fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped by --max-length "
+             f"{args.max_length}); need at least one batch of {args.batch_size * dist.get_world_size()}")
+    return train, examples[len(train):]
+
+
+class RewardFunction:
+    """--reward-fn / --gold-fn MODULE:FUNCTION (or 'vader'): the user's f(prompts, responses) -> list of
+    floats, each call checked item by item -> (B,) tensor."""
+
+    def __init__(self, flag, spec, allow_nonfinite=False):
+        self.flag, self.spec, self.allow_nonfinite = flag, spec, allow_nonfinite
+        module, _, name = {"vader": "minrlhf.defaults:vader"}.get(spec, spec).partition(":")
+        sys.path.insert(0, os.getcwd())
+        try:
+            self.fn = getattr(importlib.import_module(module), name)
+        except Exception as e:
+            fail(f"{flag} {spec}: cannot import ({type(e).__name__}: {e}); expected MODULE:FUNCTION")
+        if not callable(self.fn):
+            fail(f"{flag} {spec}: not callable")
+
+    def __call__(self, prompts, responses):
+        try:
+            out = list(self.fn(prompts, responses))
+        except Exception as e:
+            fail(f"{self.flag} {self.spec} raised {type(e).__name__}: {e}")
+        if len(out) != len(prompts):
+            fail(f"{self.flag} {self.spec} returned {len(out)} scores for {len(prompts)} responses")
+        for i, x in enumerate(out):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (self.allow_nonfinite or math.isfinite(x)):
+                fail(f"{self.flag} {self.spec}: score {i} is {x!r}; expected a finite number")
+        return torch.tensor([float(x) for x in out])

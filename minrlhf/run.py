@@ -1,0 +1,202 @@
+"""A training run's bookkeeping for train.py: one-line errors, the data order, metrics and progress,
+signals, the non-finite policy, checkpoints and the final model. Calls, not callbacks: the loops stay
+in train.py, which calls `Run.end_step` once per step."""
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
+
+
+def fail(message):
+    """Bad input: one line on stderr (from rank 0 only), exit status 2, before any training."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(f"error: {message}", file=sys.stderr)  # clears a progress bar first, if one is shown
+    sys.exit(2)
+
+
+def checkpoints(output):
+    """Complete checkpoints, oldest first (a folder still named *.tmp was cut off mid-save)."""
+    root = os.path.join(output, "checkpoints")
+    names = [n for n in os.listdir(root) if n.startswith("step") and n[4:].isdigit()] if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[4:]))]
+
+
+def check_output(args):
+    """Never train over another run: a different stage's run, or checkpoints without --resume."""
+    try:
+        with open(os.path.join(args.output, "args.json")) as f:
+            stage = json.load(f)["stage"]
+    except (OSError, ValueError, KeyError):
+        stage = None
+    if stage not in (None, args.stage):
+        fail(f"--output {args.output} holds a --stage {stage} run; choose another --output for --stage {args.stage}")
+    if checkpoints(args.output) and not args.resume:
+        fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose another "
+             f"--output")
+
+
+def batches(n, batch_size, seed, start=0):
+    """This rank's batches of example indices from batch `start` on, for ever: each epoch a fresh
+    permutation seeded by (seed, epoch), dealt across ranks. Resuming at step s just starts at s."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_epoch = n // (batch_size * world)
+    for i in range(start, 2**62):
+        epoch, j = divmod(i, per_epoch)
+        if i == start or j == 0:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        yield order[(j * world + rank) * batch_size:(j * world + rank + 1) * batch_size]
+
+
+def mean_across_ranks(stats):
+    """{name: number} -> the same names, averaged over the ranks (every rank gets the same numbers)."""
+    keys = sorted(stats)
+    values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / dist.get_world_size()).tolist()))
+
+
+class Stopwatch:
+    """Phase times: `lap(name)` adds the seconds since the previous lap to times["time/NAME"]."""
+
+    def __init__(self):
+        self.times, self.t0 = {}, time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + now - self.t0
+        self.t0 = now
+
+
+class Run:
+    """One run on every rank: `start` and `state` (from --resume's checkpoint), then `end_step` after each
+    step: log, stop on a signal or a non-finite value, checkpoint. Rank 0 writes metrics.jsonl."""
+
+    def __init__(self, args, engine, total):
+        self.args, self.engine, self.total, self.main = args, engine, total, dist.get_rank() == 0
+        self.start, self.state = self.resume() if args.resume else (0, {})
+        self.stop = False  # set by SIGINT/SIGTERM: finish the step, checkpoint, exit
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        self.bar, self.metrics = None, self.main and self.open_metrics()
+        self.t0, self.skipped = time.perf_counter(), engine.skipped_steps
+
+    def request_stop(self, signum, frame):
+        self.stop = True
+
+    def open_metrics(self):
+        """args.json and metrics.jsonl; on --resume the lines logged after the checkpoint are dropped."""
+        os.makedirs(self.args.output, exist_ok=True)
+        with open(os.path.join(self.args.output, "args.json"), "w") as f:
+            json.dump(vars(self.args), f, indent=1)
+        path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
+        if self.args.resume and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= self.start]
+        metrics = open(path, "w")
+        metrics.writelines(kept)
+        return metrics
+
+    def end_step(self, step, stats, state=None):
+        """Average the step's stats over ranks, check them, log, checkpoint on schedule. `state` (small,
+        JSON-like) goes into the checkpoint. Returns True when a signal stopped the run (checkpoint written)."""
+        stats |= {"time/step": time.perf_counter() - self.t0,  # peak resident memory of this rank (Linux)
+                  "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        stats = mean_across_ranks({**stats, "stop": float(self.stop)})
+        stop = stats.pop("stop") > 0  # one rank interrupted: all stop together
+        stats = self.check_finite(step, stats)
+        self.log(step, stats, step % self.args.log_every == 0 or step == self.total)
+        if stop or step == self.total or (self.args.save_every and step % self.args.save_every == 0):
+            self.save_checkpoint(step, state or {})
+        self.t0, self.skipped = time.perf_counter(), self.engine.skipped_steps
+        return stop
+
+    def check_finite(self, step, stats):
+        """A NaN/inf stat or a skipped (non-finite) update stops the run, or with --skip-nonfinite is
+        counted and left out of the log (JSON has no NaN)."""
+        bad = [k for k, v in stats.items() if not math.isfinite(v)]
+        bad += ["gradient"] * (self.engine.skipped_steps > self.skipped)
+        if not self.args.skip_nonfinite:
+            if bad:
+                fail(f"step {step}: non-finite {', '.join(bad)}; stopped without writing a checkpoint "
+                     f"(--skip-nonfinite skips such updates instead)")
+            return stats
+        return {k: v for k, v in stats.items() if math.isfinite(v)} | {"skipped_steps": self.engine.skipped_steps}
+
+    def log(self, step, stats, write):
+        if not self.main:
+            return
+        if self.bar is None:  # opened after the first step, so errors in it print on a line of their own
+            self.bar = tqdm(total=self.total, initial=step - 1, desc=self.args.stage, dynamic_ncols=True)
+        if stats.get("ppo/policy/approx_kl", 0.0) > APPROX_KL_WARNING:
+            self.bar.write(f"warning: step {step}: approx KL between rollout and updated policy is "
+                           f"{stats['ppo/policy/approx_kl']:.3g} > {APPROX_KL_WARNING}; lower --lr or --ppo-epochs")
+        self.bar.update()
+        if write:
+            self.metrics.write(json.dumps({"step": step, **stats}) + "\n")
+            self.metrics.flush()
+            self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+
+    def weights_finite(self):
+        """No NaN/inf in any rank's weights (a ZeRO-3 rank holds its partition in ds_tensor)."""
+        params = self.engine.module.parameters()
+        ok = torch.tensor(float(all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in params)))
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return ok.item() == 1.0
+
+    def save_checkpoint(self, step, state):
+        """Written under a temporary name and renamed when complete, so a kill mid-save leaves the previous
+        checkpoint intact; then all but the newest --keep-checkpoints are removed."""
+        if not self.weights_finite():
+            fail(f"step {step}: non-finite weights after the update; stopped without writing a checkpoint")
+        root, rank = os.path.join(self.args.output, "checkpoints"), dist.get_rank()
+        tmp = os.path.join(root, f"step{step}.tmp")
+        self.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={"step": step, **state},
+                                    save_latest=False)
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                   os.path.join(tmp, f"rng_rank{rank}.pt"))
+        dist.barrier()
+        if rank == 0:
+            os.replace(tmp, os.path.join(root, f"step{step}"))
+            for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
+                shutil.rmtree(old)
+        dist.barrier()
+
+    def resume(self):
+        """Load the newest complete checkpoint: model, optimizer, scheduler, RNG states -> (step, state)."""
+        found = checkpoints(self.args.output)
+        if not found:
+            fail(f"--resume: no complete checkpoint in {os.path.join(self.args.output, 'checkpoints')}")
+        _, state = self.engine.load_checkpoint(os.path.dirname(found[-1]), tag=os.path.basename(found[-1]))
+        rng = torch.load(os.path.join(found[-1], f"rng_rank{dist.get_rank()}.pt"), weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        return state["step"], state
+
+    def save_final(self, tokenizer):
+        """Hugging Face folders: the policy (value head beside it as value_head.pt) or the reward model."""
+        engine = self.engine
+        state = (engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights()
+                 else engine.module.state_dict())  # ZeRO-3 gathers the whole model on rank 0; all ranks call
+        if not self.main:
+            return
+        module = engine.module
+        if self.args.stage == "ppo":
+            torch.save({k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")},
+                       os.path.join(self.args.output, "value_head.pt"))
+            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            module = module.backbone
+        module.save_pretrained(self.args.output, state_dict=state)
+        tokenizer.save_pretrained(self.args.output)
