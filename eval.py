@@ -1,8 +1,8 @@
 """How good is a policy on held-out prompts? Gold score (VADER), reward-model score, KL to the base
 model, response length, and a few answers of the base model and the policy side by side.
 
-    python eval.py --policy runs/ppo --reward-model runs/rm
-    python eval.py --policy "$(python -c 'import minrlhf.defaults as d; print(d.default_model())')"  # baseline
+    python eval.py --policy runs/ppo --reward-model runs/rm                       # after PPO
+    python eval.py --policy "$(python -c 'import minrlhf.defaults as d; print(d.default_model())')"  # base
 
 KL is KL(policy || base) per response: the sum over its tokens of log pi - log pi_base, both at the
 sampling temperature (as train.py's `kl`), on responses sampled from the policy; its mean over samples
@@ -22,13 +22,14 @@ from minrlhf.sampling import load_chat_model, sample
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on held-out prompts.")
     p.add_argument("--policy", required=True, help="policy directory (e.g. saved by --stage ppo)")
-    p.add_argument("--reward-model", help="reward model directory saved by --stage rm: also report its mean score")
-    p.add_argument("--base", help="base model for the KL and the side-by-side samples (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--reward-model", help="reward model saved by --stage rm: also report its mean score")
+    p.add_argument("--base", help="base model for the KL and the samples beside the policy's "
+                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=SENTIMENT_DATA["eval"], help="jsonl file of {prompt} rows")
     p.add_argument("--samples", type=int, default=4, help="responses sampled per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; log-probs use it too")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, of log-probs too")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--show", type=int, default=3, help="prompts to show base and policy answers for")
     p.add_argument("--json", help="also write the figures to this file")
@@ -94,7 +95,8 @@ def main(argv=None):
     rm_mean = reward_model_means(args.reward_model, rows, args.batch_size) if args.reward_model else None
     figures = summarize(rows, vader([r["prompt"] for r in rows], [r["text"] for r in rows]), kl, rm_mean)
     shown = prompts[:args.show]
-    print(side_by_side(shown, seeded_sample(base, tokenizer, shown, args), rows[::args.samples][:args.show]) + "\n")
+    base_rows = seeded_sample(base, tokenizer, shown, args)
+    print(side_by_side(shown, base_rows, rows[::args.samples][:args.show]) + "\n")
     print(" ".join(f"{k}={v:.4g}" for k, v in figures.items()))
     if args.json:
         with open(args.json, "w") as f:

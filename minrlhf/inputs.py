@@ -53,7 +53,8 @@ def load_examples(args, tokenizer):
         fail(str(e))
     examples, dropped = tokenize(rows, args.stage, tokenizer, args.max_length)
     if dropped and dist.get_rank() == 0:
-        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows with no response token within --max-length")
+        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows with no response token within "
+              f"--max-length")
     n_eval = 0 if args.stage == "ppo" else int(len(examples) * args.eval_fraction)
     train = examples[: len(examples) - n_eval]
     if len(train) < args.batch_size * dist.get_world_size():
@@ -85,6 +86,7 @@ class RewardFunction:
         if len(out) != len(prompts):
             fail(f"{self.flag} {self.spec} returned {len(out)} scores for {len(prompts)} responses")
         for i, x in enumerate(out):
-            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (self.allow_nonfinite or math.isfinite(x)):
+            number = isinstance(x, numbers.Real) and not isinstance(x, bool)
+            if not number or not (self.allow_nonfinite or math.isfinite(x)):
                 fail(f"{self.flag} {self.spec}: score {i} is {x!r}; expected a finite number")
         return torch.tensor([float(x) for x in out])

@@ -20,7 +20,8 @@ def logprobs_from_logits(logits, labels):
     `log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]` (tested). Cross-entropy fuses the
     log-softmax and the pick, forward and backward; row by row, the extra memory is one (R, V) row, not a
     second (B, R, V) tensor, which matters at V = 50k-150k."""
-    return -torch.stack([F.cross_entropy(row.float(), label, reduction="none") for row, label in zip(logits, labels)])
+    rows = [F.cross_entropy(row.float(), label, reduction="none") for row, label in zip(logits, labels)]
+    return -torch.stack(rows)
 
 
 def entropy_from_logits(logits):

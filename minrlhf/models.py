@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from .data import encode_pair, pad
+from .data import encode_pair, pad_with_mask
 from .losses import logprobs_from_logits
 
 
@@ -28,7 +28,8 @@ def load_causal_lm(path, dtype=None):
     model, info = AutoModelForCausalLM.from_pretrained(path, config=dropout_free_config(path), dtype=dtype,
                                                        output_loading_info=True)
     if info["missing_keys"]:
-        raise ValueError(f"not a causal LM checkpoint, weights missing: {', '.join(sorted(info['missing_keys'])[:3])}")
+        missing = ", ".join(sorted(info["missing_keys"])[:3])
+        raise ValueError(f"not a causal LM checkpoint, weights missing: {missing}")
     return model
 
 
@@ -43,8 +44,9 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature)
     rows, from a plain causal LM (the reference model, or any policy outside training).
     (B, T) -> (B, R). Only the positions that predict the response need the LM head, a large matmul at
     V = 50k-150k: `response_positions`."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   use_cache=False, logits_to_keep=response_positions(input_ids, prompt_len)).logits  # (B, R, V)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   position_ids=position_ids(attention_mask),
+                   logits_to_keep=response_positions(input_ids, prompt_len)).logits  # (B, R, V)
     return logprobs_from_logits(logits / temperature, input_ids[:, prompt_len:])
 
 
@@ -110,10 +112,10 @@ def pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
     prompt_ids (B, P) left-padded with P >= 1, reply_ids (2B, R) right-padded, rows chosen 0, rejected 0,
     chosen 1, ..., attention_mask (2B, P+R) -> (B, 2)"""
     prompt_mask = attention_mask[::2, :prompt_ids.shape[1]]  # (B, P)
-    cache = reward_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                         use_cache=True).past_key_values
+    cache = reward_model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                         position_ids=position_ids(prompt_mask)).past_key_values
     cache.batch_repeat_interleave(2)  # every layer's (B, ...) keys and values -> (2B, ...)
-    positions = position_ids(attention_mask)[:, prompt_ids.shape[1]:]  # (2B, R): each reply goes on from its prompt
+    positions = position_ids(attention_mask)[:, prompt_ids.shape[1]:]  # (2B, R): each reply goes on from P
     return reward_model(input_ids=reply_ids, attention_mask=attention_mask, position_ids=positions,
                         cache=cache).logits.float().view(-1, 2)
 
@@ -131,5 +133,5 @@ def score_texts(reward_model, tokenizer, prompts, responses, max_length, device=
     may have its own tokenizer and chat template. Past max_length it keeps each sequence's last tokens,
     where training cuts a pair's shared prompt to fit its longer reply. -> (B,)"""
     seqs = [sum(encode_pair(tokenizer, p, r), [])[-max_length:] for p, r in zip(prompts, responses)]
-    ids, mask = pad(seqs, tokenizer.pad_token_id), pad([[1] * len(s) for s in seqs], 0)  # (B, T) right-padded
+    ids, mask = pad_with_mask(seqs, tokenizer.pad_token_id)  # (B, T) right-padded
     return reward_scores(reward_model, ids.to(device), mask.to(device))

@@ -29,7 +29,8 @@ def fail(message):
 def checkpoints(output):
     """Complete checkpoints, oldest first (a folder still named *.tmp was cut off mid-save)."""
     root = os.path.join(output, "checkpoints")
-    names = [n for n in os.listdir(root) if n.startswith("step") and n[4:].isdigit()] if os.path.isdir(root) else []
+    names = os.listdir(root) if os.path.isdir(root) else []
+    names = [n for n in names if n.startswith("step") and n[4:].isdigit()]
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[4:]))]
 
 
@@ -41,10 +42,11 @@ def check_output(args):
     except (OSError, ValueError, KeyError):
         stage = None
     if stage not in (None, args.stage):
-        fail(f"--output {args.output} holds a --stage {stage} run; choose another --output for --stage {args.stage}")
+        fail(f"--output {args.output} holds a --stage {stage} run; choose another --output for "
+             f"--stage {args.stage}")
     if checkpoints(args.output) and not args.resume:
-        fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose another "
-             f"--output")
+        fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose "
+             f"another --output")
 
 
 def batches(n, batch_size, seed, start=0):
@@ -89,7 +91,7 @@ class Run:
         self.stop = False  # set by SIGINT/SIGTERM: finish the step, checkpoint, exit
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
-        self.bar, self.metrics = None, self.main and self.open_metrics()
+        self.bar, self.metrics = None, self.open_metrics() if self.main else None
         self.t0, self.skipped = time.perf_counter(), engine.skipped_steps
 
     def request_stop(self, signum, frame):
@@ -109,8 +111,8 @@ class Run:
         return metrics
 
     def end_step(self, step, stats, state=None):
-        """Average the step's stats over ranks, check them, log, checkpoint on schedule. `state` (small,
-        JSON-like) goes into the checkpoint. Returns True when a signal stopped the run (checkpoint written)."""
+        """Average the step's stats over ranks, check them, log, checkpoint on schedule; `state` (small,
+        JSON-like) goes into the checkpoint. True when a signal stopped the run (checkpoint written)."""
         stats |= {"time/step": time.perf_counter() - self.t0,  # peak resident memory of this rank (Linux)
                   "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         stats = mean_across_ranks({**stats, "stop": float(self.stop)})
@@ -132,7 +134,8 @@ class Run:
                 fail(f"step {step}: non-finite {', '.join(bad)}; stopped without writing a checkpoint "
                      f"(--skip-nonfinite skips such updates instead)")
             return stats
-        return {k: v for k, v in stats.items() if math.isfinite(v)} | {"skipped_steps": self.engine.skipped_steps}
+        stats = {k: v for k, v in stats.items() if math.isfinite(v)}
+        return stats | {"skipped_steps": self.engine.skipped_steps}
 
     def log(self, step, stats, write):
         if not self.main:
@@ -141,7 +144,8 @@ class Run:
             self.bar = tqdm(total=self.total, initial=step - 1, desc=self.args.stage, dynamic_ncols=True)
         if stats.get("ppo/policy/approx_kl", 0.0) > APPROX_KL_WARNING:
             self.bar.write(f"warning: step {step}: approx KL between rollout and updated policy is "
-                           f"{stats['ppo/policy/approx_kl']:.3g} > {APPROX_KL_WARNING}; lower --lr or --ppo-epochs")
+                           f"{stats['ppo/policy/approx_kl']:.3g} > {APPROX_KL_WARNING}; "
+                           f"lower --lr or --ppo-epochs")
         self.bar.update()
         if write:
             self.metrics.write(json.dumps({"step": step, **stats}) + "\n")
@@ -164,8 +168,8 @@ class Run:
         tmp = os.path.join(root, f"step{step}.tmp")
         self.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={"step": step, **state},
                                     save_latest=False)
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   os.path.join(tmp, f"rng_rank{rank}.pt"))
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
         dist.barrier()
         if rank == 0:
             os.replace(tmp, os.path.join(root, f"step{step}"))

@@ -24,15 +24,17 @@ def sample(model, tokenizer, prompts, temperature, max_new_tokens, batch_size=32
     for i in range(0, len(prompts), batch_size):
         batch = collate_prompts([{"prompt": p, "input_ids": encode_prompt(tokenizer, p)}
                                  for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
-                             top_k=0, top_p=1.0, temperature=temperature, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
         for prompt, ids, mask, response in zip(batch["prompts"], batch["input_ids"], batch["attention_mask"],
                                                out[:, batch["input_ids"].shape[1]:].tolist()):
             ended = tokenizer.eos_token_id in response
             response = response[:response.index(tokenizer.eos_token_id) + 1] if ended else response
+            text = tokenizer.decode(response, skip_special_tokens=True).strip()
             rows.append({"prompt": prompt, "prompt_ids": ids[mask.bool()].tolist(), "response_ids": response,
-                         "text": tokenizer.decode(response, skip_special_tokens=True).strip(), "ended": ended})
+                         "text": text, "ended": ended})
     return rows
 
 
