@@ -11,6 +11,7 @@ Shapes: B batch, P prompt length, R response length, T = P + R, V vocab.
 import argparse
 import functools
 import math
+import operator
 import os
 import warnings
 
@@ -21,14 +22,14 @@ from transformers import GenerationConfig
 import minrlhf as M
 from minrlhf.engine import build_engine, deepspeed_config, frozen, gathered, init_distributed
 from minrlhf.inputs import RewardFunction, load_examples, load_model, load_tokenizer
-from minrlhf.run import Run, Stopwatch, batches, check_output, fail, mean_across_ranks
+from minrlhf.run import OneLineArgumentParser, Run, Stopwatch, batches, check_output, fail, mean_across_ranks
 
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
+    p = OneLineArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
     a = p.add_argument
     a("--stage", choices=["sft", "rm", "ppo"], required=True, help="which RLHF stage to train")
     a("--model", help="policy (sft, ppo) or reward-model backbone (rm): Hub name or local dir "
@@ -57,6 +58,7 @@ def parse_args(argv=None):
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_ppo_flags(p.add_argument_group("ppo").add_argument)
     args = p.parse_args(argv)
+    check_ranges(args)
     offline_defaults(args)
     args.lr = args.lr or (5e-5 if args.stage == "rm" else 1e-5)
     args.output = args.output or os.path.join("runs", args.stage)
@@ -88,6 +90,28 @@ def add_ppo_flags(g):
       help="scale scores to mean 0, std 1 by the first rollout's statistics (Ziegler et al. 2019)")
     g("--whiten-rewards", action="store_true", help="whiten the KL-shaped rewards before GAE")
     g("--missing-eos-penalty", type=float, default=None, help="subtract from scores of responses without EOS")
+
+
+POSITIVE = ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "log_every", "keep_checkpoints",
+            "max_new_tokens", "rollout_batch_size", "ppo_epochs", "mini_batch_size", "temperature",
+            "cliprange", "cliprange_value", "target_kl")
+NON_NEGATIVE = ("save_every", "kl_coef", "vf_coef", "missing_eos_penalty")
+
+
+def check_ranges(args):
+    """Flag values that cannot work, one line each, before anything loads (NaN fails every test)."""
+    for names, holds, expected in ((POSITIVE, operator.gt, "> 0"), (NON_NEGATIVE, operator.ge, ">= 0")):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not holds(value, 0):
+                fail(f"--{name.replace('_', '-')} {value}: expected a number {expected}")
+    for name in ("eval_fraction", "gamma", "lam"):
+        value = getattr(args, name)
+        if not 0 <= value <= 1 or (name == "eval_fraction" and value == 1):
+            fail(f"--{name.replace('_', '-')} {value}: expected a number from 0 to 1"
+                 + (", below 1" if name == "eval_fraction" else ""))
+    if args.max_length < 2:
+        fail(f"--max-length {args.max_length}: expected at least 2, a prompt token and a response token")
 
 
 def check_ppo_args(args):
@@ -145,18 +169,23 @@ def rm_loss(reward_model, pairs):
 
 
 def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
-    """Mean stats over held-out rows, split evenly across ranks (ZeRO-3 needs equal forward counts)."""
+    """Held-out stats as token-level means (an SFT batch weighs its label tokens, a batch of pairs its
+    pairs), over rows split evenly across ranks (ZeRO-3 needs equal forward counts)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = examples[: len(examples) // world * world][rank::world]
-    sums = {}
+    sums, weight = {}, 0
     engine.eval()
     with torch.no_grad():
         for i in range(0, len(mine), args.batch_size):
-            chunk = mine[i:i + args.batch_size]
-            for k, v in loss_fn(engine, M.to_device(collate(chunk, pad_id), device))[1].items():
-                sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v * len(chunk)
+            rows = mine[i:i + args.batch_size]
+            batch = M.to_device(collate(rows, pad_id), device)
+            n = (batch["labels"][:, 1:] != -100).sum().item() if args.stage == "sft" else len(rows)
+            for k, v in loss_fn(engine, batch)[1].items():
+                sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v * n
+            weight += n
     engine.train()
-    return {k: v / max(1, len(mine)) for k, v in sums.items()}
+    means = mean_across_ranks({**sums, "weight": weight})  # sums over ranks / world, as the weight
+    return {k: v / max(means["weight"], 1e-12) for k, v in means.items() if k != "weight"}
 
 
 def train_supervised(args, cfg, device, tokenizer, resize):

@@ -136,6 +136,8 @@ def encode_prompt(tokenizer, prompt):
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not isinstance(prompt, str):
+        raise DataError(f"chat messages, but {tokenizer.name_or_path} has no chat template to write them")
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     return ids or [tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id]
 
@@ -157,19 +159,37 @@ def encode_pair(tokenizer, prompt, response):
     return prompt_ids, response_ids
 
 
+def _is_chat(value):
+    """A non-empty list of {role, content} messages."""
+    return isinstance(value, list) and value != [] and all(isinstance(m, dict) and isinstance(
+        m.get("content"), str) for m in value)
+
+
+def _text(row, column):
+    """row[column] if it is a string (a prompt may also be a list of chat messages), else a DataError."""
+    value = row.get(column)
+    if column == "messages" and not _is_chat(value):
+        raise DataError(f"column 'messages' is {value!r}; expected a list of {{role, content}} messages")
+    if isinstance(value, str) or (column in ("prompt", "messages") and _is_chat(value)):
+        return value
+    raise DataError(f"column {column!r} is {value!r}; expected text")
+
+
 def _sft_pair(row):
-    if row.get("messages"):
-        *prompt, last = row["messages"]
+    if row.get("messages") is not None:
+        *prompt, last = _text(row, "messages")
         return (prompt or ""), last["content"]
     if row.get("text") is not None:
-        return "", row["text"]
-    return row["prompt"], row["response"] if row.get("response") is not None else row["chosen"]
+        return "", _text(row, "text")
+    return _text(row, "prompt"), _text(row, "response" if row.get("response") is not None else "chosen")
 
 
 def encode_sft(row, tokenizer, max_length):
-    """{input_ids, labels}: prompt tokens labelled -100, truncated on the right to max_length; None
-    when truncation would leave no response token (the caller drops and counts the row)."""
+    """{input_ids, labels}: prompt tokens labelled -100, truncated on the right to max_length; None for
+    an empty response or when truncation would leave no response token (the caller drops and counts it)."""
     prompt, response = _sft_pair(row)
+    if not response.strip():
+        return None
     if prompt == "":  # plain text: every token is a label, no chat template
         prompt_ids, response_ids = [], tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
     else:
@@ -184,8 +204,10 @@ def encode_preference(row, tokenizer, max_length):
     """{prompt, chosen, rejected} ids, each reply ending with EOS. The replies keep their last max_length - 1
     tokens and the prompt its last tokens that fit beside the longer reply (one at least, so every pair
     makes the same forward calls, as ZeRO-3 needs): both replies are judged in the same context, and the
-    ends, where the reward is read and the replies differ, are never cut."""
-    prompt, chosen = encode_pair(tokenizer, row["prompt"], row["chosen"])
+    ends, where the reward is read and the replies differ, are never cut. None for an empty reply."""
+    if not (_text(row, "chosen").strip() and _text(row, "rejected").strip()):
+        return None
+    prompt, chosen = encode_pair(tokenizer, _text(row, "prompt"), row["chosen"])
     rejected = encode_pair(tokenizer, row["prompt"], row["rejected"])[1]
     chosen, rejected = chosen[1 - max_length:], rejected[1 - max_length:]
     keep = max_length - max(len(chosen), len(rejected))
@@ -194,7 +216,8 @@ def encode_preference(row, tokenizer, max_length):
 
 def encode_rl_prompt(row, tokenizer, max_length):
     """{prompt, input_ids}: the text (for reward functions) and its ids, keeping the last max_length."""
-    return {"prompt": row["prompt"], "input_ids": encode_prompt(tokenizer, row["prompt"])[-max_length:]}
+    prompt = _text(row, "prompt")
+    return {"prompt": prompt, "input_ids": encode_prompt(tokenizer, prompt)[-max_length:]}
 
 
 REPLIES = ("chosen", "rejected")
@@ -202,8 +225,14 @@ ENCODERS = {"sft": encode_sft, "rm": encode_preference, "ppo": encode_rl_prompt}
 
 
 def tokenize(rows, stage, tokenizer, max_length):
-    """Encode every row for the stage; return (examples, number of rows dropped by truncation)."""
-    examples = [ENCODERS[stage](row, tokenizer, max_length) for row in rows]
+    """Encode every row for the stage -> (examples, number of rows dropped: an empty reply, or none of it
+    within max_length). A field that is not text is a DataError naming its row (1-based) and column."""
+    examples = []
+    for number, row in enumerate(rows, 1):
+        try:
+            examples.append(ENCODERS[stage](row, tokenizer, max_length))
+        except DataError as e:
+            raise DataError(f"row {number}: {e}") from None
     kept = [e for e in examples if e is not None]
     return kept, len(examples) - len(kept)
 

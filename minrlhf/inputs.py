@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from .data import DataError, check_columns, ensure_pad_token, load_rows, tokenize
 from .models import load_causal_lm, load_reward_model
-from .run import fail
+from .run import fail, fail_together
 
 
 def load_tokenizer(flag, path):
@@ -51,15 +51,20 @@ def load_examples(args, tokenizer):
         check_columns(rows, args.stage, args.dataset)
     except DataError as e:
         fail(str(e))
-    examples, dropped = tokenize(rows, args.stage, tokenizer, args.max_length)
+    try:
+        examples, dropped = tokenize(rows, args.stage, tokenizer, args.max_length)
+    except DataError as e:
+        fail(f"{args.dataset}: {e}")
     if dropped and dist.get_rank() == 0:
-        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows with no response token within "
-              f"--max-length")
+        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: an empty reply, or no response token "
+              f"within --max-length")
     n_eval = 0 if args.stage == "ppo" else int(len(examples) * args.eval_fraction)
     train = examples[: len(examples) - n_eval]
-    if len(train) < args.batch_size * dist.get_world_size():
+    batch = (args.rollout_batch_size if args.stage == "ppo" else args.batch_size) * dist.get_world_size()
+    if len(train) < batch:  # else an epoch holds no batch
         fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped by --max-length "
-             f"{args.max_length}); need at least one batch of {args.batch_size * dist.get_world_size()}")
+             f"{args.max_length}); need at least one batch of {batch}"
+             + (" (--rollout-batch-size x ranks)" if args.stage == "ppo" else ""))
     return train, examples[len(train):]
 
 
@@ -79,14 +84,21 @@ class RewardFunction:
             fail(f"{flag} {spec}: not callable")
 
     def __call__(self, prompts, responses):
+        """-> (B,) scores; a bad call on any rank stops every rank with its message (`fail_together`)."""
+        scores, error = self.checked_call(prompts, responses)
+        fail_together(error)
+        return scores
+
+    def checked_call(self, prompts, responses):
+        """-> (scores, None), or (None, what was wrong)."""
         try:
             out = list(self.fn(prompts, responses))
         except Exception as e:
-            fail(f"{self.flag} {self.spec} raised {type(e).__name__}: {e}")
+            return None, f"{self.flag} {self.spec} raised {type(e).__name__}: {e}"
         if len(out) != len(prompts):
-            fail(f"{self.flag} {self.spec} returned {len(out)} scores for {len(prompts)} responses")
+            return None, f"{self.flag} {self.spec} returned {len(out)} scores for {len(prompts)} responses"
         for i, x in enumerate(out):
             number = isinstance(x, numbers.Real) and not isinstance(x, bool)
             if not number or not (self.allow_nonfinite or math.isfinite(x)):
-                fail(f"{self.flag} {self.spec}: score {i} is {x!r}; expected a finite number")
-        return torch.tensor([float(x) for x in out])
+                return None, f"{self.flag} {self.spec}: score {i} is {x!r}; expected a finite number"
+        return torch.tensor([float(x) for x in out]), None

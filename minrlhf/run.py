@@ -1,6 +1,7 @@
 """A training run's bookkeeping for train.py: one-line errors, the data order, metrics and progress,
 signals, the non-finite policy, checkpoints and the final model. Calls, not callbacks: the loops stay
 in train.py, which calls `Run.end_step` once per step."""
+import argparse
 import json
 import math
 import os
@@ -14,16 +15,39 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
 
 
 def fail(message):
-    """Bad input: one line on stderr (from rank 0 only), exit status 2, before any training."""
-    if os.environ.get("RANK", "0") == "0":
-        tqdm.write(f"error: {message}", file=sys.stderr)  # clears a progress bar first, if one is shown
+    """Bad input: one line on stderr, exit status 2. Inputs are alike on every rank, so one rank per node
+    prints (a file missing on one node still reaches the user), with its rank when it is not rank 0."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        rank = int(os.environ.get("RANK", "0"))
+        tqdm.write(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)  # clears the bar
     sys.exit(2)
+
+
+def fail_together(error):
+    """An error that one rank alone may meet (in its own samples), or None; every rank calls this at the
+    same point. If any rank has an error, it prints it with its rank and every rank exits 2 at once,
+    instead of the others waiting in their next collective for a rank that is gone."""
+    failed = torch.tensor([float(error is not None)])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        prefix = f"rank {dist.get_rank()}: " if dist.get_world_size() > 1 else ""
+        tqdm.write(f"error: {prefix}{error}", file=sys.stderr)
+    if failed.item():
+        sys.exit(2)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other error here (`fail`), not usage and message."""
+
+    def error(self, message):
+        fail(message)
 
 
 def checkpoints(output):
@@ -36,6 +60,8 @@ def checkpoints(output):
 
 def check_output(args):
     """Never train over another run: a different stage's run, or checkpoints without --resume."""
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        fail(f"--output {args.output} is a file; expected a directory")
     try:
         with open(os.path.join(args.output, "args.json")) as f:
             stage = json.load(f)["stage"]
@@ -168,7 +194,8 @@ class Run:
         tmp = os.path.join(root, f"step{step}.tmp")
         self.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={"step": step, **state},
                                     save_latest=False)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "accelerator": get_accelerator().get_rng_state()}  # a GPU's own generator, sampling's
         torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
         dist.barrier()
         if rank == 0:
@@ -187,6 +214,8 @@ class Run:
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        if "accelerator" in rng:  # checkpoints from before it was saved lack it
+            get_accelerator().set_rng_state(rng["accelerator"])
         return state["step"], state
 
     def save_final(self, tokenizer):

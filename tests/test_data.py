@@ -156,6 +156,38 @@ def test_truncation_drops_rows_without_response_and_counts_them():
     assert any(label != -100 for label in examples[0]["labels"])
 
 
+def test_empty_replies_are_dropped_and_counted():
+    tok = make_tokenizer()
+    rows = [{"prompt": "the film was", "chosen": " great", "rejected": " awful"},
+            {"prompt": "the film was", "chosen": "  ", "rejected": " awful"},
+            {"prompt": "the film was", "chosen": " great", "rejected": ""}]
+    assert [len(x) if i == 0 else x for i, x in enumerate(tokenize(rows, "rm", tok, 64))] == [1, 2]
+    sft = [{"prompt": "the film was", "response": ""}, {"prompt": "the film was", "response": " great"}]
+    assert [len(x) if i == 0 else x for i, x in enumerate(tokenize(sft, "sft", tok, 64))] == [1, 1]
+
+
+@pytest.mark.parametrize("stage, row, message", [
+    ("rm", {"prompt": None, "chosen": "a", "rejected": "b"}, "row 2: column 'prompt' is None; expected text"),
+    ("rm", {"prompt": "p", "chosen": 5, "rejected": "b"}, "row 2: column 'chosen' is 5; expected text"),
+    ("sft", {"prompt": "p", "response": ["x"]}, "row 2: column 'response' is ['x']; expected text"),
+    ("sft", {"messages": "hi"}, "row 2: column 'messages' is 'hi'; expected a list of {role, content} messages"),
+    ("ppo", {"prompt": 3.5}, "row 2: column 'prompt' is 3.5; expected text"),
+])
+def test_fields_that_are_not_text_name_row_and_column(stage, row, message):
+    good = {"prompt": "the film was", "chosen": " great", "rejected": " awful", "response": " great"}
+    if "messages" in row:
+        good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(DataError) as e:
+        tokenize([good, row], stage, make_tokenizer(chat_template="messages" in row), 64)
+    assert str(e.value) == message
+
+
+def test_chat_messages_without_a_chat_template_are_a_data_error():
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(DataError, match="row 1: chat messages, but .* has no chat template to write them"):
+        tokenize([row], "sft", make_tokenizer(), 64)
+
+
 def test_preference_pairs_share_prompt_and_keep_the_end():
     tok = make_tokenizer()
     ex = encode_preference({"prompt": "the film was great " * 5, "chosen": " yes", "rejected": " no"}, tok, 8)

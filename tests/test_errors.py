@@ -36,7 +36,10 @@ def w(tmp_path_factory):
              "bad.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n', "empty.jsonl": "",
              "cols.jsonl": '{"question": "a", "answer": "b"}\n', "err_rewards.py": REWARDS,
              "bad_ds.json": "{oops", "batch_ds.json": json.dumps({"train_micro_batch_size_per_gpu": 3}),
-             "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}})}
+             "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}}),
+             "ten.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:2] * 5),
+             "null.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:7] + [{**rows[0], "prompt": None}]),
+             "a_file": "not a directory"}
     for name, text in files.items():
         (d / name).write_text(text)
     os.makedirs(d / "sft_run")
@@ -79,6 +82,21 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "resume without checkpoint": (["--resume"], r"--resume: no complete checkpoint in .*checkpoints"),
     "output of another stage": (["--stage", "rm", "--output", "{w}/sft_run"], r"sft_run holds a --stage sft run"),
     "checkpoints without resume": (["--output", "{w}/ckpt_run"], r"ckpt_run already holds checkpoints; pass --resume"),
+    "fewer prompts than a rollout": (PPO + ["--reward-fn", "err_rewards:boom", "--dataset", "{w}/ten.jsonl",
+                                            "--rollout-batch-size", 16],
+                                     r"ten\.jsonl: 10 usable training rows \(0 dropped by --max-length 512\); need at "
+                                     r"least one batch of 16 \(--rollout-batch-size x ranks\)"),
+    "null field": (["--dataset", "{w}/null.jsonl"], r"null\.jsonl: row 8: column 'prompt' is None; expected text"),
+    "batch size 0": (["--batch-size", 0], r"--batch-size 0: expected a number > 0"),
+    "negative lr": (["--lr=-1e-5"], r"--lr -1e-05: expected a number > 0"),
+    "negative epochs": (["--epochs=-1"], r"--epochs -1.0: expected a number > 0"),
+    "log every 0": (["--log-every", 0], r"--log-every 0: expected a number > 0"),
+    "no new tokens": (PPO + ["--max-new-tokens", 0], r"--max-new-tokens 0: expected a number > 0"),
+    "ppo epochs 0": (PPO + ["--ppo-epochs", 0], r"--ppo-epochs 0: expected a number > 0"),
+    "lambda above 1": (["--lam", 1.5], r"--lam 1.5: expected a number from 0 to 1"),
+    "max length 1": (["--max-length", 1], r"--max-length 1: expected at least 2, a prompt token and a response token"),
+    "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
+    "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
 }
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
+import minrlhf
 from tiny import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,12 @@ calls = []
 def nan_on_second_call(prompts, responses):
     calls.append(1)
     return [float('nan') if len(calls) == 2 else float(r.count('e')) for r in responses]
+
+def fail_on_rank1(prompts, responses):
+    import os
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("rank one is broken")
+    return count_e(prompts, responses)
 """
 NAN_GRADIENT = """# train.py with a NaN gradient at step 2 while its loss stays finite: d/dx 0 * sqrt(x) at x = 0 is 0 * inf
 import os, runpy, sys, torch
@@ -200,6 +207,8 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
     resumed = train(work, *flags, "--resume", output="cut")
     assert [m["step"] for m in resumed] == list(range(1, 9))
     assert measured(whole) == measured(resumed)  # bit for bit: weights, optimizer, scheduler, RNG, data position
+    rng = torch.load(work / "cut" / "checkpoints" / "step8" / "rng_rank0.pt", weights_only=False)
+    assert set(rng) == {"torch", "numpy", "python", "accelerator"}  # the accelerator's: a GPU's own generator
 
 
 def test_same_seed_same_metrics(work):
@@ -264,3 +273,45 @@ def test_skip_nonfinite_skips_a_nan_reward(work):
     updates = 2 * 16 // 8  # --ppo-epochs x --rollout-batch-size / --batch-size
     assert [m["skipped_steps"] for m in log] == [0, updates, updates]
     assert "reward" in log[0] and "reward" not in log[1] and "reward" in log[2]
+
+
+def test_a_reward_error_on_one_rank_stops_every_rank_with_its_message(work):
+    """The failing rank prints its line; the other does not wait in a collective for it, nor print a traceback."""
+    cmd = [DEEPSPEED, "--num_gpus", "2", os.path.join(ROOT, "train.py"), "--model", work / "model", "--dataset",
+           work / "pref.jsonl", "--output", work / "rank1", *PPO, "--max-steps", 3, "--reward-fn", "rewards:fail_on_rank1"]
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: rank 1: --reward-fn rewards:fail_on_rank1 raised RuntimeError: rank one is broken" in proc.stderr
+    assert "Traceback" not in proc.stderr and "error: rank 0" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_no_reward_norm_ignores_statistics_from_a_resumed_checkpoint():
+    sys.path.insert(0, ROOT)
+    import train
+    args = train.parse_args(["--stage", "ppo", "--model", "m", "--dataset", "d.jsonl", "--reward-fn", "x:y",
+                             "--no-reward-norm"])
+    scores = torch.tensor([1.0, 3.0])
+    norm = {"mean": 2.0, "std": 0.5}  # as restored from a run that normalised
+    assert torch.equal(train.shaped_scores(scores, torch.tensor([True, True]), norm, args), scores)
+
+
+def test_sft_eval_loss_is_a_token_level_mean(work):
+    """eval/loss weighs every label token alike, across batches of rows of different lengths."""
+    rows = [{"prompt": f"{s} was", "response": " great" + " and I loved it, the food was great" * (i % 3)}
+            for i, s in enumerate(SUBJECTS * 2)]
+    (work / "sft_mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = train(work, "--stage", "sft", "--dataset", work / "sft_mixed.jsonl", "--eval-fraction", 0.5,
+                "--batch-size", 2, "--max-steps", 10, "--lr", 1e-2, output="sft_eval")
+    tokenizer = AutoTokenizer.from_pretrained(work / "sft_eval")
+    model = AutoModelForCausalLM.from_pretrained(work / "sft_eval").eval()
+    examples, _ = minrlhf.tokenize(rows, "sft", tokenizer, 512)
+    losses = []  # (mean loss, label tokens) of each held-out row, in order
+    with torch.no_grad():
+        for e in examples[8:]:
+            loss = model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.item()
+            losses.append((loss, sum(label != -100 for label in e["labels"][1:])))
+    token_mean = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    assert log[-1]["eval/loss"] == pytest.approx(token_mean, rel=1e-4)
+    batches = [losses[i:i + 2] for i in range(0, 8, 2)]  # what weighing each batch's mean by its rows gives:
+    row_weighted = sum(sum(loss * n for loss, n in b) / sum(n for _, n in b) * len(b) for b in batches) / 8
+    assert row_weighted != pytest.approx(token_mean, rel=1e-4)  # so the check above tells them apart
