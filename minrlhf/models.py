@@ -50,6 +50,19 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature)
     return logprobs_from_logits(logits / temperature, input_ids[:, prompt_len:])
 
 
+def reply_logprobs(model, groups):
+    """Log-probs of the chosen and the rejected replies, summed over their tokens, (B,) each, from
+    `collate_pairs` groups: each reply after its prompt, left-padded so that every reply starts at P."""
+    sums = []
+    for group in groups:
+        P = group["prompt_ids"].shape[1]
+        ids = torch.cat([group["prompt_ids"].repeat_interleave(2, 0), group["reply_ids"]], 1)  # (2G, T)
+        logprobs = response_logprobs(model, ids, group["attention_mask"], P, 1.0)  # (2G, R)
+        sums.append(torch.where(group["attention_mask"][:, P:].bool(), logprobs, 0.0).sum(1))
+    chosen, rejected = torch.cat(sums).view(-1, 2).unbind(1)  # rows: chosen 0, rejected 0, chosen 1, ...
+    return chosen, rejected
+
+
 def response_positions(input_ids, prompt_len):
     """The positions whose outputs belong to the response tokens: P-1 .. T-2, (R,). The logits at position
     t predict token t+1, and the value there is of the state before token t+1 is chosen:

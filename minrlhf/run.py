@@ -50,6 +50,26 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         fail(message)
 
 
+def bounded(kind, low, high=math.inf, above=False):
+    """An argparse type: a `kind` number >= low (> low if `above`) and <= high. Each flag's bounds stand
+    where it is declared, and a value that cannot work is one line naming the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not ((value > low if above else value >= low) and value <= high):  # NaN fails too
+            bounds = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"{text}: expected a number {bounds}")
+        return value
+    return parse
+
+
+positive_int = bounded(int, 0, above=True)
+positive = bounded(float, 0, above=True)
+non_negative = bounded(float, 0)
+
+
 def checkpoints(output):
     """Complete checkpoints, oldest first (a folder still named *.tmp was cut off mid-save)."""
     root = os.path.join(output, "checkpoints")

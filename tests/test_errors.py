@@ -87,16 +87,17 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                      r"ten\.jsonl: 10 usable training rows \(0 dropped by --max-length 512\); need at "
                                      r"least one batch of 16 \(--rollout-batch-size x ranks\)"),
     "null field": (["--dataset", "{w}/null.jsonl"], r"null\.jsonl: row 8: column 'prompt' is None; expected text"),
-    "batch size 0": (["--batch-size", 0], r"--batch-size 0: expected a number > 0"),
-    "negative lr": (["--lr=-1e-5"], r"--lr -1e-05: expected a number > 0"),
-    "negative epochs": (["--epochs=-1"], r"--epochs -1.0: expected a number > 0"),
-    "log every 0": (["--log-every", 0], r"--log-every 0: expected a number > 0"),
-    "no new tokens": (PPO + ["--max-new-tokens", 0], r"--max-new-tokens 0: expected a number > 0"),
-    "ppo epochs 0": (PPO + ["--ppo-epochs", 0], r"--ppo-epochs 0: expected a number > 0"),
-    "lambda above 1": (["--lam", 1.5], r"--lam 1.5: expected a number from 0 to 1"),
-    "max length 1": (["--max-length", 1], r"--max-length 1: expected at least 2, a prompt token and a response token"),
+    "batch size 0": (["--batch-size", 0], r"argument --batch-size: 0: expected a number > 0"),
+    "negative lr": (["--lr=-1e-5"], r"argument --lr: -1e-5: expected a number > 0"),
+    "negative epochs": (["--epochs=-1"], r"argument --epochs: -1: expected a number > 0"),
+    "log every 0": (["--log-every", 0], r"argument --log-every: 0: expected a number > 0"),
+    "no new tokens": (PPO + ["--max-new-tokens", 0], r"argument --max-new-tokens: 0: expected a number > 0"),
+    "ppo epochs 0": (PPO + ["--ppo-epochs", 0], r"argument --ppo-epochs: 0: expected a number > 0"),
+    "lambda above 1": (["--lam", 1.5], r"argument --lam: 1.5: expected a number >= 0 and <= 1"),
+    "max length 1": (["--max-length", 1], r"argument --max-length: 1: expected a number >= 2"),
     "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
     "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
+    "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number > 0"),
 }
 
 

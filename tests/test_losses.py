@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minrlhf import (KLController, compute_gae, entropy_from_logits, explained_variance, kl_penalized_rewards,
+from minrlhf import (KLController, compute_gae, dpo_loss, entropy_from_logits, explained_variance, kl_penalized_rewards,
                      logprobs_from_logits, masked_mean, masked_whiten, pairwise_ranking_loss, ppo_policy_loss,
                      ppo_value_loss)
 
@@ -45,6 +45,31 @@ def test_pairwise_ranking_loss():
     assert loss.item() == pytest.approx(200.0)  # (0 + 400) / 2, no overflow in float32
     assert torch.isfinite(chosen.grad).all()
     assert chosen.grad.tolist() == pytest.approx([0.0, -0.5])
+
+
+def test_dpo_loss_against_a_hand_computed_value():
+    """Rafailov et al. 2023, eq. 7, written out: -log sigmoid(beta * ((c - c_ref) - (r - r_ref)))."""
+    chosen = torch.tensor([-10.0, -3.0], requires_grad=True)
+    rejected = torch.tensor([-12.0, -2.0], requires_grad=True)
+    ref_chosen, ref_rejected, beta = torch.tensor([-11.0, -3.0]), torch.tensor([-11.0, -4.0]), 0.5
+    loss, stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+    margins = [0.5 * ((-10 + 11) - (-12 + 11)), 0.5 * ((-3 + 3) - (-2 + 4))]  # 1.0 and -1.0
+    expected = sum(-math.log(1 / (1 + math.exp(-m))) for m in margins) / 2
+    assert loss.item() == pytest.approx(expected)
+    assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == pytest.approx(0.0)
+    loss.backward()  # descent raises the chosen replies' log-probs and lowers the rejected ones'
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
+
+
+def test_dpo_loss_at_the_reference_and_at_extreme_margins():
+    logps = torch.randn(4) * 30
+    loss, stats = dpo_loss(logps, logps - 5, logps, logps - 5, beta=0.1)  # policy == reference
+    assert loss.item() == pytest.approx(math.log(2)) and stats["margin"].item() == 0.0
+    chosen = torch.tensor([4000.0, -4000.0], requires_grad=True)
+    loss, _ = dpo_loss(chosen, torch.zeros(2), torch.zeros(2), torch.zeros(2), beta=0.1)  # margins +-400
+    loss.backward()
+    assert loss.item() == pytest.approx(200.0) and torch.isfinite(chosen.grad).all()
+    assert chosen.grad.tolist() == pytest.approx([0.0, -0.05])
 
 
 def gae_reference(rewards, values, length, gamma, lam):

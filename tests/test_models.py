@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from minrlhf import (PolicyWithValueHead, collate_pairs, encode_preference, ensure_pad_token, load_causal_lm,
-                     load_reward_model, logprobs_from_logits, pad, pair_scores, response_logprobs, response_positions,
-                     reward_scores, score_texts)
+                     load_reward_model, logprobs_from_logits, pad, pair_scores, reply_logprobs, response_logprobs,
+                     response_positions, reward_scores, score_texts)
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
@@ -121,6 +121,27 @@ def test_pair_scores_match_the_full_sequences(family_dir, max_length):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_grads, expected_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_reply_logprobs_are_the_replies_own_in_full_sequences(family_dir):
+    """DPO's summed reply log-probs, from padded pair groups, equal each prompt + reply scored alone."""
+    _, path = family_dir
+    tokenizer = make_tokenizer()
+    model = load_causal_lm(path).eval()
+    rows = [{"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"},
+            {"prompt": "hi", "chosen": " hello", "rejected": " go away, I am busy"}]
+    pairs = sorted([encode_preference(row, tokenizer, 64) for row in rows], key=lambda pair: len(pair["prompt"]))
+    expected = []
+    with torch.no_grad():
+        for pair in pairs:
+            for key in ("chosen", "rejected"):
+                ids = torch.tensor([pair["prompt"] + pair[key]])
+                logprobs = logprobs_from_logits(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+                expected.append(logprobs[0, len(pair["prompt"]) - 1:].sum())
+        chosen, rejected = reply_logprobs(model, collate_pairs(pairs, tokenizer.pad_token_id, slack=math.inf))
+    assert len(collate_pairs(pairs, tokenizer.pad_token_id, slack=math.inf)) == 1  # one padded group
+    torch.testing.assert_close(torch.stack([chosen, rejected], 1).flatten(), torch.stack(expected),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_pad_token_added_when_only_eos_exists():

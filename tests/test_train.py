@@ -1,7 +1,9 @@
 """train.py end to end on tiny random models, run as a user runs it: each stage learns, ZeRO stages,
 bf16 and offload, 2 ranks under ZeRO-3, resume after SIGKILL, outputs that plain transformers loads."""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +132,39 @@ def test_rm_separates_preferences_and_loads_as_sequence_classifier(work):
     assert chosen > rejected
 
 
+def summed_reply_logprob(model, tokenizer, prompt, reply):
+    """log p(reply + EOS | prompt) with plain transformers."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([prompt_ids + tokenizer(reply)["input_ids"] + [tokenizer.eos_token_id]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])
+    return logprobs[len(prompt_ids) - 1:].sum().item()
+
+
+def test_dpo_learns_the_preference_without_a_reward_model(work):
+    log = train(work, "--stage", "dpo", "--max-steps", 12, "--lr", 3e-3, "--batch-size", 8, "--eval-fraction", 0.25,
+                output="dpo")
+    for key in ("loss", "accuracy", "margin", "logps/chosen", "logps/rejected", "eval/accuracy", "eval/margin"):
+        assert key in log[-1], key
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference before the first update
+    assert log[-1]["loss"] < 0.3 and log[-1]["eval/accuracy"] == 1.0
+    tokenizer = AutoTokenizer.from_pretrained(work / "dpo")
+    policy, base = (AutoModelForCausalLM.from_pretrained(work / d).eval() for d in ("dpo", "model"))
+    prompt = "the play was"  # a subject never trained on: the implicit reward log pi/pi_ref must generalise
+    implicit = {reply: summed_reply_logprob(policy, tokenizer, prompt, reply)
+                - summed_reply_logprob(base, tokenizer, prompt, reply) for reply in (" great, I loved it", " awful")}
+    assert implicit[" great, I loved it"] > implicit[" awful"], implicit
+
+
+def test_dpo_resume_reproduces_the_uninterrupted_run(work):
+    flags = ["--stage", "dpo", "--max-steps", 4, "--lr", 1e-3, "--save-every", 2, "--keep-checkpoints", 3]
+    whole = train(work, *flags, output="dpo_whole")
+    shutil.copytree(work / "dpo_whole", work / "dpo_cut")
+    shutil.rmtree(work / "dpo_cut" / "checkpoints" / "step4")  # as if killed after step 3
+    resumed = train(work, *flags, "--resume", output="dpo_cut")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and measured(whole) == measured(resumed)
+
+
 def test_ppo_raises_the_reward(work):
     log = train(work, *PPO, "--max-steps", 20, output="ppo")
     first, last = [sum(m["reward"] for m in part) / 5 for part in (log[:5], log[-5:])]
@@ -182,9 +217,9 @@ def test_sft_under_zero_bf16_and_offload(work, flags):
     AutoModelForCausalLM.from_pretrained(work / ("z" + "".join(map(str, flags)).replace("-", "")))
 
 
-@pytest.mark.parametrize("stage", ["rm", "ppo"])
+@pytest.mark.parametrize("stage", ["rm", "ppo", "dpo"])
 def test_two_ranks_zero3(work, stage):
-    flags = PPO + ["--max-steps", 2] if stage == "ppo" else ["--stage", "rm", "--max-steps", 6, "--lr", 1e-3]
+    flags = PPO + ["--max-steps", 2] if stage == "ppo" else ["--stage", stage, "--max-steps", 6, "--lr", 1e-3]
     log = train(work, *flags, "--deepspeed_config", work / "zero3.json", output=f"{stage}_2ranks",
                 launcher=[DEEPSPEED, "--num_gpus", "2"])
     assert len(log) == len(set(m["step"] for m in log))  # rank 0 alone writes metrics
