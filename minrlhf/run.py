@@ -26,7 +26,8 @@ def fail(message):
     prints (a file missing on one node still reaches the user), with its rank when it is not rank 0."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
         rank = int(os.environ.get("RANK", "0"))
-        tqdm.write(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)  # clears the bar
+        where = f"rank {rank}: " if rank else ""
+        tqdm.write(f"error: {where}{message}", file=sys.stderr)  # tqdm.write clears a progress bar first
     sys.exit(2)
 
 
