@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minrlhf import (KLController, compute_gae, dpo_loss, entropy_from_logits, explained_variance, kl_penalized_rewards,
-                     logprobs_from_logits, masked_mean, masked_whiten, pairwise_ranking_loss, ppo_policy_loss,
-                     ppo_value_loss)
+from minrlhf import (KLController, compute_gae, dpo_loss, entropy_from_logits, explained_variance, first_eos_mask,
+                     kl_penalized_rewards, logprobs_from_logits, masked_mean, masked_whiten, pairwise_ranking_loss,
+                     ppo_policy_loss, ppo_value_loss)
 
 # two rows: 4 valid tokens, then 2 valid tokens and 2 of padding
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -147,6 +147,11 @@ def test_kl_penalized_rewards():
     rewards = kl_penalized_rewards(torch.tensor([3.0, -1.0]), garbage_in_padding(logprobs), ref, MASK, 0.1)
     expected = torch.tensor([[-0.05, 0.0, 0.05, 3.0], [0.1, -1.0, 0.0, 0.0]])
     torch.testing.assert_close(rewards, expected)
+
+
+def test_first_eos_mask_keeps_each_row_through_its_first_eos():
+    response = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 2, 9]])  # EOS = 2
+    assert first_eos_mask(response, 2).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
 def test_logprobs_and_entropy_match_torch():
