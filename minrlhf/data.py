@@ -169,9 +169,11 @@ def _is_chat(value):
 def _text(row, column):
     """row[column] if it is a string (a prompt may also be a list of chat messages), else a DataError."""
     value = row.get(column)
-    if column == "messages" and not _is_chat(value):
+    if column == "messages":
+        if _is_chat(value):
+            return value
         raise DataError(f"column 'messages' is {value!r}; expected a list of {{role, content}} messages")
-    if isinstance(value, str) or (column in ("prompt", "messages") and _is_chat(value)):
+    if isinstance(value, str) or (column == "prompt" and _is_chat(value)):
         return value
     raise DataError(f"column {column!r} is {value!r}; expected text")
 
@@ -206,10 +208,11 @@ def encode_preference(row, tokenizer, max_length):
     tokens and the prompt its last tokens that fit beside the longer reply (one at least, so every pair
     makes the same forward calls, as ZeRO-3 needs): both replies are judged in the same context, and the
     ends, where the reward is read and the replies differ, are never cut. None for an empty reply."""
-    if not (_text(row, "chosen").strip() and _text(row, "rejected").strip()):
+    prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
+    if not (chosen_text.strip() and rejected_text.strip()):
         return None
-    prompt, chosen = encode_pair(tokenizer, _text(row, "prompt"), row["chosen"])
-    rejected = encode_pair(tokenizer, row["prompt"], row["rejected"])[1]
+    prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text)
+    rejected = encode_pair(tokenizer, prompt_text, rejected_text)[1]
     chosen, rejected = chosen[1 - max_length:], rejected[1 - max_length:]
     keep = max_length - max(len(chosen), len(rejected))
     return {"prompt": prompt[max(0, len(prompt) - keep):], "chosen": chosen, "rejected": rejected}

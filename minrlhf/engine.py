@@ -1,5 +1,5 @@
-"""DeepSpeed plumbing for train.py: process group, config from the flags, engines, cross-rank means.
-The library's other modules never import deepspeed; this one and run.py are all train.py needs of it."""
+"""DeepSpeed plumbing for train.py: process group, config from the flags, trained and frozen engines.
+losses.py, models.py and data.py never import deepspeed; this module and run.py hold all of it."""
 import contextlib
 import functools
 import json
