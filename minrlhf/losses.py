@@ -1,8 +1,8 @@
 """The RLHF math: pure functions of tensors, no models, no config. Copy freely.
 
-Shapes: B batch, R response length, V vocab. `mask` is 1 on valid response tokens (a contiguous
-prefix of each row) and 0 on padding; every mean is a token-level mean over all valid tokens of the
-batch, and nothing stored at a padded position can reach a valid one.
+Shapes: B batch, R response length, V vocab, G samples per prompt. `mask` is 1 on valid response tokens
+(a contiguous prefix of each row) and 0 on padding; every mean is a token-level mean over all valid tokens
+of the batch (unless `aggregate` is told otherwise), and nothing at a padded position can reach a valid one.
 """
 import torch
 import torch.nn.functional as F
@@ -87,22 +87,66 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages, advantages + values
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_agg="token"):
     """Clipped surrogate, Schulman et al. 2017, eq. 7, as a loss to minimise:
-    masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))."""
+    aggregate(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))). (B, R) x4 -> scalar."""
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)  # (B, R)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = aggregate(torch.max(unclipped, clipped), mask, loss_agg)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            # k3 estimator of KL(old || new), Schulman 2020 "Approximating KL divergence": >= 0, unbiased
-            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs), mask),  # KL(old || new)
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def aggregate(values, mask, loss_agg="token"):
+    """A per-token loss (B, R) -> scalar. "token": the mean over all valid tokens of the batch, each token
+    weighing the same. "sequence": the mean over sequences of each one's token mean (GRPO, Shao et al. 2024,
+    eq. 3), which has a length bias (Liu et al. 2025, "Dr. GRPO"): a token of a long answer weighs
+    less, so a long bad answer is punished less per token than a short one, and answers drift longer."""
+    if loss_agg == "token":
+        return masked_mean(values, mask)
+    mask = mask.bool()
+    return (torch.where(mask, values, 0.0).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def kl_k3(logprobs, ref_logprobs):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, Schulman 2020, "Approximating KL
+    divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased and >= 0, unlike log pi - log pi_ref
+    (k1). GRPO's KL term, Shao et al. 2024, eq. 4. (B, R) -> (B, R)."""
+    log_r = ref_logprobs - logprobs
+    return torch.exp(log_r) - 1 - log_r
+
+
+def sequence_kl(logprobs, ref_logprobs, mask):
+    """KL(pi || pi_ref) of each sampled sequence, k1 summed over its valid tokens: (B, R) -> (B,)."""
+    return torch.where(mask.bool(), logprobs - ref_logprobs, 0.0).sum(1)
+
+
+def group_advantages(scores, group_size, scale=True, eps=1e-4):
+    """GRPO's outcome advantage, Shao et al. 2024 (DeepSeekMath), sec. 4.1.2: each sample's score against
+    the G samples of its prompt, (s - mean) / (std + eps), std unbiased (as TRL); scale=False keeps
+    s - mean (Liu et al. 2025, "Dr. GRPO": the std weighs up prompts whose samples barely differ).
+    Rows are consecutive groups of group_size >= 2. (B,) -> (B,); a group that ties gets 0."""
+    groups = scores.float().view(-1, group_size)  # (B / G, G)
+    advantages = groups - groups.mean(1, keepdim=True)
+    if scale:
+        advantages = advantages / (groups.std(1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+def rloo_advantages(scores, group_size):
+    """REINFORCE leave-one-out (RLOO), Ahmadian et al. 2024, after Kool et al. 2019: each sample's score
+    less the mean score of the other G - 1 samples of its prompt. Rows are consecutive groups of
+    group_size >= 2. (B,) -> (B,)."""
+    groups = scores.float().view(-1, group_size)  # (B / G, G)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).flatten()
 
 
 def ppo_value_loss(values, old_values, returns, mask, cliprange_value):

@@ -76,21 +76,25 @@ def response_positions(input_ids, prompt_len):
 
 class PolicyWithValueHead(nn.Module):
     """Policy and critic share one backbone: one forward gives next-token logits and per-token values.
-    The value head reads the last hidden state and starts at zero, so the critic starts neutral."""
+    The value head reads the last hidden state and starts at zero, so the critic starts neutral.
+    value_head=False: a policy alone (GRPO, RLOO), whose values are None."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, value_head=True):
         super().__init__()
         self.backbone = backbone
-        self.value_head = nn.Linear(backbone.config.get_text_config().hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = nn.Linear(backbone.config.get_text_config().hidden_size, 1) if value_head else None
+        if value_head:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, logits_to_keep=0):
         """-> logits at `logits_to_keep` (0: all positions; n: the last n; a tensor: those), (B, K, V),
-        and values (B, T)."""
+        and values (B, T) or None."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                            position_ids=position_ids(attention_mask), output_hidden_states=True,
-                            logits_to_keep=logits_to_keep)
+                            position_ids=position_ids(attention_mask), logits_to_keep=logits_to_keep,
+                            output_hidden_states=self.value_head is not None)
+        if self.value_head is None:
+            return out.logits, None
         hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)  # (B, T, H)
         return out.logits, self.value_head(hidden).squeeze(-1)
 

@@ -240,16 +240,17 @@ class Run:
         return state["step"], state
 
     def save_final(self, tokenizer):
-        """Hugging Face folders: the policy (value head beside it as value_head.pt) or the reward model."""
+        """Hugging Face folders: the policy (PPO's value head beside it: value_head.pt) or reward model."""
         engine = self.engine
         state = (engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights()
                  else engine.module.state_dict())  # ZeRO-3 gathers the whole model on rank 0; all ranks call
         if not self.main:
             return
         module = engine.module
-        if self.args.stage == "ppo":
-            torch.save({k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")},
-                       os.path.join(self.args.output, "value_head.pt"))
+        if hasattr(module, "backbone"):  # the online stages' policy
+            head = {k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")}
+            if head:
+                torch.save(head, os.path.join(self.args.output, "value_head.pt"))
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             module = module.backbone
         module.save_pretrained(self.args.output, state_dict=state)

@@ -79,6 +79,14 @@ CASES = {  # name: (flags, the one line expected on stderr)
                               r"--rollout-batch-size 6 is not a multiple of the mini-batch"),
     "mini-batch not divisible": (PPO + ["--reward-fn", "err_rewards:boom", "--mini-batch-size", 6],
                                  r"--mini-batch-size 6 is not a multiple of --batch-size 4"),
+    "num generations 0": (["--stage", "grpo", "--num-generations", 0], r"argument --num-generations: 0: expected a "
+                                                                         r"number > 0"),
+    "rloo of one sample": (["--stage", "rloo", "--num-generations", 1, "--reward-fn", "err_rewards:boom"],
+                           r"--num-generations 1: --stage rloo needs at least 2 samples per prompt"),
+    "grpo rollout not divisible": (["--stage", "grpo", "--reward-fn", "err_rewards:boom", "--rollout-batch-size", 3,
+                                    "--num-generations", 2],
+                                   r"--rollout-batch-size 3 x --num-generations 2 is not a multiple of the mini-batch "
+                                   r"\(--batch-size x --grad-accum = 4\)"),
     "resume without checkpoint": (["--resume"], r"--resume: no complete checkpoint in .*checkpoints"),
     "output of another stage": (["--stage", "rm", "--output", "{w}/sft_run"], r"sft_run holds a --stage sft run"),
     "checkpoints without resume": (["--output", "{w}/ckpt_run"], r"ckpt_run already holds checkpoints; pass --resume"),

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minrlhf import (KLController, compute_gae, dpo_loss, entropy_from_logits, explained_variance, first_eos_mask,
-                     kl_penalized_rewards, logprobs_from_logits, masked_mean, masked_whiten, pairwise_ranking_loss,
-                     ppo_policy_loss, ppo_value_loss)
+from minrlhf import (KLController, aggregate, compute_gae, dpo_loss, entropy_from_logits, explained_variance,
+                     first_eos_mask, group_advantages, kl_k3, kl_penalized_rewards, logprobs_from_logits, masked_mean,
+                     masked_whiten, pairwise_ranking_loss, ppo_policy_loss, ppo_value_loss, rloo_advantages,
+                     sequence_kl)
 
 # two rows: 4 valid tokens, then 2 valid tokens and 2 of padding
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -186,3 +187,46 @@ def test_kl_controller_fixed_and_adaptive():
     assert adaptive.update(12.0) == pytest.approx(0.1 * 1.02)  # error clipped at +0.2
     assert adaptive.update(6.0) == pytest.approx(0.1 * 1.02)  # on target: unchanged
     assert adaptive.update(3.0) == pytest.approx(0.1 * 1.02 * 0.98)  # error clipped at -0.2
+
+
+def test_group_advantages_by_hand():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])  # two prompts x G = 4; the second ties
+    std = math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3)  # unbiased: divide by G - 1
+    expected = [-1.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4), 1.5 / (std + 1e-4), 0, 0, 0, 0]
+    torch.testing.assert_close(group_advantages(scores, 4), torch.tensor(expected))
+    torch.testing.assert_close(group_advantages(scores, 4, scale=False),
+                               torch.tensor([-1.5, -0.5, 0.5, 1.5, 0, 0, 0, 0]))
+    pairs = group_advantages(torch.tensor([0.0, 2.0, 7.0, 7.0]), 2)  # groups of 2: +-1 / (sqrt(2) + eps), a tie
+    torch.testing.assert_close(pairs, torch.tensor([-1, 1, 0, 0]) / (math.sqrt(2) + 1e-4))
+    assert torch.isfinite(group_advantages(torch.full((4,), 3.0), 4)).all()  # a tie is 0, never 0 / 0
+
+
+def test_rloo_advantages_by_hand():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    # 1 - mean(2, 3, 4) = -2, 2 - mean(1, 3, 4) = -2/3, ...; a tied group gets 0
+    torch.testing.assert_close(rloo_advantages(scores, 4), torch.tensor([-2, -2 / 3, 2 / 3, 2, 0, 0, 0, 0]))
+    torch.testing.assert_close(rloo_advantages(torch.tensor([0.0, 2.0]), 2), torch.tensor([-2.0, 2.0]))
+    # the leave-one-out baseline is the group mean's, scaled by G / (G - 1)
+    torch.testing.assert_close(rloo_advantages(scores, 4), group_advantages(scores, 4, scale=False) * 4 / 3)
+
+
+def test_aggregate_token_and_sequence_means():
+    values = garbage_in_padding(torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 5.0, 0.0, 0.0]]))
+    assert aggregate(values, MASK, "token").item() == pytest.approx((4 + 8) / 6)  # every token alike
+    assert aggregate(values, MASK, "sequence").item() == pytest.approx((1 + 4) / 2)  # every sequence alike
+
+
+def test_kl_k3_is_an_unbiased_nonnegative_estimate():
+    """E over y ~ pi of k3 is KL(pi || pi_ref) exactly: sum_y pi(y) k3(y) against the closed form."""
+    torch.manual_seed(0)
+    logp, ref = torch.log_softmax(torch.randn(3, 50), -1), torch.log_softmax(torch.randn(3, 50), -1)
+    k3 = kl_k3(logp, ref)  # every y of the vocabulary, as if sampled
+    assert (k3 >= 0).all()
+    torch.testing.assert_close((logp.exp() * k3).sum(-1), (logp.exp() * (logp - ref)).sum(-1))
+    assert kl_k3(logp, logp).abs().max() == 0
+
+
+def test_sequence_kl_sums_log_ratios_over_valid_tokens():
+    logprobs = garbage_in_padding(torch.tensor([[-1.0, -2.0, -1.0, -1.0], [-0.5, -0.5, 0.0, 0.0]]))
+    ref = torch.tensor([[-1.5, -1.0, -1.0, -2.0], [-1.0, -1.0, -1.0, -1.0]])
+    torch.testing.assert_close(sequence_kl(logprobs, ref, MASK), torch.tensor([0.5 - 1 + 0 + 1, 0.5 + 0.5]))

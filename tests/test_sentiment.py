@@ -81,6 +81,20 @@ def test_plot_writes_a_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_compares_runs(tmp_path):
+    """Several runs: gold against KL, from the training log where it has gold, and eval.json where written."""
+    for name, gold in (("ppo", 0.5), ("dpo", None)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step in range(1, 4):
+                f.write(json.dumps({"step": step, "kl": step / 2, **({"gold": gold} if gold else {})}) + "\n")
+        with open(tmp_path / name / "eval.json", "w") as f:
+            json.dump({"kl": 1.0, "gold": 0.7}, f)
+    plot.main([str(tmp_path / "ppo"), str(tmp_path / "dpo"), "--out", str(tmp_path / "methods.png")])
+    with open(tmp_path / "methods.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.fixture(scope="module")
 def tiny_chat():
     tokenizer = make_tokenizer(chat_template=True)

@@ -178,6 +178,58 @@ def test_ppo_raises_the_reward(work):
     assert AutoModelForCausalLM.from_pretrained(work / "ppo").config.vocab_size == 400
 
 
+GROUP = ["--reward-fn", "rewards:count_e", "--max-new-tokens", 8, "--rollout-batch-size", 4, "--batch-size", 8,
+         "--temperature", 1.0, "--lr", 1e-2]  # 4 prompts x G = 4 samples per rollout
+
+
+@torch.no_grad()
+def sampled_e_count(run_dir, prompts, samples=32):
+    """Mean number of 'e' in responses sampled with plain transformers from a saved policy."""
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    torch.manual_seed(0)
+    total = 0.0
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]] * samples)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                             temperature=1.0, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+        total += sum(t.count("e") for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))
+    return total / (samples * len(prompts))
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_critic_free_stages_raise_the_reward(work, stage):
+    log = train(work, "--stage", stage, *GROUP, "--max-steps", 20, output=stage)
+    first, last = [sum(m["reward"] for m in part) / 5 for part in (log[:5], log[-5:])]
+    assert last > first + 0.5, [m["reward"] for m in log]
+    for key in ("reward", "kl", "advantage_std", "frac_reward_zero_std", "response_length", "ppo/loss/policy",
+                "ppo/policy/clipfrac", "entropy", "time/rollout", "time/update"):
+        assert key in log[-1], key
+    assert ("grpo/kl_k3" in log[-1]) == (stage == "grpo") and "ppo/loss/value" not in log[-1]
+    assert not os.path.exists(work / stage / "value_head.pt")  # no critic
+    prompts = [f"{s} was" for s in SUBJECTS[:4]]
+    assert sampled_e_count(work / stage, prompts) > sampled_e_count(work / "model", prompts) + 0.5
+
+
+def test_sequence_loss_agg_and_dr_grpo_run(work):
+    """--loss-agg sequence and --no-scale-rewards change the update, not the first rollout."""
+    flags = ["--stage", "grpo", *GROUP, "--max-steps", 2]
+    plain = train(work, *flags, output="agg_token")
+    other = train(work, *flags, "--loss-agg", "sequence", "--no-scale-rewards", output="agg_sequence")
+    assert other[0]["reward"] == plain[0]["reward"] and other[0]["kl"] == plain[0]["kl"]
+    assert other[0]["ppo/loss/policy"] != plain[0]["ppo/loss/policy"]
+    assert other[0]["advantage_std"] != pytest.approx(plain[0]["advantage_std"])
+
+
+def test_critic_free_resume_reproduces_the_uninterrupted_run(work, stage="grpo"):  # rloo: the same loop
+    flags = ["--stage", stage, *GROUP, "--max-steps", 4, "--save-every", 2, "--keep-checkpoints", 3]
+    whole = train(work, *flags, output=f"{stage}_whole")
+    shutil.copytree(work / f"{stage}_whole", work / f"{stage}_cut")
+    shutil.rmtree(work / f"{stage}_cut" / "checkpoints" / "step4")  # as if killed after step 3
+    resumed = train(work, *flags, "--resume", output=f"{stage}_cut")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and measured(whole) == measured(resumed)
+
+
 def test_reward_norm_makes_ppo_blind_to_the_reward_scale(work):
     """Scores are normalised with the first rollout's mean and std, so 2 * score + 3 trains identically."""
     plain = train(work, *PPO, "--max-steps", 3, output="norm_plain")
@@ -217,9 +269,10 @@ def test_sft_under_zero_bf16_and_offload(work, flags):
     AutoModelForCausalLM.from_pretrained(work / ("z" + "".join(map(str, flags)).replace("-", "")))
 
 
-@pytest.mark.parametrize("stage", ["rm", "ppo", "dpo"])
+@pytest.mark.parametrize("stage", ["rm", "ppo", "dpo", "grpo"])  # rloo: grpo's loop, another advantage
 def test_two_ranks_zero3(work, stage):
-    flags = PPO + ["--max-steps", 2] if stage == "ppo" else ["--stage", stage, "--max-steps", 6, "--lr", 1e-3]
+    flags = {"ppo": PPO + ["--max-steps", 2], "grpo": ["--stage", "grpo", *GROUP, "--max-steps", 2]}.get(
+        stage, ["--stage", stage, "--max-steps", 6, "--lr", 1e-3])
     log = train(work, *flags, "--deepspeed_config", work / "zero3.json", output=f"{stage}_2ranks",
                 launcher=[DEEPSPEED, "--num_gpus", "2"])
     assert len(log) == len(set(m["step"] for m in log))  # rank 0 alone writes metrics
