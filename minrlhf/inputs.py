@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from .data import DataError, check_columns, ensure_pad_token, load_rows, tokenize
+from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, tokenize
 from .models import load_causal_lm, load_reward_model
 from .run import fail, fail_together
 
@@ -58,7 +58,7 @@ def load_examples(args, tokenizer):
     if dropped and dist.get_rank() == 0:
         print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: an empty reply, or no response token "
               f"within --max-length")
-    online = args.stage in ("ppo", "grpo", "rloo")  # prompts to sample from, no held-out rows
+    online = args.stage in ONLINE  # prompts to sample from, no held-out rows
     n_eval = 0 if online else int(len(examples) * args.eval_fraction)
     train = examples[: len(examples) - n_eval]
     batch = (args.rollout_batch_size if online else args.batch_size) * dist.get_world_size()
