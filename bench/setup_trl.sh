@@ -26,10 +26,11 @@ make_venv() {  # make_venv DIR PKG...
   "$dir/bin/python" -c "import trl, transformers, torch; print('$(basename "$dir"):', trl.__version__, transformers.__version__, torch.__version__)"
 }
 
-# trl 0.24 + transformers 4.57: datasets 5.0.1 is the newest that allows huggingface_hub<1.0.
+# trl 0.24 + transformers 4.57: datasets 5.0.1 is the newest that allows huggingface_hub<1.0; peft 0.17.1
+# (TRL 0.24's contemporary) for the LoRA PPO peer.
 # Models saved by transformers 5 need a tf4 copy first (rope_theta): see bench/check_logits.py.
 make_venv "$BENCH/.venv-trl024" "${COMMON[@]}" \
-  trl==0.24.0 transformers==4.57.6 datasets==5.0.1
+  trl==0.24.0 transformers==4.57.6 datasets==5.0.1 peft==0.17.1
 
 # Newest trl (1.16.0, no PPOTrainer any more) accepts transformers 5.24.0.
 make_venv "$BENCH/.venv-trl" "${COMMON[@]}" \

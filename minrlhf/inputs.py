@@ -11,6 +11,8 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, tokenize
+from .engine import frozen
+from .lora import BaseModel, add_lora
 from .models import load_causal_lm, load_reward_model
 from .run import fail, fail_together
 
@@ -42,6 +44,33 @@ def load_model(flag, path, tokenizer, resize, kind="causal"):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def adapt(model, args):
+    """The model to train as the flags ask: --lora-rank freezes it but for LoRA adapters and a reward model's
+    new score head; --gradient-checkpointing. -> model"""
+    if not args.lora_rank and (args.lora_alpha or args.lora_targets != "all-linear"):
+        fail("--lora-alpha and --lora-targets shape LoRA adapters: pass --lora-rank R > 0 with them")
+    if args.lora_rank:
+        alpha = args.lora_alpha or 2 * args.lora_rank
+        if not add_lora(model, args.lora_rank, alpha, args.lora_targets):
+            fail(f"--lora-targets {args.lora_targets}: no nn.Linear or Conv1D layer of that name in the "
+                 f"transformer body of --model {args.model}")
+        if args.stage == "rm":
+            model.score.requires_grad_(True)  # the new head trains whole
+    if args.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            fail(f"--gradient-checkpointing: --model {args.model} ({type(model).__name__}) does not support it")
+        model.activation_checkpointing_enable({"use_reentrant": False})  # transformers' own, non-reentrant
+    return model
+
+
+def reference(policy, args, cfg, device, tokenizer, resize):
+    """The frozen reference of the KL penalty and of DPO: --ref-model; or, with LoRA, the policy's own base
+    weights with its adapters off (one copy of the base model, not two); or a copy of --model."""
+    if args.lora_rank and not args.ref_model:
+        return BaseModel(policy)
+    return frozen(load_model("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
 
 
 def load_examples(args, tokenizer):

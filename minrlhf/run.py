@@ -18,6 +18,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
+from .lora import merged_state_dict
+
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
 
 
@@ -240,13 +242,14 @@ class Run:
         return state["step"], state
 
     def save_final(self, tokenizer):
-        """Hugging Face folders: the policy (PPO's value head beside it: value_head.pt) or reward model."""
+        """Hugging Face folders: the policy (PPO's value head beside it: value_head.pt) or reward model,
+        with any LoRA adapters merged into the weights."""
         engine = self.engine
         state = (engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights()
                  else engine.module.state_dict())  # ZeRO-3 gathers the whole model on rank 0; all ranks call
         if not self.main:
             return
-        module = engine.module
+        module, state = engine.module, merged_state_dict(engine.module, state)  # LoRA: plain weights
         if hasattr(module, "backbone"):  # the online stages' policy
             head = {k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")}
             if head:

@@ -103,6 +103,12 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "ppo epochs 0": (PPO + ["--ppo-epochs", 0], r"argument --ppo-epochs: 0: expected a number > 0"),
     "lambda above 1": (["--lam", 1.5], r"argument --lam: 1.5: expected a number >= 0 and <= 1"),
     "max length 1": (["--max-length", 1], r"argument --max-length: 1: expected a number >= 2"),
+    "lora targets absent": (["--lora-rank", 4, "--lora-targets", "nosuch_proj"],
+                            r"--lora-targets nosuch_proj: no nn\.Linear or Conv1D layer of that name in the "
+                            r"transformer body of --model .*model"),
+    "lora alpha without rank": (["--lora-alpha", 8], r"--lora-alpha and --lora-targets shape LoRA adapters: pass "
+                                                     r"--lora-rank R > 0 with them"),
+    "negative lora rank": (["--lora-rank=-1"], r"argument --lora-rank: -1: expected a number >= 0"),
     "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
     "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
     "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number > 0"),

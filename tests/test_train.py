@@ -61,6 +61,9 @@ def work(tmp_path_factory):
                     "CPUAdamBuilder; ShareMemCommBuilder().load(); CPUAdamBuilder().load()"], check=True)
     d = tmp_path_factory.mktemp("train")
     save_tiny("llama", d / "model")
+    # weights 25x larger than the default init: next-token distributions that LoRA on the body can reshape
+    # (with init 0.02 the frozen LM head keeps every distribution near uniform whatever the adapters do)
+    save_tiny("llama", d / "peaked", config={"initializer_range": 0.5})
     rows = [{"prompt": f"{s} was", "chosen": " great, I loved it", "rejected": " awful"} for s in SUBJECTS] * 8
     (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "rewards.py").write_text(REWARD_FN)
