@@ -1,7 +1,6 @@
 """LoRA (minrlhf/lora.py) and gradient checkpointing: on every supported family against the plain model, then
 train.py end to end (every stage, ZeRO-3 on 2 ranks, resume)."""
 import math
-import shutil
 import sys
 
 import pytest
@@ -10,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from minrlhf import PolicyWithValueHead, load_causal_lm
 from minrlhf.lora import BaseModel, LoRALinear, add_lora, adapters_disabled, merged_state_dict
-from test_train import DEEPSPEED, PPO, ROOT, measured, train, work  # noqa: F401 (work: the fixture)
+from test_train import DEEPSPEED, PPO, ROOT, assert_resume_reproduces, measured, train, work  # noqa: F401
 from tiny import FAMILIES, make_causal_lm
 
 
@@ -148,12 +147,7 @@ def test_gradient_checkpointing_changes_no_number(work):
 
 
 def test_lora_resume_reproduces_the_uninterrupted_run(work):
-    flags = [*LORA_PPO, "--max-steps", 4, "--save-every", 2, "--keep-checkpoints", 3]
-    whole = train(work, *flags, output="lora_whole")
-    shutil.copytree(work / "lora_whole", work / "lora_cut")
-    shutil.rmtree(work / "lora_cut" / "checkpoints" / "step4")  # as if killed after step 3
-    resumed = train(work, *flags, "--resume", output="lora_cut")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and measured(whole) == measured(resumed)
+    assert_resume_reproduces(work, LORA_PPO, "lora")
 
 
 def test_lora_and_checkpointing_on_two_ranks_zero3(work):

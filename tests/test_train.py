@@ -93,6 +93,17 @@ def measured(log):
     return [{k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))} for m in log]
 
 
+def assert_resume_reproduces(work, flags, name):
+    """4 steps checkpointed every 2, and a copy cut after step 3 (its step-4 checkpoint removed) and resumed:
+    the same metrics, bit for bit."""
+    flags = [*flags, "--max-steps", 4, "--save-every", 2, "--keep-checkpoints", 3]
+    whole = train(work, *flags, output=f"{name}_whole")
+    shutil.copytree(work / f"{name}_whole", work / f"{name}_cut")
+    shutil.rmtree(work / f"{name}_cut" / "checkpoints" / "step4")  # as if killed after step 3
+    resumed = train(work, *flags, "--resume", output=f"{name}_cut")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and measured(whole) == measured(resumed)
+
+
 PPO = ["--stage", "ppo", "--reward-fn", "rewards:count_e", "--max-new-tokens", 8, "--rollout-batch-size", 16,
        "--batch-size", 8, "--ppo-epochs", 2, "--temperature", 1.0, "--lr", 3e-3]
 
@@ -160,12 +171,7 @@ def test_dpo_learns_the_preference_without_a_reward_model(work):
 
 
 def test_dpo_resume_reproduces_the_uninterrupted_run(work):
-    flags = ["--stage", "dpo", "--max-steps", 4, "--lr", 1e-3, "--save-every", 2, "--keep-checkpoints", 3]
-    whole = train(work, *flags, output="dpo_whole")
-    shutil.copytree(work / "dpo_whole", work / "dpo_cut")
-    shutil.rmtree(work / "dpo_cut" / "checkpoints" / "step4")  # as if killed after step 3
-    resumed = train(work, *flags, "--resume", output="dpo_cut")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and measured(whole) == measured(resumed)
+    assert_resume_reproduces(work, ["--stage", "dpo", "--lr", 1e-3], "dpo")
 
 
 def test_ppo_raises_the_reward(work):
@@ -224,13 +230,8 @@ def test_sequence_loss_agg_and_dr_grpo_run(work):
     assert other[0]["advantage_std"] != pytest.approx(plain[0]["advantage_std"])
 
 
-def test_critic_free_resume_reproduces_the_uninterrupted_run(work, stage="grpo"):  # rloo: the same loop
-    flags = ["--stage", stage, *GROUP, "--max-steps", 4, "--save-every", 2, "--keep-checkpoints", 3]
-    whole = train(work, *flags, output=f"{stage}_whole")
-    shutil.copytree(work / f"{stage}_whole", work / f"{stage}_cut")
-    shutil.rmtree(work / f"{stage}_cut" / "checkpoints" / "step4")  # as if killed after step 3
-    resumed = train(work, *flags, "--resume", output=f"{stage}_cut")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and measured(whole) == measured(resumed)
+def test_critic_free_resume_reproduces_the_uninterrupted_run(work):  # rloo: the same loop
+    assert_resume_reproduces(work, ["--stage", "grpo", *GROUP], "grpo")
 
 
 def test_reward_norm_makes_ppo_blind_to_the_reward_scale(work):
