@@ -60,7 +60,8 @@ def parse_args(argv=None):
     a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
     a("--lora-rank", type=bounded(int, 0), default=0,
       help="LoRA rank r (Hu et al. 2021): train low-rank adapters and a new head only (0: every weight)")
-    a("--lora-alpha", type=positive, default=None, help="LoRA alpha: the update is scaled by alpha / r (default 2r)")
+    a("--lora-alpha", type=positive, default=None,
+      help="LoRA alpha: the update is scaled by alpha / r (default 2r)")
     a("--lora-targets", default="all-linear",
       help="layers LoRA adapts: all-linear (attention and MLP projections), or names, e.g. q_proj,v_proj")
     a("--gradient-checkpointing", action="store_true",

@@ -60,7 +60,8 @@ def adapt(model, args):
             model.score.requires_grad_(True)  # the new head trains whole
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
-            fail(f"--gradient-checkpointing: --model {args.model} ({type(model).__name__}) does not support it")
+            fail(f"--gradient-checkpointing: --model {args.model} ({type(model).__name__}) does not "
+                 f"support it")
         model.activation_checkpointing_enable({"use_reentrant": False})  # transformers' own, non-reentrant
     return model
 

@@ -1,8 +1,8 @@
-"""LoRA (Hu et al. 2021), written out: a frozen layer W plus a trainable low-rank update, W x + (alpha / r) B A x.
-A (r, in) starts random and B (out, r) at zero, so training starts exactly at the base model. Only A and B
-(and a new value or score head) train: no gradients and no Adam state for the base weights, and the base
-model itself, with the adapters switched off, is the frozen reference of the KL penalty and of DPO.
-Shapes: r rank, in / out the layer's input and output features."""
+"""LoRA (Hu et al. 2021), written out: a frozen layer W plus a trainable low-rank update,
+W x + (alpha / r) B A x. A (r, in) starts random and B (out, r) at zero, so training starts exactly at the
+base model. Only A and B (and a new value or score head) train: no gradients and no Adam state for the base
+weights, and the base model itself, with the adapters switched off, is the frozen reference of the KL penalty
+and of DPO. Shapes: r rank, in / out the layer's input and output features."""
 import contextlib
 import math
 
@@ -33,7 +33,7 @@ def add_lora(model, rank, alpha, targets="all-linear"):
     """Freeze every weight of `model`, then wrap the target layers in LoRALinear (only their A and B train).
     targets: "all-linear", every nn.Linear / Conv1D in the transformer body (`model.base_model`), i.e. the
     attention and MLP projections of any family and not the LM or score head; or comma-separated names
-    ("q_proj,v_proj"), matched against the end of each layer's module name. -> the number of layers wrapped."""
+    ("q_proj,v_proj"), matched against the last part of each layer's module name. -> how many it wrapped."""
     model.requires_grad_(False)
     names = targets.split(",")
     chosen = [(name, module) for name, module in model.base_model.named_modules()
