@@ -67,7 +67,7 @@ def reward_model_means(path, rows, batch_size):
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         scores += M.score_texts(model, tokenizer, [r["prompt"] for r in chunk], [r["text"] for r in chunk],
-                                tokenizer.model_max_length).tolist()
+                                tokenizer.model_max_length, ended=[r["ended"] for r in chunk]).tolist()
     return sum(scores) / len(scores)
 
 

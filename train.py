@@ -109,7 +109,11 @@ def add_online_flags(g):
     g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
       help="scale scores to mean 0, std 1 by the first rollout's statistics (Ziegler et al. 2019)")
     g("--whiten-rewards", action="store_true", help="whiten the KL-shaped rewards before GAE")
-    g("--missing-eos-penalty", type=non_negative, default=None, help="subtracted from scores without EOS")
+    g("--missing-eos-penalty", type=non_negative, default=None,
+      help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
+           "else 0)")
+    g("--critic-model", help="ppo: a critic of its own, initialised from this reward model (InstructGPT); "
+                             "default: a value head on the policy's backbone")
 
 
 def check_online_args(args):
@@ -130,6 +134,9 @@ def check_online_args(args):
              f"(--batch-size x --grad-accum = {args.batch_size * args.grad_accum})")
     if (args.reward_model is None) == (args.reward_fn is None):
         fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
+    args.missing_eos_penalty = args.missing_eos_penalty or 0.0
+    if args.stage != "ppo" and args.critic_model:
+        fail(f"--critic-model: --stage {args.stage} has no critic (its baseline is the group's mean)")
 
 
 def offline_defaults(args):
@@ -140,8 +147,10 @@ def offline_defaults(args):
             args.model = "runs/sft" if args.stage != "sft" and finished("runs/sft") else default_model()
         except RuntimeError as e:
             fail(str(e))
-    if args.stage in ONLINE and args.dataset is None and args.gold_fn is None:
-        args.gold_fn = "vader"  # the judge that plays the human labeller, to watch PPO over-optimise the RM
+    if args.stage in ONLINE and args.dataset is None:
+        args.gold_fn = args.gold_fn or "vader"  # the judge that plays the human labeller
+        if args.missing_eos_penalty is None:  # answers that run into the token cap lose (Huang et al. 2024)
+            args.missing_eos_penalty = 1.0
     args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
     if args.stage in ONLINE and not (args.reward_model or args.reward_fn) and finished("runs/rm"):
         args.reward_model = "runs/rm"
@@ -254,19 +263,21 @@ def rollout(engine, batch, tokenizer):
     return response.masked_fill(~mask, tokenizer.pad_token_id), mask.long(), ended
 
 
-def policy_forward(policy, ids, mask, prompt_len, temperature):
-    """Temperature-scaled logits, log-probs and values (None without a value head) of the response tokens
-    (M.response_positions): (B, T) -> (B, R, V), (B, R), (B, R). The value at position t is of the state
-    before token t+1."""
+def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None):
+    """Temperature-scaled logits, log-probs and values of the response tokens (M.response_positions):
+    (B, T) -> (B, R, V), (B, R), (B, R). The values are the separate critic's if one is given, else the value
+    head's (None without one); the value at position t is of the state before token t+1."""
     logits, values = policy(ids, mask, M.response_positions(ids, prompt_len))  # (B, R, V), (B, T)
     logits = logits / temperature
+    if critic is not None:
+        values = critic(ids, mask)  # (B, T)
     if values is not None:
         values = values[:, prompt_len - 1:-1].float()
     return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values
 
 
 @torch.no_grad()
-def make_experience(engine, ref, batch, response, mask, args):
+def make_experience(engine, ref, critic, batch, response, mask, args):
     """The rollout as PPO trains on it: prompt + response ids and the policy's log-probs and values (PPO's)
     and the reference's log-probs of each response token, computed once, in micro-batches."""
     P = batch["input_ids"].shape[1]
@@ -274,7 +285,7 @@ def make_experience(engine, ref, batch, response, mask, args):
     attention_mask = torch.cat([batch["attention_mask"], mask], 1)  # (B, T)
     logprobs, values, ref_logprobs = [], [], []
     for i, m in zip(ids.split(args.batch_size), attention_mask.split(args.batch_size)):
-        _, policy_logprobs, policy_values = policy_forward(engine, i, m, P, args.temperature)
+        _, policy_logprobs, policy_values = policy_forward(engine, i, m, P, args.temperature, critic)
         logprobs.append(policy_logprobs)
         values.append(policy_values)
         ref_logprobs.append(M.response_logprobs(ref, i, m, P, args.temperature))
@@ -286,35 +297,38 @@ def make_experience(engine, ref, batch, response, mask, args):
 
 
 def shaped_scores(scores, ended, norm, args):
-    """The scores PPO optimises: less --missing-eos-penalty where no EOS came, then normalised to mean 0,
-    std 1 under the initial policy (Ziegler et al. 2019, sec. 2), i.e. with the first rollout's statistics,
-    which `norm` keeps (and checkpoints)."""
+    """The scores PPO optimises: normalised to mean 0, std 1 under the initial policy (Ziegler et al. 2019,
+    sec. 2), i.e. with the first rollout's statistics, which `norm` keeps (and checkpoints); then less
+    --missing-eos-penalty where no EOS came, in those units (the "EOS trick", Huang et al. 2024: a response
+    that runs into the token cap scores low, whatever its text)."""
     if args.reward_norm and not norm:
         m = mean_across_ranks({"mean": scores.mean().item(), "sq": scores.pow(2).mean().item()})
         if all(map(math.isfinite, m.values())):  # else (--skip-nonfinite) the next rollout sets it
             norm.update(mean=m["mean"], std=math.sqrt(max(m["sq"] - m["mean"] ** 2, 1e-12)))
-    if args.missing_eos_penalty:
-        scores = scores - args.missing_eos_penalty * (~ended).float()
-    return (scores - norm["mean"]) / norm["std"] if args.reward_norm and norm else scores
+    if args.reward_norm and norm:
+        scores = (scores - norm["mean"]) / norm["std"]
+    return scores - args.missing_eos_penalty * (~ended).float()
 
 
-def ppo_update(engine, exp, kl_coef, args):
+def ppo_update(engine, critic, exp, kl_coef, args):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
-    every --grad-accum of them, i.e. once per mini-batch. Returns the mean stats and phase times."""
+    every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own. Returns the mean
+    stats and phase times."""
     sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(len(exp["ids"])).split(args.batch_size):
             mask = exp["mask"][mb]
             logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
-                                                      exp["prompt_len"], args.temperature)
+                                                      exp["prompt_len"], args.temperature, critic)
             loss, pg_stats = M.ppo_policy_loss(logprobs, exp["logprobs"][mb], exp["advantages"][mb], mask,
                                                args.cliprange, args.loss_agg)
             mb_stats = {"ppo/loss/policy": loss, "ppo/policy/clipfrac": pg_stats["clipfrac"],
                         "ppo/policy/approx_kl": pg_stats["approx_kl"]}
-            if values is not None:  # PPO's critic, on the policy's backbone
+            if values is not None:  # PPO's critic
                 vf_loss, vf_stats = M.ppo_value_loss(values, exp["values"][mb], exp["returns"][mb], mask,
                                                      args.cliprange_value)
-                loss = loss + args.vf_coef * vf_loss
+                if critic is None:  # on the policy's backbone: one loss
+                    loss = loss + args.vf_coef * vf_loss
                 mb_stats |= {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"]}
             if args.stage == "grpo":  # the KL to the reference in the loss, per token (Shao et al., eq. 3)
                 kl = M.aggregate(M.kl_k3(logprobs, exp["ref_logprobs"][mb]), mask, args.loss_agg)
@@ -327,6 +341,9 @@ def ppo_update(engine, exp, kl_coef, args):
             engine.backward(loss)
             clock.lap("update/backward")
             engine.step()
+            if critic is not None:
+                critic.backward(vf_loss)
+                critic.step()
             clock.lap("update/optimizer")
             for k, v in mb_stats.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
@@ -347,7 +364,8 @@ def critic_free_advantages(exp, shaped, kl_coef, args):
 
 
 def ppo_models(args, cfg, device, tokenizer, resize):
-    """The policy (with PPO's value head) to train, the frozen reference, the reward and the gold judge."""
+    """The policy to train (with PPO's value head, or a separate critic to train), the frozen reference,
+    the reward and the gold judge."""
     if args.reward_fn:
         reward = RewardFunction("--reward-fn", args.reward_fn, args.skip_nonfinite)
     else:
@@ -357,26 +375,32 @@ def ppo_models(args, cfg, device, tokenizer, resize):
                                    max_length=args.max_length + args.max_new_tokens, device=device)
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
     backbone = adapt(load_model("--model", args.model, tokenizer, resize), args)
-    policy = M.PolicyWithValueHead(backbone, value_head=args.stage == "ppo")
+    policy = M.PolicyWithValueHead(backbone, value_head=args.stage == "ppo" and not args.critic_model)
+    critic = None
+    if args.critic_model:  # it reads the policy's tokens: loaded with the policy's tokenizer
+        start = load_model("--critic-model", args.critic_model, tokenizer, resize, "reward")
+        critic = M.Critic(adapt(start, args))
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id)
-    return policy, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
+    return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
 
 
 def train_ppo(args, cfg, device, tokenizer, resize):
     """Stage 3: each iteration samples a rollout and trains on it for --ppo-epochs, phases 1-5. GRPO and
     RLOO run the same loop with G samples per prompt, their baseline from the group instead of a critic."""
     prompts, _ = load_examples(args, tokenizer)
-    policy, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize)
+    policy, critic, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize)
     per_iteration = args.rollout_batch_size * dist.get_world_size()
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations
     updates = args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
     engine = build_engine(policy, cfg, total * updates, args.deepspeed_config)
+    if critic is not None:  # its own optimizer, under the same DeepSpeed config
+        critic = build_engine(critic, cfg, total * updates, args.deepspeed_config)
     torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
-    run = Run(args, engine, total)
+    run = Run(args, engine, total, critic)
     kl_ctl = M.KLController(run.state.get("kl_coef", args.kl_coef), args.target_kl)
     norm = dict(run.state.get("reward_norm", {}))  # the first rollout's score mean and std, once known
     order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)
@@ -388,12 +412,14 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         response, mask, ended = rollout(engine, batch, tokenizer)  # 1. rollout
         clock.lap("rollout")
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-        scores = reward(batch["prompts"], texts).to(device).float()  # 2. score, (B,)
+        scores = reward(batch["prompts"], texts, ended=ended.tolist()).to(device).float()  # 2. score, (B,)
         if gold:
             stats["gold"] = gold(batch["prompts"], texts).mean().item()
         shaped = shaped_scores(scores, ended, norm, args)
+        if critic is not None and norm and args.critic_model == args.reward_model:  # in normalised units
+            critic.module.set_scale(norm["mean"], norm["std"])
         clock.lap("score")
-        exp = make_experience(engine, ref, batch, response, mask, args)
+        exp = make_experience(engine, ref, critic, batch, response, mask, args)
         clock.lap("forward")
         if args.stage == "ppo":
             # 3. KL-shaped rewards: -kl_coef * (log pi - log pi_ref) per token, the score on the last one
@@ -406,7 +432,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         else:
             exp["advantages"] = critic_free_advantages(exp, shaped, kl_ctl.value, args)  # 3-4. (B, R)
         engine.train()
-        stats |= ppo_update(engine, exp, kl_ctl.value, args)  # 5. K epochs of clipped updates
+        stats |= ppo_update(engine, critic, exp, kl_ctl.value, args)  # 5. K epochs of clipped updates
         clock.lap("update")
         stats |= rollout_stats(exp, scores, kl_ctl.value, G) | clock.times
         kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank keeps the same coefficient

@@ -144,10 +144,13 @@ def encode_prompt(tokenizer, prompt):
     return ids or [tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id]
 
 
-def encode_pair(tokenizer, prompt, response):
+def encode_pair(tokenizer, prompt, response, ended=True):
     """(prompt_ids, response_ids) with EOS ending the response. With a chat template the response is
-    the assistant turn exactly as the template writes it after the generation prompt."""
+    the assistant turn exactly as the template writes it after the generation prompt. ended=False: a
+    response cut off at the token limit, encoded as it was generated, with no end of turn and no EOS."""
     prompt_ids = encode_prompt(tokenizer, prompt)
+    if not ended:
+        return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.chat_template:
         head = tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(

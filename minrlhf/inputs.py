@@ -42,13 +42,16 @@ def load_model(flag, path, tokenizer, resize, kind="causal"):
              f"({str(e).splitlines()[0]})")
     if resize:
         model.resize_token_embeddings(len(tokenizer))
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):  # e.g. a critic of another model family
+        fail(f"{flag} {path}: {model.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
+             f"{len(tokenizer)} tokens of the tokenizer it reads")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
 def adapt(model, args):
     """The model to train as the flags ask: --lora-rank freezes it but for LoRA adapters and a reward model's
-    new score head; --gradient-checkpointing. -> model"""
+    (or critic's) score head; --gradient-checkpointing. -> model"""
     if not args.lora_rank and (args.lora_alpha or args.lora_targets != "all-linear"):
         fail("--lora-alpha and --lora-targets shape LoRA adapters: pass --lora-rank R > 0 with them")
     if args.lora_rank:
@@ -56,8 +59,8 @@ def adapt(model, args):
         if not add_lora(model, args.lora_rank, alpha, args.lora_targets):
             fail(f"--lora-targets {args.lora_targets}: no nn.Linear or Conv1D layer of that name in the "
                  f"transformer body of --model {args.model}")
-        if args.stage == "rm":
-            model.score.requires_grad_(True)  # the new head trains whole
+        if hasattr(model, "score"):  # a sequence classifier: its head trains whole
+            model.score.requires_grad_(True)
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             fail(f"--gradient-checkpointing: --model {args.model} ({type(model).__name__}) does not "
@@ -114,8 +117,10 @@ class RewardFunction:
         if not callable(self.fn):
             fail(f"{flag} {spec}: not callable")
 
-    def __call__(self, prompts, responses):
-        """-> (B,) scores; a bad call on any rank stops every rank with its message (`fail_together`)."""
+    def __call__(self, prompts, responses, ended=None):
+        """-> (B,) scores; a bad call on any rank stops every rank with its message (`fail_together`). The
+        function sees the text as generated (`ended`, whether each response came to its EOS, is for reward
+        models, whose chat template would otherwise close a cut-off turn)."""
         scores, error = self.checked_call(prompts, responses)
         fail_together(error)
         return scores

@@ -99,6 +99,30 @@ class PolicyWithValueHead(nn.Module):
         return out.logits, self.value_head(hidden).squeeze(-1)
 
 
+class Critic(nn.Module):
+    """PPO's critic as a network of its own, initialised from the reward model (Ouyang et al. 2022, appendix
+    C.3; Huang et al. 2024, "The N+ implementation details"): the reward model's scalar head read at every
+    position, so that at the start the value of each prefix is the reward model's score of that prefix, on
+    the scale of PPO's normalised scores once `set_scale` gives it their mean and std."""
+
+    def __init__(self, reward_model):
+        super().__init__()
+        self.reward_model = reward_model
+        self.register_buffer("shift", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+
+    def set_scale(self, mean, std):
+        self.shift.fill_(mean)
+        self.scale.fill_(std)
+
+    def forward(self, input_ids, attention_mask):
+        """-> values (B, T); the value at t reads the sequence up to and including token t."""
+        body = self.reward_model.base_model  # the transformer without its head
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                      position_ids=position_ids(attention_mask)).last_hidden_state  # (B, T, H)
+        return (self.reward_model.score(hidden).squeeze(-1).float() - self.shift) / self.scale
+
+
 def load_reward_model(path, pad_token_id, dtype=None, new_head=True):
     """A reward model: backbone + scalar head read at the last non-pad token (transformers'
     sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn from
@@ -145,10 +169,14 @@ def score_pairs(reward_model, groups):
 
 
 @torch.no_grad()
-def score_texts(reward_model, tokenizer, prompts, responses, max_length, device="cpu"):
+def score_texts(reward_model, tokenizer, prompts, responses, max_length, device="cpu", ended=None):
     """Reward of each (prompt, response) text, encoded as in training (`encode_pair`), so a reward model
-    may have its own tokenizer and chat template. Past max_length it keeps each sequence's last tokens,
-    where training cuts a pair's shared prompt to fit its longer reply. -> (B,)"""
-    seqs = [sum(encode_pair(tokenizer, p, r), [])[-max_length:] for p, r in zip(prompts, responses)]
+    may have its own tokenizer and chat template. ended[i] False: response i was cut off at the token limit
+    and is scored as such, without the end of turn and EOS it did not generate (default: all ended).
+    Past max_length it keeps each sequence's last tokens, where training cuts a pair's shared prompt to fit
+    its longer reply. -> (B,)"""
+    ended = [True] * len(prompts) if ended is None else ended
+    seqs = [sum(encode_pair(tokenizer, p, r, e), [])[-max_length:]
+            for p, r, e in zip(prompts, responses, ended)]
     ids, mask = pad_with_mask(seqs, tokenizer.pad_token_id)  # (B, T) right-padded
     return reward_scores(reward_model, ids.to(device), mask.to(device))

@@ -134,8 +134,9 @@ class Run:
     """One run on every rank: `start` and `state` (from --resume's checkpoint), then `end_step` after each
     step: log, stop on a signal or a non-finite value, checkpoint. Rank 0 writes metrics.jsonl."""
 
-    def __init__(self, args, engine, total):
+    def __init__(self, args, engine, total, critic=None):
         self.args, self.engine, self.total, self.main = args, engine, total, dist.get_rank() == 0
+        self.critic = critic  # PPO's separate critic: an engine of its own, checkpointed beside the policy
         self.start, self.state = self.resume() if args.resume else (0, {})
         self.stop = False  # set by SIGINT/SIGTERM: finish the step, checkpoint, exit
         signal.signal(signal.SIGINT, self.request_stop)
@@ -203,7 +204,7 @@ class Run:
 
     def weights_finite(self):
         """No NaN/inf in any rank's weights (a ZeRO-3 rank holds its partition in ds_tensor)."""
-        params = self.engine.module.parameters()
+        params = [*self.engine.module.parameters(), *(self.critic.module.parameters() if self.critic else [])]
         ok = torch.tensor(float(all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in params)))
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return ok.item() == 1.0
@@ -217,6 +218,8 @@ class Run:
         tmp = os.path.join(root, f"step{step}.tmp")
         self.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={"step": step, **state},
                                     save_latest=False)
+        if self.critic:
+            self.critic.save_checkpoint(tmp, tag="critic", save_latest=False)
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "accelerator": get_accelerator().get_rng_state()}  # a GPU's own generator, sampling's
         torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
@@ -233,6 +236,8 @@ class Run:
         if not found:
             fail(f"--resume: no complete checkpoint in {os.path.join(self.args.output, 'checkpoints')}")
         _, state = self.engine.load_checkpoint(os.path.dirname(found[-1]), tag=os.path.basename(found[-1]))
+        if self.critic:
+            self.critic.load_checkpoint(found[-1], tag="critic")
         rng = torch.load(os.path.join(found[-1], f"rng_rank{dist.get_rank()}.pt"), weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])

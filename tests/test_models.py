@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from minrlhf import (PolicyWithValueHead, collate_pairs, encode_preference, ensure_pad_token, load_causal_lm,
-                     load_reward_model, logprobs_from_logits, pad, pair_scores, reply_logprobs, response_logprobs,
-                     response_positions, reward_scores, score_texts)
+from minrlhf import (Critic, PolicyWithValueHead, collate_pairs, encode_pair, encode_preference, ensure_pad_token,
+                     load_causal_lm, load_reward_model, logprobs_from_logits, pad, pair_scores, reply_logprobs,
+                     response_logprobs, response_positions, reward_scores, score_texts)
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
@@ -160,3 +160,38 @@ def test_score_texts_encodes_like_training(tmp_path):
         expected = pair_scores(model, **collate_pairs([pair], tokenizer.pad_token_id)[0])[0]
         got = score_texts(model, tokenizer, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], 64)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_cut_off_response_is_scored_as_generated(tmp_path, chat):
+    """ended=False: no end of turn and no EOS that the policy did not generate; ended=True: as in training."""
+    tokenizer = make_tokenizer(chat_template=chat)
+    model = load_reward_model(save_tiny("llama", tmp_path, chat_template=chat), tokenizer.pad_token_id).eval()
+    prompt, response = "is it good?", " yes, absolutely"
+    prompt_ids, cut = encode_pair(tokenizer, prompt, response, ended=False)
+    assert cut == tokenizer(response, add_special_tokens=False)["input_ids"]  # the text alone
+    assert tokenizer.eos_token_id not in cut and tokenizer.eos_token_id in encode_pair(tokenizer, prompt, response)[1]
+    ids = torch.tensor([prompt_ids + cut])
+    with torch.no_grad():
+        expected = reward_scores(model, ids, torch.ones_like(ids))
+        got = score_texts(model, tokenizer, [prompt] * 2, [response] * 2, 64, ended=[False, True])
+    torch.testing.assert_close(got[:1], expected)
+    assert got[1] != got[0]
+
+
+def test_critic_starts_as_the_reward_model_of_every_prefix(family_dir):
+    """Critic(rm) at position t = the reward model's score of tokens 0..t (left padding skipped), then mapped
+    to the normalised scale by set_scale."""
+    _, path = family_dir
+    tokenizer = make_tokenizer()
+    critic = Critic(load_reward_model(path, tokenizer.pad_token_id)).eval()
+    ids = torch.randint(3, 60, (2, 7))
+    padded = torch.cat([torch.full((2, 2), tokenizer.pad_token_id), ids], 1)  # left-padded, as in a rollout
+    mask = torch.cat([torch.zeros(2, 2, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        values = critic(padded, mask)[:, 2:]  # (2, 7)
+        scores = torch.stack([reward_scores(critic.reward_model, ids[:, :t + 1], torch.ones_like(ids[:, :t + 1]))
+                              for t in range(7)], 1)
+        torch.testing.assert_close(values, scores, rtol=1e-4, atol=1e-5)
+        critic.set_scale(2.0, 4.0)
+        torch.testing.assert_close(critic(padded, mask)[:, 2:], (scores - 2) / 4, rtol=1e-4, atol=1e-5)

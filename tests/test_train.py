@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 import minrlhf
-from tiny import save_tiny
+from tiny import make_tokenizer, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -23,6 +23,9 @@ SUBJECTS = ["the film", "the food", "the movie", "the service", "this product", 
 ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
 REWARD_FN = """def count_e(prompts, responses):
     return [float(r.count('e')) for r in responses]
+
+def prompt_length(prompts, responses):
+    return [float(len(p)) for p in prompts]
 
 def count_e_affine(prompts, responses):
     return [2 * x + 3 for x in count_e(prompts, responses)]
@@ -64,6 +67,8 @@ def work(tmp_path_factory):
     # weights 25x larger than the default init: next-token distributions that LoRA on the body can reshape
     # (with init 0.02 the frozen LM head keeps every distribution near uniform whatever the adapters do)
     save_tiny("llama", d / "peaked", config={"initializer_range": 0.5})
+    minrlhf.load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "random_rm")
+    make_tokenizer().save_pretrained(d / "random_rm")  # a random head: an arbitrary, fixed function of the text
     rows = [{"prompt": f"{s} was", "chosen": " great, I loved it", "rejected": " awful"} for s in SUBJECTS] * 8
     (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "rewards.py").write_text(REWARD_FN)
@@ -254,6 +259,37 @@ def test_ppo_with_the_reward_model_and_adaptive_kl(work):
     assert all(m["gold"] >= 0 for m in log)  # the second judge is logged, not trained on
 
 
+def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
+    sys.path.insert(0, ROOT)
+    import train
+    args = train.parse_args(["--stage", "ppo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
+    assert args.missing_eos_penalty == 0.0  # not the offline example: off
+    args.missing_eos_penalty = 1.5
+    shaped = train.shaped_scores(torch.tensor([3.0, 3.0, 7.0]), torch.tensor([True, False, False]),
+                                 {"mean": 3.0, "std": 2.0}, args)
+    torch.testing.assert_close(shaped, torch.tensor([0.0, -1.5, 0.5]))  # in normalised units, whatever the scale
+
+
+ONLINE_PPO = ["--stage", "ppo", "--max-new-tokens", 8, "--rollout-batch-size", 16, "--batch-size", 8,
+              "--temperature", 1.0, "--lr", 3e-3, "--lam", 0.95]
+CRITIC_PPO = [*ONLINE_PPO, "--reward-model", "random_rm", "--critic-model", "random_rm"]
+
+
+def test_ppo_critic_from_the_reward_model_learns(work):
+    """--critic-model: a network of its own, with its own optimizer, saved in every checkpoint; its explained
+    variance of the returns rises above 0.5."""
+    learnable = ["--reward-fn", "rewards:prompt_length", "--critic-model", "random_rm"]  # a score it can predict
+    log = train(work, *ONLINE_PPO, *learnable, "--max-steps", 12, output="critic")
+    variance = [m["ppo/val/explained_variance"] for m in log]
+    assert max(variance[-4:]) > 0.5, variance
+    assert os.path.isdir(work / "critic" / "checkpoints" / "step12" / "critic")
+    assert not os.path.exists(work / "critic" / "value_head.pt")
+
+
+def test_critic_resume_reproduces_the_uninterrupted_run(work):
+    assert_resume_reproduces(work, CRITIC_PPO, "critic")
+
+
 def test_zero3_generation_matches_plain(work):
     """ZeRO-3 partitions the weights; gathered for generation, it must sample the very same tokens."""
     plain = train(work, *PPO, "--max-steps", 1, output="z0")
@@ -273,10 +309,10 @@ def test_sft_under_zero_bf16_and_offload(work, flags):
     AutoModelForCausalLM.from_pretrained(work / ("z" + "".join(map(str, flags)).replace("-", "")))
 
 
-@pytest.mark.parametrize("stage", ["rm", "ppo", "dpo", "grpo"])  # rloo: grpo's loop, another advantage
+@pytest.mark.parametrize("stage", ["rm", "ppo", "dpo", "grpo", "critic"])  # rloo: grpo's loop, another advantage
 def test_two_ranks_zero3(work, stage):
-    flags = {"ppo": PPO + ["--max-steps", 2], "grpo": ["--stage", "grpo", *GROUP, "--max-steps", 2]}.get(
-        stage, ["--stage", stage, "--max-steps", 6, "--lr", 1e-3])
+    flags = {"ppo": PPO + ["--max-steps", 2], "grpo": ["--stage", "grpo", *GROUP, "--max-steps", 2],
+             "critic": CRITIC_PPO + ["--max-steps", 2]}.get(stage, ["--stage", stage, "--max-steps", 6, "--lr", 1e-3])
     log = train(work, *flags, "--deepspeed_config", work / "zero3.json", output=f"{stage}_2ranks",
                 launcher=[DEEPSPEED, "--num_gpus", "2"])
     assert len(log) == len(set(m["step"] for m in log))  # rank 0 alone writes metrics
