@@ -339,10 +339,11 @@ def ppo_update(engine, critic, exp, kl_coef, args):
             del logits
             clock.lap("update/forward")
             engine.backward(loss)
+            if critic is not None:  # its own loss, its own gradients
+                critic.backward(vf_loss)
             clock.lap("update/backward")
             engine.step()
             if critic is not None:
-                critic.backward(vf_loss)
                 critic.step()
             clock.lap("update/optimizer")
             for k, v in mb_stats.items():
