@@ -20,7 +20,8 @@ from transformers import GenerationConfig
 
 import minrlhf as M
 from minrlhf.data import ONLINE
-from minrlhf.engine import build_engine, deepspeed_config, frozen, gathered, init_distributed
+from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
+                            param_groups)
 from minrlhf.inputs import RewardFunction, adapt, load_examples, load_model, load_tokenizer, reference
 from minrlhf.run import (OneLineArgumentParser, Run, Stopwatch, batches, bounded, check_output, fail,
                          mean_across_ranks, non_negative, positive, positive_int)
@@ -98,22 +99,28 @@ def add_online_flags(g):
            "sequence in the reward (rloo)")
     g("--target-kl", type=positive, default=None, help="adaptive KL target, nats (Ziegler et al. 2019)")
     g("--cliprange", type=positive, default=0.2, help="policy ratio clip epsilon")
-    g("--cliprange-value", type=positive, default=0.2, help="value clip around the rollout values")
-    g("--vf-coef", type=non_negative, default=0.1, help="value loss weight in the shared-backbone loss")
-    g("--gamma", type=bounded(float, 0, 1), default=1.0, help="discount")
-    g("--lam", type=bounded(float, 0, 1), default=1.0,
-      help="GAE lambda (1: Monte-Carlo returns; 0.95 suits a critic that has learnt)")
+    g("--cliprange-value", type=positive, default=None, help="ppo: value clip (default 0.2)")
+    g("--vf-coef", type=non_negative, default=None, help="ppo: value loss weight (default 0.1)")
+    g("--value-lr", type=positive, default=None,
+      help="ppo: peak lr of the value function, the value head or the separate critic (default: --lr)")
+    g("--gamma", type=bounded(float, 0, 1), default=None, help="ppo: discount (default 1)")
+    g("--lam", type=bounded(float, 0, 1), default=None,
+      help="ppo: GAE lambda (1: Monte-Carlo returns, the default; 0.95 suits a critic that has learnt)")
     g("--temperature", type=positive, default=0.7, help="sampling temperature; log-probs use it too")
     g("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
       help="grpo: divide by the group's score std (--no-scale-rewards: Dr. GRPO, Liu et al. 2025)")
     g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
       help="scale scores to mean 0, std 1 by the first rollout's statistics (Ziegler et al. 2019)")
-    g("--whiten-rewards", action="store_true", help="whiten the KL-shaped rewards before GAE")
+    g("--whiten-rewards", action="store_true", default=None, help="ppo: whiten KL-shaped rewards before GAE")
     g("--missing-eos-penalty", type=non_negative, default=None,
       help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
            "else 0)")
     g("--critic-model", help="ppo: a critic of its own, initialised from this reward model (InstructGPT); "
                              "default: a value head on the policy's backbone")
+
+
+PPO_ONLY = {"critic_model": None, "value_lr": None, "vf_coef": 0.1, "cliprange_value": 0.2, "gamma": 1.0,
+            "lam": 1.0, "whiten_rewards": False}  # flags of the critic and GAE, and their defaults
 
 
 def check_online_args(args):
@@ -135,8 +142,12 @@ def check_online_args(args):
     if (args.reward_model is None) == (args.reward_fn is None):
         fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
     args.missing_eos_penalty = args.missing_eos_penalty or 0.0
-    if args.stage != "ppo" and args.critic_model:
-        fail(f"--critic-model: --stage {args.stage} has no critic (its baseline is the group's mean)")
+    given = [name for name in PPO_ONLY if getattr(args, name) is not None]
+    if args.stage != "ppo" and given:
+        fail(f"--{given[0].replace('_', '-')}: ppo only; --stage {args.stage} has no critic (its baseline is "
+             f"the group's mean)")
+    for name, default in PPO_ONLY.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
 
 
 def offline_defaults(args):
@@ -397,9 +408,11 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations
     updates = args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
-    engine = build_engine(policy, cfg, total * updates, args.deepspeed_config)
+    engine = build_engine(policy, cfg, total * updates, args.deepspeed_config,
+                          param_groups(policy, policy.value_head, args.value_lr))
     if critic is not None:  # its own optimizer, under the same DeepSpeed config
-        critic = build_engine(critic, cfg, total * updates, args.deepspeed_config)
+        critic = build_engine(critic, cfg, total * updates, args.deepspeed_config,
+                              param_groups(critic, critic, args.value_lr))
     torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
     run = Run(args, engine, total, critic)
     kl_ctl = M.KLController(run.state.get("kl_coef", args.kl_coef), args.target_kl)
@@ -480,6 +493,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    finally:  # a process that exits with its group alive, even on an error, can abort ("terminate called")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except SystemExit as e:  # fail(): one line printed, status 2; argparse's --help: 0
+        exit_process(e.code if isinstance(e.code, int) else 1)
+    exit_process(0)

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import socket
+import sys
 
 import deepspeed
 import torch
@@ -30,6 +31,18 @@ def init_distributed():
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
     device = torch.device(accelerator.device_name(int(os.environ["LOCAL_RANK"])))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+
+def exit_process(status):
+    """Leave the process groups (DeepSpeed's own too), flush, and exit without the interpreter's teardown:
+    deepspeed.initialize leaves a gloo group that no destroy call reaches, and its threads, torn down at
+    exit in no fixed order, can abort a finished run ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def deepspeed_config(args, world_size):
@@ -59,9 +72,22 @@ def deepspeed_config(args, world_size):
     return cfg
 
 
-def build_engine(model, cfg, total_steps, config_path):
-    """Trainable model -> DeepSpeed engine with AdamW (from the config) and linear decay to 0."""
+def param_groups(model, part=None, lr=None):
+    """The trainable parameters as optimizer groups: those of `part` (a submodule, or `model` itself) learn at
+    `lr`, the others at the config's lr; the schedule scales each group's lr alike."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if part is None or lr is None:
+        return params
+    own = {id(p) for p in part.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in own]},
+              {"params": [p for p in params if id(p) in own], "lr": lr}]
+    return [group for group in groups if group["params"]]
+
+
+def build_engine(model, cfg, total_steps, config_path, params=None):
+    """Trainable model -> DeepSpeed engine with AdamW (from the config) and linear decay to 0. `params`:
+    optimizer groups (default: every trainable parameter at the config's lr)."""
+    params = params or param_groups(model)
     decay = functools.partial(torch.optim.lr_scheduler.LambdaLR,
                               lr_lambda=lambda s: max(0.0, 1 - s / max(1, total_steps)))
     try:

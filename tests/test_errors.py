@@ -88,7 +88,11 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                    r"--rollout-batch-size 3 x --num-generations 2 is not a multiple of the mini-batch "
                                    r"\(--batch-size x --grad-accum = 4\)"),
     "critic for a critic-free stage": (["--stage", "grpo", "--reward-fn", "err_rewards:boom", "--critic-model", "{w}/rm"],
-                                      r"--critic-model: --stage grpo has no critic"),
+                                      r"--critic-model: ppo only; --stage grpo has no critic"),
+    "GAE's lambda for rloo": (["--stage", "rloo", "--reward-fn", "err_rewards:boom", "--lam", "0.95"],
+                              r"--lam: ppo only; --stage rloo has no critic"),
+    "a value lr for grpo": (["--stage", "grpo", "--reward-fn", "err_rewards:boom", "--value-lr", "1e-3"],
+                            r"--value-lr: ppo only; --stage grpo has no critic"),
     "resume without checkpoint": (["--resume"], r"--resume: no complete checkpoint in .*checkpoints"),
     "output of another stage": (["--stage", "rm", "--output", "{w}/sft_run"], r"sft_run holds a --stage sft run"),
     "checkpoints without resume": (["--output", "{w}/ckpt_run"], r"ckpt_run already holds checkpoints; pass --resume"),

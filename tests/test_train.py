@@ -286,6 +286,25 @@ def test_ppo_critic_from_the_reward_model_learns(work):
     assert not os.path.exists(work / "critic" / "value_head.pt")
 
 
+@pytest.mark.parametrize("critic", [[], ["--critic-model", "random_rm"]])
+def test_value_lr_is_the_value_functions_own(work, critic):
+    """--value-lr: Adam moves each weight by about its lr per update, so after 4 updates at --lr 1e-6 the policy's
+    weights moved < 1e-5, the value head's (or the separate critic's) by more than 1e-3 at --value-lr 1e-2."""
+    out = "value_lr" + ("_critic" if critic else "")
+    train(work, *PPO, "--lr", 1e-6, "--value-lr", 1e-2, "--max-steps", 1, *critic, output=out)
+    ckpt = work / out / "checkpoints" / "step1"
+    policy = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    base = AutoModelForCausalLM.from_pretrained(work / "model").state_dict()
+    assert max((policy["backbone." + k] - w).abs().max() for k, w in base.items()) < 1e-5
+    if critic:
+        value = torch.load(ckpt / "critic" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        start = AutoModelForSequenceClassification.from_pretrained(work / "random_rm").state_dict()
+        moved = max((value["reward_model." + k] - w).abs().max() for k, w in start.items())
+    else:
+        moved = policy["value_head.weight"].abs().max()  # from zero
+    assert moved > 1e-3
+
+
 def test_critic_resume_reproduces_the_uninterrupted_run(work):
     assert_resume_reproduces(work, CRITIC_PPO, "critic")
 
