@@ -70,6 +70,7 @@ def parse_args(argv=None):
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_online_flags(p.add_argument_group("ppo, grpo and rloo").add_argument)
     args = p.parse_args(argv)
+    check_stage_flags(args, p)
     offline_defaults(args)
     args.lr = args.lr or (5e-5 if args.stage == "rm" else 1e-5)
     args.output = args.output or os.path.join("runs", args.stage)
@@ -99,28 +100,24 @@ def add_online_flags(g):
            "sequence in the reward (rloo)")
     g("--target-kl", type=positive, default=None, help="adaptive KL target, nats (Ziegler et al. 2019)")
     g("--cliprange", type=positive, default=0.2, help="policy ratio clip epsilon")
-    g("--cliprange-value", type=positive, default=None, help="ppo: value clip (default 0.2)")
-    g("--vf-coef", type=non_negative, default=None, help="ppo: value loss weight (default 0.1)")
+    g("--cliprange-value", type=positive, default=0.2, help="ppo: value clip around the rollout values")
+    g("--vf-coef", type=non_negative, default=0.1, help="ppo: value loss weight in the shared-backbone loss")
     g("--value-lr", type=positive, default=None,
       help="ppo: peak lr of the value function, the value head or the separate critic (default: --lr)")
-    g("--gamma", type=bounded(float, 0, 1), default=None, help="ppo: discount (default 1)")
-    g("--lam", type=bounded(float, 0, 1), default=None,
-      help="ppo: GAE lambda (1: Monte-Carlo returns, the default; 0.95 suits a critic that has learnt)")
+    g("--gamma", type=bounded(float, 0, 1), default=1.0, help="ppo: discount")
+    g("--lam", type=bounded(float, 0, 1), default=1.0,
+      help="ppo: GAE lambda (1: Monte-Carlo returns; 0.95 suits a critic that has learnt)")
     g("--temperature", type=positive, default=0.7, help="sampling temperature; log-probs use it too")
     g("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
       help="grpo: divide by the group's score std (--no-scale-rewards: Dr. GRPO, Liu et al. 2025)")
     g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
       help="scale scores to mean 0, std 1 by the first rollout's statistics (Ziegler et al. 2019)")
-    g("--whiten-rewards", action="store_true", default=None, help="ppo: whiten KL-shaped rewards before GAE")
+    g("--whiten-rewards", action="store_true", help="ppo: whiten the KL-shaped rewards before GAE")
     g("--missing-eos-penalty", type=non_negative, default=None,
       help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
            "else 0)")
     g("--critic-model", help="ppo: a critic of its own, initialised from this reward model (InstructGPT); "
                              "default: a value head on the policy's backbone")
-
-
-PPO_ONLY = {"critic_model": None, "value_lr": None, "vf_coef": 0.1, "cliprange_value": 0.2, "gamma": 1.0,
-            "lam": 1.0, "whiten_rewards": False}  # flags of the critic and GAE, and their defaults
 
 
 def check_online_args(args):
@@ -142,12 +139,23 @@ def check_online_args(args):
     if (args.reward_model is None) == (args.reward_fn is None):
         fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
     args.missing_eos_penalty = args.missing_eos_penalty or 0.0
-    given = [name for name in PPO_ONLY if getattr(args, name) is not None]
-    if args.stage != "ppo" and given:
-        fail(f"--{given[0].replace('_', '-')}: ppo only; --stage {args.stage} has no critic (its baseline is "
-             f"the group's mean)")
-    for name, default in PPO_ONLY.items():
-        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+
+
+STAGE_FLAGS = {  # flags that only some stages read: given to another, an error rather than ignored
+    "beta": ("dpo",), "ref_model": ("dpo", *ONLINE), "scale_rewards": ("grpo",),
+    **dict.fromkeys(("reward_model", "reward_fn", "gold_fn", "max_new_tokens", "rollout_batch_size",
+                     "num_generations", "ppo_epochs", "mini_batch_size", "loss_agg", "kl_coef", "target_kl",
+                     "cliprange", "temperature", "reward_norm", "missing_eos_penalty"), ONLINE),
+    **dict.fromkeys(("critic_model", "value_lr", "vf_coef", "cliprange_value", "gamma", "lam",
+                     "whiten_rewards"), ("ppo",)),  # the critic's and GAE's
+}
+
+
+def check_stage_flags(args, parser):
+    for name, stages in STAGE_FLAGS.items():
+        if args.stage not in stages and getattr(args, name) != parser.get_default(name):
+            fail(f"--{name.replace('_', '-')}: --stage {args.stage} does not use it (a flag of "
+                 f"{', '.join(stages)})")
 
 
 def offline_defaults(args):
@@ -391,7 +399,7 @@ def ppo_models(args, cfg, device, tokenizer, resize):
     critic = None
     if args.critic_model:  # it reads the policy's tokens: loaded with the policy's tokenizer
         start = load_model("--critic-model", args.critic_model, tokenizer, resize, "reward")
-        critic = M.Critic(adapt(start, args))
+        critic = M.Critic(adapt(start, args, f"--critic-model {args.critic_model}"))
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

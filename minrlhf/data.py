@@ -65,8 +65,10 @@ def _json_fault(path):
         text = f.read()
     lines = text.splitlines() if path.removesuffix(".gz").endswith(".jsonl") else [text]
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            line.strip() and json.loads(line)
+            json.loads(line)
         except json.JSONDecodeError as e:
             return f"line {number + e.lineno - 1}: malformed JSON ({e.msg})"
     return None

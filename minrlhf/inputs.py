@@ -49,22 +49,23 @@ def load_model(flag, path, tokenizer, resize, kind="causal"):
     return model
 
 
-def adapt(model, args):
+def adapt(model, args, source=None):
     """The model to train as the flags ask: --lora-rank freezes it but for LoRA adapters and a reward model's
-    (or critic's) score head; --gradient-checkpointing. -> model"""
+    (or critic's) score head; --gradient-checkpointing. `source` names it in errors (default --model's).
+    -> model"""
+    source = source or f"--model {args.model}"
     if not args.lora_rank and (args.lora_alpha or args.lora_targets != "all-linear"):
         fail("--lora-alpha and --lora-targets shape LoRA adapters: pass --lora-rank R > 0 with them")
     if args.lora_rank:
         alpha = args.lora_alpha or 2 * args.lora_rank
         if not add_lora(model, args.lora_rank, alpha, args.lora_targets):
             fail(f"--lora-targets {args.lora_targets}: no nn.Linear or Conv1D layer of that name in the "
-                 f"transformer body of --model {args.model}")
+                 f"transformer body of {source}")
         if hasattr(model, "score"):  # a sequence classifier: its head trains whole
             model.score.requires_grad_(True)
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
-            fail(f"--gradient-checkpointing: --model {args.model} ({type(model).__name__}) does not "
-                 f"support it")
+            fail(f"--gradient-checkpointing: {source} ({type(model).__name__}) does not support it")
         model.activation_checkpointing_enable({"use_reentrant": False})  # transformers' own, non-reentrant
     return model
 

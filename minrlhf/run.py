@@ -142,7 +142,7 @@ class Run:
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
         self.bar, self.metrics = None, self.open_metrics() if self.main else None
-        self.t0, self.skipped = time.perf_counter(), engine.skipped_steps
+        self.t0, self.skipped = time.perf_counter(), self.skipped_steps()
 
     def request_stop(self, signum, frame):
         self.stop = True
@@ -171,21 +171,25 @@ class Run:
         self.log(step, stats, step % self.args.log_every == 0 or step == self.total)
         if stop or step == self.total or (self.args.save_every and step % self.args.save_every == 0):
             self.save_checkpoint(step, state or {})
-        self.t0, self.skipped = time.perf_counter(), self.engine.skipped_steps
+        self.t0, self.skipped = time.perf_counter(), self.skipped_steps()
         return stop
 
     def check_finite(self, step, stats):
         """A NaN/inf stat or a skipped (non-finite) update stops the run, or with --skip-nonfinite is
         counted and left out of the log (JSON has no NaN)."""
         bad = [k for k, v in stats.items() if not math.isfinite(v)]
-        bad += ["gradient"] * (self.engine.skipped_steps > self.skipped)
+        bad += ["gradient"] * (self.skipped_steps() > self.skipped)
         if not self.args.skip_nonfinite:
             if bad:
                 fail(f"step {step}: non-finite {', '.join(bad)}; stopped without writing a checkpoint "
                      f"(--skip-nonfinite skips such updates instead)")
             return stats
         stats = {k: v for k, v in stats.items() if math.isfinite(v)}
-        return stats | {"skipped_steps": self.engine.skipped_steps}
+        return stats | {"skipped_steps": self.skipped_steps()}
+
+    def skipped_steps(self):
+        """Updates skipped for a non-finite gradient: the policy's, and a separate critic's."""
+        return self.engine.skipped_steps + (self.critic.skipped_steps if self.critic else 0)
 
     def log(self, step, stats, write):
         if not self.main:
@@ -247,19 +251,33 @@ class Run:
         return state["step"], state
 
     def save_final(self, tokenizer):
-        """Hugging Face folders: the policy (PPO's value head beside it: value_head.pt) or reward model,
-        with any LoRA adapters merged into the weights."""
-        engine = self.engine
-        state = (engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_partition_weights()
-                 else engine.module.state_dict())  # ZeRO-3 gathers the whole model on rank 0; all ranks call
+        """Hugging Face folders, any LoRA adapters merged into the weights: the policy (PPO's value head
+        beside it: value_head.pt) or reward model in --output; a separate critic in --output/critic."""
+        state = whole_state(self.engine)
+        critic = whole_state(self.critic) if self.critic else None
         if not self.main:
             return
-        module, state = engine.module, merged_state_dict(engine.module, state)  # LoRA: plain weights
+        module, state = self.engine.module, merged_state_dict(self.engine.module, state)  # LoRA: plain
         if hasattr(module, "backbone"):  # the online stages' policy
-            head = {k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")}
+            head = submodule_state(state, "value_head.")
             if head:
                 torch.save(head, os.path.join(self.args.output, "value_head.pt"))
-            state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-            module = module.backbone
+            state, module = submodule_state(state, "backbone."), module.backbone
         module.save_pretrained(self.args.output, state_dict=state)
         tokenizer.save_pretrained(self.args.output)
+        if critic is not None:  # a reward model: its score at each position is a value (models.Critic)
+            critic = submodule_state(merged_state_dict(self.critic.module, critic), "reward_model.")
+            self.critic.module.reward_model.save_pretrained(os.path.join(self.args.output, "critic"),
+                                                            state_dict=critic)
+            tokenizer.save_pretrained(os.path.join(self.args.output, "critic"))
+
+
+def whole_state(engine):
+    """The engine's whole state dict; ZeRO-3 gathers it on rank 0 (every rank must call)."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
+
+
+def submodule_state(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -284,6 +284,10 @@ def test_ppo_critic_from_the_reward_model_learns(work):
     assert max(variance[-4:]) > 0.5, variance
     assert os.path.isdir(work / "critic" / "checkpoints" / "step12" / "critic")
     assert not os.path.exists(work / "critic" / "value_head.pt")
+    saved = AutoModelForSequenceClassification.from_pretrained(work / "critic" / "critic").state_dict()
+    trained = torch.load(work / "critic" / "checkpoints" / "step12" / "critic" / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]  # the critic's final weights, a reward model's again
+    assert all(torch.equal(w, trained["reward_model." + k]) for k, w in saved.items())
 
 
 @pytest.mark.parametrize("critic", [[], ["--critic-model", "random_rm"]])
