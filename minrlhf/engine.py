@@ -33,7 +33,6 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-
 def exit_process(status):
     """Leave the process groups (DeepSpeed's own too), flush, and exit without the interpreter's teardown:
     deepspeed.initialize leaves a gloo group that no destroy call reaches, and its threads, torn down at
