@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from minrlhf import PolicyWithValueHead, load_causal_lm
 from minrlhf.lora import BaseModel, LoRALinear, add_lora, adapters_disabled, merged_state_dict
-from test_train import DEEPSPEED, PPO, ROOT, assert_resume_reproduces, measured, train, work  # noqa: F401
+from test_train import (DEEPSPEED, PPO, ROOT, assert_resume_reproduces, checkpoint_weights, measured, train,  # noqa: F401
+                        work)
 from tiny import FAMILIES, make_causal_lm
 
 
@@ -117,8 +118,7 @@ def test_lora_ppo_trains_the_adapters_alone_and_saves_a_plain_model(work):
     # the checkpoint keeps the adapters apart: the training model it holds gives the saved model's logits
     policy = PolicyWithValueHead(load_causal_lm(work / "peaked"))
     add_lora(policy.backbone, 4, 8.0)
-    state = torch.load(work / "ppo_lora" / "checkpoints" / "step20" / "mp_rank_00_model_states.pt", weights_only=False)
-    policy.load_state_dict(state["module"])
+    policy.load_state_dict(checkpoint_weights(work / "ppo_lora" / "checkpoints" / "step20"))
     ids = torch.randint(3, 300, (2, 9))
     with torch.no_grad():
         trained = policy(ids, torch.ones_like(ids))[0]

@@ -93,6 +93,11 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def checkpoint_weights(folder):
+    """The module state DeepSpeed saved in a checkpoint folder (checkpoints/stepN, or its critic/)."""
+    return torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
 def measured(log):
     """The metrics, less wall time and memory, which vary from run to run."""
     return [{k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))} for m in log]
@@ -285,8 +290,7 @@ def test_ppo_critic_from_the_reward_model_learns(work):
     assert os.path.isdir(work / "critic" / "checkpoints" / "step12" / "critic")
     assert not os.path.exists(work / "critic" / "value_head.pt")
     saved = AutoModelForSequenceClassification.from_pretrained(work / "critic" / "critic").state_dict()
-    trained = torch.load(work / "critic" / "checkpoints" / "step12" / "critic" / "mp_rank_00_model_states.pt",
-                         weights_only=False)["module"]  # the critic's final weights, a reward model's again
+    trained = checkpoint_weights(work / "critic" / "checkpoints" / "step12" / "critic")  # a reward model's again
     assert all(torch.equal(w, trained["reward_model." + k]) for k, w in saved.items())
 
 
@@ -297,11 +301,11 @@ def test_value_lr_is_the_value_functions_own(work, critic):
     out = "value_lr" + ("_critic" if critic else "")
     train(work, *PPO, "--lr", 1e-6, "--value-lr", 1e-2, "--max-steps", 1, *critic, output=out)
     ckpt = work / out / "checkpoints" / "step1"
-    policy = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    policy = checkpoint_weights(ckpt)
     base = AutoModelForCausalLM.from_pretrained(work / "model").state_dict()
     assert max((policy["backbone." + k] - w).abs().max() for k, w in base.items()) < 1e-5
     if critic:
-        value = torch.load(ckpt / "critic" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        value = checkpoint_weights(ckpt / "critic")
         start = AutoModelForSequenceClassification.from_pretrained(work / "random_rm").state_dict()
         moved = max((value["reward_model." + k] - w).abs().max() for k, w in start.items())
     else:
@@ -395,8 +399,8 @@ def test_divergence_stops_before_a_nan_checkpoint(work):
     assert __import__("re").search(r"error: step (\d+): non-finite (\S*loss|gradient|weights)", proc.stderr), proc.stderr[-2000:]
     assert os.listdir(work / "nan" / "checkpoints")  # it ran a little before diverging
     for ckpt in os.listdir(work / "nan" / "checkpoints"):
-        state = torch.load(work / "nan" / "checkpoints" / ckpt / "mp_rank_00_model_states.pt", weights_only=False)
-        assert all(torch.isfinite(t).all() for t in state["module"].values()), ckpt
+        state = checkpoint_weights(work / "nan" / "checkpoints" / ckpt)
+        assert all(torch.isfinite(t).all() for t in state.values()), ckpt
 
 
 def test_nan_gradient_stops_the_run_naming_it(work):
