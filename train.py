@@ -104,6 +104,8 @@ def add_online_flags(g):
     g("--vf-coef", type=non_negative, default=0.1, help="ppo: value loss weight in the shared-backbone loss")
     g("--value-lr", type=positive, default=None,
       help="ppo: peak lr of the value function, the value head or the separate critic (default: --lr)")
+    g("--value-warmup", type=bounded(int, 0), default=0,
+      help="ppo: N iterations before the others in which only the value function learns, the policy held")
     g("--gamma", type=bounded(float, 0, 1), default=1.0, help="ppo: discount")
     g("--lam", type=bounded(float, 0, 1), default=1.0,
       help="ppo: GAE lambda (1: Monte-Carlo returns; 0.95 suits a critic that has learnt)")
@@ -146,7 +148,7 @@ STAGE_FLAGS = {  # flags that only some stages read: given to another, an error 
     **dict.fromkeys(("reward_model", "reward_fn", "gold_fn", "max_new_tokens", "rollout_batch_size",
                      "num_generations", "ppo_epochs", "mini_batch_size", "loss_agg", "kl_coef", "target_kl",
                      "cliprange", "temperature", "reward_norm", "missing_eos_penalty"), ONLINE),
-    **dict.fromkeys(("critic_model", "value_lr", "vf_coef", "cliprange_value", "gamma", "lam",
+    **dict.fromkeys(("critic_model", "value_lr", "value_warmup", "vf_coef", "cliprange_value", "gamma", "lam",
                      "whiten_rewards"), ("ppo",)),  # the critic's and GAE's
 }
 
@@ -282,11 +284,12 @@ def rollout(engine, batch, tokenizer):
     return response.masked_fill(~mask, tokenizer.pad_token_id), mask.long(), ended
 
 
-def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None):
+def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None, value_only=False):
     """Temperature-scaled logits, log-probs and values of the response tokens (M.response_positions):
     (B, T) -> (B, R, V), (B, R), (B, R). The values are the separate critic's if one is given, else the value
-    head's (None without one); the value at position t is of the state before token t+1."""
-    logits, values = policy(ids, mask, M.response_positions(ids, prompt_len))  # (B, R, V), (B, T)
+    head's (None without one); the value at position t is of the state before token t+1. value_only: the
+    policy's backbone without gradients (the value warm-up)."""
+    logits, values = policy(ids, mask, M.response_positions(ids, prompt_len), value_only)  # (B, R, V), (B, T)
     logits = logits / temperature
     if critic is not None:
         values = critic(ids, mask)  # (B, T)
@@ -329,16 +332,18 @@ def shaped_scores(scores, ended, norm, args):
     return scores - args.missing_eos_penalty * (~ended).float()
 
 
-def ppo_update(engine, critic, exp, kl_coef, args):
+def ppo_update(engine, critic, exp, kl_coef, args, value_only=False):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
-    every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own. Returns the mean
-    stats and phase times."""
+    every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own. value_only (the
+    --value-warmup iterations): only the value function learns; the policy's stats are logged, not applied.
+    Returns the mean stats and phase times."""
+    policy_steps = critic is None or not value_only  # a shared value head steps with the policy's engine
     sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(len(exp["ids"])).split(args.batch_size):
             mask = exp["mask"][mb]
             logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
-                                                      exp["prompt_len"], args.temperature, critic)
+                                                      exp["prompt_len"], args.temperature, critic, value_only)
             loss, pg_stats = M.ppo_policy_loss(logprobs, exp["logprobs"][mb], exp["advantages"][mb], mask,
                                                args.cliprange, args.loss_agg)
             mb_stats = {"ppo/loss/policy": loss, "ppo/policy/clipfrac": pg_stats["clipfrac"],
@@ -347,7 +352,7 @@ def ppo_update(engine, critic, exp, kl_coef, args):
                 vf_loss, vf_stats = M.ppo_value_loss(values, exp["values"][mb], exp["returns"][mb], mask,
                                                      args.cliprange_value)
                 if critic is None:  # on the policy's backbone: one loss
-                    loss = loss + args.vf_coef * vf_loss
+                    loss = args.vf_coef * vf_loss + (0.0 if value_only else loss)
                 mb_stats |= {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"]}
             if args.stage == "grpo":  # the KL to the reference in the loss, per token (Shao et al., eq. 3)
                 kl = M.aggregate(M.kl_k3(logprobs, exp["ref_logprobs"][mb]), mask, args.loss_agg)
@@ -357,11 +362,13 @@ def ppo_update(engine, critic, exp, kl_coef, args):
                 mb_stats["entropy"] = M.masked_mean(M.entropy_from_logits(logits), mask)
             del logits
             clock.lap("update/forward")
-            engine.backward(loss)
+            if policy_steps:
+                engine.backward(loss)
             if critic is not None:  # its own loss, its own gradients
                 critic.backward(vf_loss)
             clock.lap("update/backward")
-            engine.step()
+            if policy_steps:
+                engine.step()
             if critic is not None:
                 critic.step()
             clock.lap("update/optimizer")
@@ -416,17 +423,19 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations
     updates = args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
+    W = args.value_warmup  # first iterations, in which only the value function learns: its lr held there
+    held = 0 if critic is not None else W * updates  # a shared head's engine steps in the warm-up
     engine = build_engine(policy, cfg, total * updates, args.deepspeed_config,
-                          param_groups(policy, policy.value_head, args.value_lr))
+                          param_groups(policy, policy.value_head, args.value_lr), held)
     if critic is not None:  # its own optimizer, under the same DeepSpeed config
         critic = build_engine(critic, cfg, total * updates, args.deepspeed_config,
-                              param_groups(critic, critic, args.value_lr))
+                              param_groups(critic, critic, args.value_lr), W * updates)
     torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
-    run = Run(args, engine, total, critic)
+    run = Run(args, engine, W + total, critic)
     kl_ctl = M.KLController(run.state.get("kl_coef", args.kl_coef), args.target_kl)
     norm = dict(run.state.get("reward_norm", {}))  # the first rollout's score mean and std, once known
     order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)
-    for step in range(run.start + 1, total + 1):
+    for step in range(run.start + 1, W + total + 1):
         rows = [prompts[i] for i in next(order) for _ in range(G)]  # G samples of a prompt: consecutive
         batch = M.to_device(M.collate_prompts(rows, tokenizer.pad_token_id), device)  # (B, P) left-padded
         stats, clock = {"lr": engine.get_lr()[0]}, Stopwatch()
@@ -454,10 +463,11 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         else:
             exp["advantages"] = critic_free_advantages(exp, shaped, kl_ctl.value, args)  # 3-4. (B, R)
         engine.train()
-        stats |= ppo_update(engine, critic, exp, kl_ctl.value, args)  # 5. K epochs of clipped updates
+        stats |= ppo_update(engine, critic, exp, kl_ctl.value, args, step <= W)  # 5. K epochs, clipped
         clock.lap("update")
         stats |= rollout_stats(exp, scores, kl_ctl.value, G) | clock.times
-        kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank keeps the same coefficient
+        if step > W:  # a warm-up's policy has not moved: no KL to adapt to
+            kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank: the same coefficient
         if run.end_step(step, stats, {"kl_coef": kl_ctl.value, "reward_norm": norm}):
             return  # stopped by a signal, checkpoint written
     run.save_final(tokenizer)

@@ -87,12 +87,13 @@ class PolicyWithValueHead(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask, logits_to_keep=0, value_only=False):
         """-> logits at `logits_to_keep` (0: all positions; n: the last n; a tensor: those), (B, K, V),
-        and values (B, T) or None."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                            position_ids=position_ids(attention_mask), logits_to_keep=logits_to_keep,
-                            output_hidden_states=self.value_head is not None)
+        and values (B, T) or None. value_only: the backbone runs without gradients; only the head learns."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not value_only):
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                position_ids=position_ids(attention_mask), logits_to_keep=logits_to_keep,
+                                output_hidden_states=self.value_head is not None)
         if self.value_head is None:
             return out.logits, None
         hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)  # (B, T, H)
