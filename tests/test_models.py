@@ -54,6 +54,19 @@ def test_generation_logprobs_match_forward(family_dir):
     torch.testing.assert_close(frozen, sampler, atol=1e-4, rtol=1e-4)
 
 
+def test_value_only_trains_the_head_alone(tmp_path):
+    """value_only (the value warm-up): the same logits and values, but gradients reach only the value head."""
+    policy = PolicyWithValueHead(load_causal_lm(save_tiny("llama", tmp_path)))
+    ids = torch.randint(3, 60, (2, 6))
+    logits, values = policy(ids, torch.ones_like(ids))
+    head_logits, head_values = policy(ids, torch.ones_like(ids), value_only=True)
+    torch.testing.assert_close((head_logits, head_values), (logits, values))
+    assert not head_logits.requires_grad
+    (head_values ** 2 + 1).sum().backward()
+    assert policy.value_head.weight.grad is not None
+    assert all(p.grad is None for p in policy.backbone.parameters())
+
+
 def test_dropout_is_disabled(tmp_path):
     path = save_tiny("gpt2", tmp_path)
     from transformers import AutoConfig
