@@ -40,7 +40,8 @@ def parse_args(argv=None):
     a("--output", default=None, help="run directory (default runs/STAGE)")
     a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
     a("--epochs", type=positive, default=1.0, help="passes over the training data")
-    a("--lr", type=positive, default=None, help="peak lr, decays linearly to 0 (rm: 5e-5, else 1e-5)")
+    a("--lr", type=positive, default=None,
+      help="peak lr, decays linearly to 0 (rm: 5e-5; ppo, grpo, rloo: 2e-5; sft, dpo: 1e-5)")
     a("--batch-size", type=positive_int, default=4, help="per rank: train_micro_batch_size_per_gpu")
     a("--grad-accum", type=positive_int, default=1, help="gradient_accumulation_steps")
     a("--max-length", type=bounded(int, 2), default=512, help="max tokens of a sequence (ppo: of the prompt)")
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_stage_flags(args, p)
     offline_defaults(args)
-    args.lr = args.lr or (5e-5 if args.stage == "rm" else 1e-5)
+    args.lr = args.lr or {"rm": 5e-5, **dict.fromkeys(ONLINE, 2e-5)}.get(args.stage, 1e-5)
     args.output = args.output or os.path.join("runs", args.stage)
     if args.stage in ONLINE:
         check_online_args(args)
@@ -103,12 +104,12 @@ def add_online_flags(g):
     g("--cliprange-value", type=positive, default=0.2, help="ppo: value clip around the rollout values")
     g("--vf-coef", type=non_negative, default=0.1, help="ppo: value loss weight in the shared-backbone loss")
     g("--value-lr", type=positive, default=None,
-      help="ppo: peak lr of the value function, the value head or the separate critic (default: --lr)")
+      help="ppo: peak lr of the value function (default: a critic 1e-4, the value head --lr)")
     g("--value-warmup", type=bounded(int, 0), default=0,
       help="ppo: N iterations before the others in which only the value function learns, the policy held")
     g("--gamma", type=bounded(float, 0, 1), default=1.0, help="ppo: discount")
-    g("--lam", type=bounded(float, 0, 1), default=1.0,
-      help="ppo: GAE lambda (1: Monte-Carlo returns; 0.95 suits a critic that has learnt)")
+    g("--lam", type=bounded(float, 0, 1), default=None,
+      help="ppo: GAE lambda (default: a critic 0.95; the value head, which learns little, 1: Monte-Carlo)")
     g("--temperature", type=positive, default=0.7, help="sampling temperature; log-probs use it too")
     g("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
       help="grpo: divide by the group's score std (--no-scale-rewards: Dr. GRPO, Liu et al. 2025)")
@@ -118,8 +119,9 @@ def add_online_flags(g):
     g("--missing-eos-penalty", type=non_negative, default=None,
       help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
            "else 0)")
-    g("--critic-model", help="ppo: a critic of its own, initialised from this reward model (InstructGPT); "
-                             "default: a value head on the policy's backbone")
+    g("--critic-model",
+      help="ppo: a critic of its own, initialised from this reward model (InstructGPT), or 'head': a value "
+           "head on the policy's backbone (default: --reward-model, or 'head')")
 
 
 def check_online_args(args):
@@ -141,6 +143,11 @@ def check_online_args(args):
     if (args.reward_model is None) == (args.reward_fn is None):
         fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
     args.missing_eos_penalty = args.missing_eos_penalty or 0.0
+    if args.stage == "ppo":  # the value function: a critic from the reward model (InstructGPT), or the head
+        args.critic_model = args.critic_model or args.reward_model or "head"
+        head = args.critic_model == "head"
+        args.lam = (1.0 if head else 0.95) if args.lam is None else args.lam
+        args.value_lr = args.value_lr or (None if head else 1e-4)  # None: the head learns at --lr
 
 
 STAGE_FLAGS = {  # flags that only some stages read: given to another, an error rather than ignored
@@ -402,16 +409,22 @@ def ppo_models(args, cfg, device, tokenizer, resize):
                                    max_length=args.max_length + args.max_new_tokens, device=device)
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
     backbone = adapt(load_model("--model", args.model, tokenizer, resize), args)
-    policy = M.PolicyWithValueHead(backbone, value_head=args.stage == "ppo" and not args.critic_model)
-    critic = None
-    if args.critic_model:  # it reads the policy's tokens: loaded with the policy's tokenizer
-        start = load_model("--critic-model", args.critic_model, tokenizer, resize, "reward")
-        critic = M.Critic(adapt(start, args, f"--critic-model {args.critic_model}"))
+    policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
+    critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, resize)
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id)
     return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
+
+
+def load_critic(args, tokenizer, resize):
+    """PPO's critic from --critic-model, a reward model that reads the policy's tokens: its tokenizer's."""
+    path, name = args.critic_model, f"--critic-model {args.critic_model}"
+    if load_tokenizer("--critic-model", path)[0].get_vocab() != tokenizer.get_vocab():
+        fail(f"{name} (default: --reward-model): a tokenizer other than --model's, whose tokens a critic "
+             f"reads; pass --critic-model head, or one with --model's tokenizer")
+    return M.Critic(adapt(load_model("--critic-model", path, tokenizer, resize, "reward"), args, name))
 
 
 def train_ppo(args, cfg, device, tokenizer, resize):

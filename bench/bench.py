@@ -134,8 +134,9 @@ def raw_text_copy(model, dst):
 
 def ours_ppo(args, tmp, files, flags=()):
     """Case 1's PPO step with minrlhf; flags: e.g. --lora-rank 16, --gradient-checkpointing."""
-    return ours("ppo", ["--reward-model", files["rm_model"], "--rollout-batch-size", "8", "--batch-size", "8",
-                        "--max-new-tokens", "32", "--ppo-epochs", "4", "--temperature", "1.0", *flags],
+    return ours("ppo", ["--reward-model", files["rm_model"], "--critic-model", "head", "--rollout-batch-size", "8",
+                        "--batch-size", "8", "--max-new-tokens", "32", "--ppo-epochs", "4", "--temperature", "1.0",
+                        *flags],
                 files["ppo"], tmp, args)
 
 
@@ -198,7 +199,7 @@ def case_scaling(args, tmp, files):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    flags = ["--reward-model", files["rm_model"], "--ppo-epochs", "4", "--temperature", "1.0"]
+    flags = ["--reward-model", files["rm_model"], "--critic-model", "head", "--ppo-epochs", "4", "--temperature", "1.0"]
     run = lambda b, r: ours("ppo", flags + ["--rollout-batch-size", str(b), "--batch-size", str(b),
                                            "--max-new-tokens", str(r)], files["ppo"], tmp, args)
     by_length = [(r, run(8, r)) for r in (16, 32, 64, 128)]

@@ -28,6 +28,9 @@ def w(tmp_path_factory):
     save_tiny("llama", d / "model")
     load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "rm")
     make_tokenizer().save_pretrained(d / "rm")
+    chat = save_tiny("llama", d / "chat_model", chat_template=True)  # another tokenizer than the policy's
+    load_reward_model(chat, make_tokenizer(chat_template=True).pad_token_id).save_pretrained(d / "chat_rm")
+    make_tokenizer(chat_template=True).save_pretrained(d / "chat_rm")
     no_eos = make_tokenizer()
     no_eos.eos_token = None
     no_eos.save_pretrained(d / "no_eos")
@@ -87,6 +90,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                     "--num-generations", 2],
                                    r"--rollout-batch-size 3 x --num-generations 2 is not a multiple of the mini-batch "
                                    r"\(--batch-size x --grad-accum = 4\)"),
+    "a critic reading other tokens": (PPO + ["--reward-model", "{w}/chat_rm"],
+                                      r"--critic-model .*chat_rm \(default: --reward-model\): a tokenizer other than "
+                                      r"--model's, whose tokens a critic reads; pass --critic-model head"),
     "critic for a critic-free stage": (["--stage", "grpo", "--reward-fn", "err_rewards:boom", "--critic-model", "{w}/rm"],
                                       r"--critic-model: --stage grpo does not use it \(a flag of ppo\)"),
     "GAE's lambda for rloo": (["--stage", "rloo", "--reward-fn", "err_rewards:boom", "--lam", "0.95"],

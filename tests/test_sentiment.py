@@ -147,6 +147,7 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     args = train.parse_args(["--stage", "ppo"])
     assert (args.model, args.reward_model, args.output) == ("runs/sft", "runs/rm", "runs/ppo")
     assert args.gold_fn == "vader"  # the gold judge is logged beside the reward model's score
+    assert (args.critic_model, args.lam) == ("runs/rm", 0.95)  # InstructGPT's critic, from the reward model
     assert args.missing_eos_penalty == 1.0  # answers that run into the token cap lose, in the offline example
     assert train.parse_args(["--stage", "sft"]).model == "BASE"  # SFT always starts from the base model
     assert RewardFunction("--reward-fn", "vader").fn is minrlhf.defaults.vader

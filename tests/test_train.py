@@ -261,6 +261,7 @@ def test_ppo_with_the_reward_model_and_adaptive_kl(work):
                 "--batch-size", 4, "--max-steps", 3, "--target-kl", 0.01, "--missing-eos-penalty", 1.0,
                 "--gold-fn", "rewards:count_e", output="ppo_rm")
     assert len(log) == 3 and log[1]["kl_coef"] != log[0]["kl_coef"]  # the adaptive controller moved
+    assert (work / "ppo_rm" / "critic" / "config.json").exists()  # the default critic: the reward model's copy
     assert all(m["gold"] >= 0 for m in log)  # the second judge is logged, not trained on
 
 
@@ -275,6 +276,22 @@ def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
     torch.testing.assert_close(shaped, torch.tensor([0.0, -1.5, 0.5]))  # in normalised units, whatever the scale
 
 
+def test_ppo_defaults_a_critic_from_the_reward_model_else_the_value_head():
+    """InstructGPT's critic, from the reward model, where there is one, with the lambda and value lr that made it
+    learn on the offline example; the value head (cheaper) with a reward function or when asked for."""
+    sys.path.insert(0, ROOT)
+    import train
+    base = ["--stage", "ppo", "--model", ROOT, "--dataset", "x.jsonl"]
+    args = train.parse_args([*base, "--reward-model", "rm_dir"])
+    assert (args.critic_model, args.lam, args.value_lr, args.lr) == ("rm_dir", 0.95, 1e-4, 2e-5)
+    for flags in (["--reward-fn", "m:f"], ["--reward-model", "rm_dir", "--critic-model", "head"]):
+        args = train.parse_args([*base, *flags])
+        assert (args.critic_model, args.lam, args.value_lr) == ("head", 1.0, None)  # None: the head learns at --lr
+    args = train.parse_args([*base, "--reward-model", "rm_dir", "--lam", "0", "--value-lr", "1e-3"])
+    assert (args.lam, args.value_lr) == (0.0, 1e-3)
+    assert train.parse_args([*base, "--stage", "grpo", "--reward-fn", "m:f"]).critic_model is None
+
+
 ONLINE_PPO = ["--stage", "ppo", "--max-new-tokens", 8, "--rollout-batch-size", 16, "--batch-size", 8,
               "--temperature", 1.0, "--lr", 3e-3, "--lam", 0.95]
 CRITIC_PPO = [*ONLINE_PPO, "--reward-model", "random_rm", "--critic-model", "random_rm"]
@@ -283,7 +300,8 @@ CRITIC_PPO = [*ONLINE_PPO, "--reward-model", "random_rm", "--critic-model", "ran
 def test_ppo_critic_from_the_reward_model_learns(work):
     """--critic-model: a network of its own, with its own optimizer, saved in every checkpoint; its explained
     variance of the returns rises above 0.5."""
-    learnable = ["--reward-fn", "rewards:prompt_length", "--critic-model", "random_rm"]  # a score it can predict
+    learnable = ["--reward-fn", "rewards:prompt_length", "--critic-model", "random_rm",  # a score it can predict
+                 "--value-lr", 3e-3]
     log = train(work, *ONLINE_PPO, *learnable, "--max-steps", 12, output="critic")
     variance = [m["ppo/val/explained_variance"] for m in log]
     assert max(variance[-4:]) > 0.5, variance
