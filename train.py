@@ -22,9 +22,10 @@ import minrlhf as M
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
-from minrlhf.inputs import RewardFunction, adapt, load_examples, load_model, load_tokenizer, reference
+from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model, load_tokenizer,
+                            offline_defaults, reference)
 from minrlhf.run import (OneLineArgumentParser, Run, Stopwatch, batches, bounded, check_output, fail,
-                         mean_across_ranks, non_negative, positive, positive_int)
+                         mean_across_ranks, non_negative, positive, positive_int, quiet_libraries)
 
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
@@ -105,8 +106,6 @@ def add_online_flags(g):
     g("--vf-coef", type=non_negative, default=0.1, help="ppo: value loss weight in the shared-backbone loss")
     g("--value-lr", type=positive, default=None,
       help="ppo: peak lr of the value function (default: a critic 1e-4, the value head --lr)")
-    g("--value-warmup", type=bounded(int, 0), default=0,
-      help="ppo: N iterations before the others in which only the value function learns, the policy held")
     g("--gamma", type=bounded(float, 0, 1), default=1.0, help="ppo: discount")
     g("--lam", type=bounded(float, 0, 1), default=None,
       help="ppo: GAE lambda (default: a critic 0.95; the value head, which learns little, 1: Monte-Carlo)")
@@ -155,7 +154,7 @@ STAGE_FLAGS = {  # flags that only some stages read: given to another, an error 
     **dict.fromkeys(("reward_model", "reward_fn", "gold_fn", "max_new_tokens", "rollout_batch_size",
                      "num_generations", "ppo_epochs", "mini_batch_size", "loss_agg", "kl_coef", "target_kl",
                      "cliprange", "temperature", "reward_norm", "missing_eos_penalty"), ONLINE),
-    **dict.fromkeys(("critic_model", "value_lr", "value_warmup", "vf_coef", "cliprange_value", "gamma", "lam",
+    **dict.fromkeys(("critic_model", "value_lr", "vf_coef", "cliprange_value", "gamma", "lam",
                      "whiten_rewards"), ("ppo",)),  # the critic's and GAE's
 }
 
@@ -165,27 +164,6 @@ def check_stage_flags(args, parser):
         if args.stage not in stages and getattr(args, name) != parser.get_default(name):
             fail(f"--{name.replace('_', '-')}: --stage {args.stage} does not use it (a flag of "
                  f"{', '.join(stages)})")
-
-
-def offline_defaults(args):
-    """No --model, --dataset or reward: the offline sentiment example, each stage starting from the last."""
-    from minrlhf.defaults import SENTIMENT_DATA, default_model
-    if args.model is None:
-        try:
-            args.model = "runs/sft" if args.stage != "sft" and finished("runs/sft") else default_model()
-        except RuntimeError as e:
-            fail(str(e))
-    if args.stage in ONLINE and args.dataset is None:
-        args.gold_fn = args.gold_fn or "vader"  # the judge that plays the human labeller
-        if args.missing_eos_penalty is None:  # answers that run into the token cap lose (Huang et al. 2024)
-            args.missing_eos_penalty = 1.0
-    args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
-    if args.stage in ONLINE and not (args.reward_model or args.reward_fn) and finished("runs/rm"):
-        args.reward_model = "runs/rm"
-
-
-def finished(run_dir):
-    return os.path.isfile(os.path.join(run_dir, "config.json"))
 
 
 # ---------------------------------------------------------------- stages 1 and 2 (SFT, reward model), and DPO
@@ -291,13 +269,12 @@ def rollout(engine, batch, tokenizer):
     return response.masked_fill(~mask, tokenizer.pad_token_id), mask.long(), ended
 
 
-def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None, value_only=False):
+def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None):
     """Temperature-scaled logits, log-probs and values of the response tokens (M.response_positions):
     (B, T) -> (B, R, V), (B, R), (B, R). The values are the separate critic's if one is given, else the value
-    head's (None without one); the value at position t is of the state before token t+1. value_only: the
-    policy's backbone without gradients (the value warm-up)."""
-    logits, values = policy(ids, mask, M.response_positions(ids, prompt_len), value_only)  # (B, R, V), (B, T)
-    logits = logits / temperature
+    head's (None without one); the value at position t is of the state before token t+1."""
+    logits, values = policy(ids, mask, M.response_positions(ids, prompt_len))  # (B, R, V), (B, T)
+    logits = logits.float() / temperature  # in float32, as generate() scales them (bf16 would round again)
     if critic is not None:
         values = critic(ids, mask)  # (B, T)
     if values is not None:
@@ -339,18 +316,16 @@ def shaped_scores(scores, ended, norm, args):
     return scores - args.missing_eos_penalty * (~ended).float()
 
 
-def ppo_update(engine, critic, exp, kl_coef, args, value_only=False):
+def ppo_update(engine, critic, exp, kl_coef, args):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
-    every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own. value_only (the
-    --value-warmup iterations): only the value function learns; the policy's stats are logged, not applied.
+    every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own.
     Returns the mean stats and phase times."""
-    policy_steps = critic is None or not value_only  # a shared value head steps with the policy's engine
     sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
         for mb in torch.randperm(len(exp["ids"])).split(args.batch_size):
             mask = exp["mask"][mb]
             logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
-                                                      exp["prompt_len"], args.temperature, critic, value_only)
+                                                      exp["prompt_len"], args.temperature, critic)
             loss, pg_stats = M.ppo_policy_loss(logprobs, exp["logprobs"][mb], exp["advantages"][mb], mask,
                                                args.cliprange, args.loss_agg)
             mb_stats = {"ppo/loss/policy": loss, "ppo/policy/clipfrac": pg_stats["clipfrac"],
@@ -359,23 +334,21 @@ def ppo_update(engine, critic, exp, kl_coef, args, value_only=False):
                 vf_loss, vf_stats = M.ppo_value_loss(values, exp["values"][mb], exp["returns"][mb], mask,
                                                      args.cliprange_value)
                 if critic is None:  # on the policy's backbone: one loss
-                    loss = args.vf_coef * vf_loss + (0.0 if value_only else loss)
+                    loss = loss + args.vf_coef * vf_loss
                 mb_stats |= {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"]}
             if args.stage == "grpo":  # the KL to the reference in the loss, per token (Shao et al., eq. 3)
-                kl = M.aggregate(M.kl_k3(logprobs, exp["ref_logprobs"][mb]), mask, args.loss_agg)
+                kl = M.aggregate(M.kl_k3(logprobs, exp["ref_logprobs"][mb], mask), mask, args.loss_agg)
                 loss = loss + kl_coef * kl
                 mb_stats["grpo/kl_k3"] = kl
             with torch.no_grad():  # then drop the logits: no (B, R, V) tensor beside the backward
                 mb_stats["entropy"] = M.masked_mean(M.entropy_from_logits(logits), mask)
             del logits
             clock.lap("update/forward")
-            if policy_steps:
-                engine.backward(loss)
+            engine.backward(loss)
             if critic is not None:  # its own loss, its own gradients
                 critic.backward(vf_loss)
             clock.lap("update/backward")
-            if policy_steps:
-                engine.step()
+            engine.step()
             if critic is not None:
                 critic.step()
             clock.lap("update/optimizer")
@@ -383,6 +356,17 @@ def ppo_update(engine, critic, exp, kl_coef, args, value_only=False):
                 sums[k] = sums.get(k, 0.0) + v.item()
             count += 1
     return {k: v / count for k, v in sums.items()} | clock.times
+
+
+def ppo_advantages(exp, shaped, kl_coef, args):
+    """3. Per-token rewards -kl_coef * (log pi - log pi_ref), the score added on the last token; 4. GAE over
+    them with the critic's values, the advantages whitened over the rollout. -> advantages, returns (B, R)."""
+    mask = exp["mask"]
+    rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_coef)
+    if args.whiten_rewards:
+        rewards = M.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)
+    return M.masked_whiten(advantages, mask), returns
 
 
 def critic_free_advantages(exp, shaped, kl_coef, args):
@@ -418,13 +402,17 @@ def ppo_models(args, cfg, device, tokenizer, resize):
     return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
 
 
-def load_critic(args, tokenizer, resize):
-    """PPO's critic from --critic-model, a reward model that reads the policy's tokens: its tokenizer's."""
-    path, name = args.critic_model, f"--critic-model {args.critic_model}"
-    if load_tokenizer("--critic-model", path)[0].get_vocab() != tokenizer.get_vocab():
-        fail(f"{name} (default: --reward-model): a tokenizer other than --model's, whose tokens a critic "
-             f"reads; pass --critic-model head, or one with --model's tokenizer")
-    return M.Critic(adapt(load_model("--critic-model", path, tokenizer, resize, "reward"), args, name))
+def ppo_engines(policy, critic, cfg, iterations, args):
+    """DeepSpeed engines of the policy (with its value head, if any) and of a separate critic, each with its
+    own AdamW, the lr decaying linearly to 0 over the updates of `iterations`."""
+    responses = args.rollout_batch_size * args.num_generations
+    updates = iterations * args.ppo_epochs * responses // (args.batch_size * args.grad_accum)
+    engine = build_engine(policy, cfg, updates, args.deepspeed_config,
+                          param_groups(policy, policy.value_head, args.value_lr))
+    if critic is not None:  # its own optimizer, under the same DeepSpeed config
+        critic = build_engine(critic, cfg, updates, args.deepspeed_config,
+                              param_groups(critic, critic, args.value_lr))
+    return engine, critic
 
 
 def train_ppo(args, cfg, device, tokenizer, resize):
@@ -435,20 +423,13 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     per_iteration = args.rollout_batch_size * dist.get_world_size()
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations
-    updates = args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
-    W = args.value_warmup  # first iterations, in which only the value function learns: its lr held there
-    held = 0 if critic is not None else W * updates  # a shared head's engine steps in the warm-up
-    engine = build_engine(policy, cfg, total * updates, args.deepspeed_config,
-                          param_groups(policy, policy.value_head, args.value_lr), held)
-    if critic is not None:  # its own optimizer, under the same DeepSpeed config
-        critic = build_engine(critic, cfg, total * updates, args.deepspeed_config,
-                              param_groups(critic, critic, args.value_lr), W * updates)
+    engine, critic = ppo_engines(policy, critic, cfg, total, args)
     torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
-    run = Run(args, engine, W + total, critic)
+    run = Run(args, engine, total, critic)
     kl_ctl = M.KLController(run.state.get("kl_coef", args.kl_coef), args.target_kl)
     norm = dict(run.state.get("reward_norm", {}))  # the first rollout's score mean and std, once known
     order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)
-    for step in range(run.start + 1, W + total + 1):
+    for step in range(run.start + 1, total + 1):
         rows = [prompts[i] for i in next(order) for _ in range(G)]  # G samples of a prompt: consecutive
         batch = M.to_device(M.collate_prompts(rows, tokenizer.pad_token_id), device)  # (B, P) left-padded
         stats, clock = {"lr": engine.get_lr()[0]}, Stopwatch()
@@ -465,22 +446,15 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         clock.lap("score")
         exp = make_experience(engine, ref, critic, batch, response, mask, args)
         clock.lap("forward")
-        if args.stage == "ppo":
-            # 3. KL-shaped rewards: -kl_coef * (log pi - log pi_ref) per token, the score on the last one
-            rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_ctl.value)
-            if args.whiten_rewards:
-                rewards = M.masked_whiten(rewards, mask, shift_mean=False)
-            # 4. GAE, then advantages whitened over the rollout
-            advantages, exp["returns"] = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)
-            exp["advantages"] = M.masked_whiten(advantages, mask)
-        else:
-            exp["advantages"] = critic_free_advantages(exp, shaped, kl_ctl.value, args)  # 3-4. (B, R)
+        if args.stage == "ppo":  # 3. KL-shaped rewards, 4. GAE with the critic's values, whitened
+            exp["advantages"], exp["returns"] = ppo_advantages(exp, shaped, kl_ctl.value, args)  # (B, R) each
+        else:  # 3-4. each sample's baseline from the other samples of its prompt
+            exp["advantages"] = critic_free_advantages(exp, shaped, kl_ctl.value, args)  # (B, R)
         engine.train()
-        stats |= ppo_update(engine, critic, exp, kl_ctl.value, args, step <= W)  # 5. K epochs, clipped
+        stats |= ppo_update(engine, critic, exp, kl_ctl.value, args)  # 5. K epochs, clipped
         clock.lap("update")
         stats |= rollout_stats(exp, scores, kl_ctl.value, G) | clock.times
-        if step > W:  # a warm-up's policy has not moved: no KL to adapt to
-            kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank: the same coefficient
+        kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank: the same coefficient
         if run.end_step(step, stats, {"kl_coef": kl_ctl.value, "reward_norm": norm}):
             return  # stopped by a signal, checkpoint written
     run.save_final(tokenizer)
@@ -497,16 +471,6 @@ def rollout_stats(exp, scores, kl_coef, group_size):
     tied = scores.view(-1, group_size).std(1) == 0  # groups whose samples all score alike: no signal
     return stats | {"advantage_std": exp["advantages"][:, 0].std().item(),
                     "frac_reward_zero_std": tied.float().mean().item()}
-
-
-def quiet_libraries():
-    """Our progress bar and our error lines only: no load bars or library log lines in between."""
-    import datasets
-    import transformers
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def main(argv=None):

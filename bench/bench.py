@@ -155,7 +155,7 @@ def case_ppo(args, tmp, files, lora_rank=0):
     b = peer("ppo", "trl_ppo_peer.py", ["--model", args.model + "-tf4", "--reward-model", files["rm_model"] + "-tf4",
                                         "--prompts", files["ppo"], "--updates", args.steps, "--rollout-batch-size", 8,
                                         "--new-tokens", 32, "--ppo-epochs", 4, "--lr", 1e-5, *lora], args)
-    med = lambda xs: statistics.median(xs[1:])
+    med = median_after_warmup
     return {"s/update": (a["time/step"], med(b["update_seconds"])),
             "  generate": (a["time/rollout"], med(b["phases"]["generate"])),
             "  reward, ref, value forwards": (a["time/score"] + a["time/forward"], med(b["phases"]["forwards"])),
@@ -167,6 +167,11 @@ def case_ppo(args, tmp, files, lora_rank=0):
             "peak RSS GiB": (a["memory/peak_rss_gib"], b["peak_rss_gib"])}
 
 
+def median_after_warmup(values):
+    """The median of a peer's per-step figures, its first step (warm-up) left out."""
+    return statistics.median(values[1:])
+
+
 def supervised(stage, max_length, data, args, tmp, files):
     """One minrlhf run and one TRL run of the sft or rm step on 8 rows (pairs) of max_length tokens from the
     jsonl file data, raw text -> (minrlhf metrics, TRL's JSON, TRL's median seconds per step)."""
@@ -175,7 +180,7 @@ def supervised(stage, max_length, data, args, tmp, files):
     b = peer("new", "trl_peer.py", [stage, "--model", args.model, "--data", data, "--steps", args.steps,
                                     "--batch-size", 8, "--max-length", max_length, "--lr", 1e-5,
                                     "--optim", "adamw_torch_fused"], args)
-    return a, b, statistics.median(b["step_seconds"][1:])
+    return a, b, median_after_warmup(b["step_seconds"])
 
 
 def case_rm(args, tmp, files, data="rm"):
@@ -200,8 +205,10 @@ def case_scaling(args, tmp, files):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     flags = ["--reward-model", files["rm_model"], "--critic-model", "head", "--ppo-epochs", "4", "--temperature", "1.0"]
-    run = lambda b, r: ours("ppo", flags + ["--rollout-batch-size", str(b), "--batch-size", str(b),
-                                           "--max-new-tokens", str(r)], files["ppo"], tmp, args)
+
+    def run(b, r):  # b prompts per rollout, r new tokens at most
+        return ours("ppo", flags + ["--rollout-batch-size", str(b), "--batch-size", str(b), "--max-new-tokens", str(r)],
+                    files["ppo"], tmp, args)
     by_length = [(r, run(8, r)) for r in (16, 32, 64, 128)]
     by_batch = [(b, run(b, 32)) for b in (4, 8, 16)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))

@@ -83,13 +83,12 @@ def param_groups(model, part=None, lr=None):
     return [group for group in groups if group["params"]]
 
 
-def build_engine(model, cfg, total_steps, config_path, params=None, hold_steps=0):
-    """Trainable model -> DeepSpeed engine with AdamW (from the config), its lr held at the peak for
-    `hold_steps`, then decaying linearly to 0 over `total_steps`. `params`: optimizer groups (default: every
-    trainable parameter at the config's lr)."""
+def build_engine(model, cfg, total_steps, config_path, params=None):
+    """Trainable model -> DeepSpeed engine with AdamW (from the config), its lr decaying linearly to 0 over
+    `total_steps`. `params`: optimizer groups (default: every trainable parameter at the config's lr)."""
     params = params or param_groups(model)
-    decay = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=functools.partial(
-        held_then_linear, hold_steps=hold_steps, total_steps=total_steps))
+    decay = functools.partial(torch.optim.lr_scheduler.LambdaLR,
+                              lr_lambda=functools.partial(linear_decay, total_steps=total_steps))
     try:
         engine = deepspeed.initialize(model=model, model_parameters=params, config=cfg, lr_scheduler=decay)[0]
     except Exception as e:  # DeepSpeed validates the config here
@@ -101,9 +100,9 @@ def build_engine(model, cfg, total_steps, config_path, params=None, hold_steps=0
     return engine
 
 
-def held_then_linear(step, hold_steps, total_steps):
-    """The lr schedule's multiplier at `step`: 1 for the first hold_steps, then linearly down to 0."""
-    return min(1.0, max(0.0, 1 - (step - hold_steps) / max(1, total_steps)))
+def linear_decay(step, total_steps):
+    """The lr schedule's multiplier at `step`: from 1 linearly down to 0 at total_steps."""
+    return max(0.0, 1 - step / max(1, total_steps))
 
 
 def skip_nonfinite_step(optimizer, args, kwargs):

@@ -1,4 +1,5 @@
-"""What the flags name, loaded and checked for train.py: tokenizer, models, examples, reward functions.
+"""What the flags name, loaded and checked for train.py: the offline example for absent flags, tokenizer,
+models, examples, reward functions.
 Every failure is one line naming the flag or file (`fail`), before any training starts."""
 import importlib
 import math
@@ -11,10 +12,31 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, tokenize
+from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
 from .lora import BaseModel, add_lora
-from .models import load_causal_lm, load_reward_model
+from .models import Critic, load_causal_lm, load_reward_model
 from .run import fail, fail_together
+
+
+def offline_defaults(args):
+    """No --model, --dataset or reward: the offline sentiment example, each stage starting from the last."""
+    if args.model is None:
+        try:
+            args.model = "runs/sft" if args.stage != "sft" and finished("runs/sft") else default_model()
+        except RuntimeError as e:
+            fail(str(e))
+    if args.stage in ONLINE and args.dataset is None:
+        args.gold_fn = args.gold_fn or "vader"  # the judge that plays the human labeller
+        if args.missing_eos_penalty is None:  # answers that run into the token cap lose (Huang et al. 2024)
+            args.missing_eos_penalty = 1.0
+    args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
+    if args.stage in ONLINE and not (args.reward_model or args.reward_fn) and finished("runs/rm"):
+        args.reward_model = "runs/rm"
+
+
+def finished(run_dir):
+    return os.path.isfile(os.path.join(run_dir, "config.json"))
 
 
 def load_tokenizer(flag, path):
@@ -76,6 +98,15 @@ def reference(policy, args, cfg, device, tokenizer, resize):
     if args.lora_rank and not args.ref_model:
         return BaseModel(policy)
     return frozen(load_model("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
+
+
+def load_critic(args, tokenizer, resize):
+    """PPO's critic from --critic-model, a reward model that reads the policy's tokens: its tokenizer's."""
+    path, name = args.critic_model, f"--critic-model {args.critic_model}"
+    if load_tokenizer("--critic-model", path)[0].get_vocab() != tokenizer.get_vocab():
+        fail(f"{name} (default: --reward-model): a tokenizer other than --model's, whose tokens a critic "
+             f"reads; pass --critic-model head, or one with --model's tokenizer")
+    return Critic(adapt(load_model("--critic-model", path, tokenizer, resize, "reward"), args, name))
 
 
 def load_examples(args, tokenizer):

@@ -18,8 +18,9 @@ def first_eos_mask(response, eos_token_id):
 def logprobs_from_logits(logits, labels):
     """log p(label) at each position, (B, R, V) & (B, R) -> (B, R) float32; equals
     `log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]` (tested). Cross-entropy fuses the
-    log-softmax and the pick, forward and backward; row by row, the extra memory is one (R, V) row, not a
-    second (B, R, V) tensor, which matters at V = 50k-150k."""
+    log-softmax and the pick. Row by row: without gradients (rollout, reference) the extra memory is one
+    (R, V) row, not a second (B, R, V) tensor, which matters at V = 50k-150k; with gradients each row's
+    float32 log-softmax is kept for the backward, as in the plain form."""
     rows = [F.cross_entropy(row.float(), label, reduction="none") for row, label in zip(logits, labels)]
     return -torch.stack(rows)
 
@@ -98,7 +99,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_ag
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs), mask),  # KL(old || new)
+            "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs, mask), mask),  # KL(old || new)
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
@@ -115,11 +116,12 @@ def aggregate(values, mask, loss_agg="token"):
     return (torch.where(mask, values, 0.0).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def kl_k3(logprobs, ref_logprobs):
+def kl_k3(logprobs, ref_logprobs, mask):
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, Schulman 2020, "Approximating KL
     divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased and >= 0, unlike log pi - log pi_ref
-    (k1). GRPO's KL term, Shao et al. 2024, eq. 4. (B, R) -> (B, R)."""
-    log_r = ref_logprobs - logprobs
+    (k1). GRPO's KL term, Shao et al. 2024, eq. 4. (B, R) x3 -> (B, R), 0 on padding: masked before the
+    exp, whose overflow there would otherwise send inf * 0 = NaN into the gradients."""
+    log_r = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0)
     return torch.exp(log_r) - 1 - log_r
 
 

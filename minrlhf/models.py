@@ -47,7 +47,8 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                    position_ids=position_ids(attention_mask),
                    logits_to_keep=response_positions(input_ids, prompt_len)).logits  # (B, R, V)
-    return logprobs_from_logits(logits / temperature, input_ids[:, prompt_len:])
+    logits = logits.float() / temperature  # in float32, as generate() scales them
+    return logprobs_from_logits(logits, input_ids[:, prompt_len:])
 
 
 def reply_logprobs(model, groups):
@@ -87,13 +88,12 @@ class PolicyWithValueHead(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, logits_to_keep=0, value_only=False):
+    def forward(self, input_ids, attention_mask, logits_to_keep=0):
         """-> logits at `logits_to_keep` (0: all positions; n: the last n; a tensor: those), (B, K, V),
-        and values (B, T) or None. value_only: the backbone runs without gradients; only the head learns."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not value_only):
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                position_ids=position_ids(attention_mask), logits_to_keep=logits_to_keep,
-                                output_hidden_states=self.value_head is not None)
+        and values (B, T) or None."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            position_ids=position_ids(attention_mask), logits_to_keep=logits_to_keep,
+                            output_hidden_states=self.value_head is not None)
         if self.value_head is None:
             return out.logits, None
         hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)  # (B, T, H)
@@ -162,10 +162,20 @@ def pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
                         cache=cache).logits.float().view(-1, 2)
 
 
+def full_pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
+    """What `pair_scores` computes, from the same inputs, with each prompt + reply run in full. -> (B, 2)"""
+    ids = torch.cat([prompt_ids.repeat_interleave(2, 0), reply_ids], 1)  # (2B, P+R)
+    return reward_model(input_ids=ids, attention_mask=attention_mask, use_cache=False,
+                        position_ids=position_ids(attention_mask)).logits.float().view(-1, 2)
+
+
 def score_pairs(reward_model, groups):
     """Scores of the chosen and the rejected replies, (B,) each, from `collate_pairs` groups: what scoring
-    each prompt + reply in full gives (`reward_scores`; tested), with each prompt run once (`pair_scores`)."""
-    chosen, rejected = torch.cat([pair_scores(reward_model, **group) for group in groups]).unbind(1)
+    each prompt + reply in full gives (`reward_scores`; tested), with each prompt run once (`pair_scores`).
+    Gradient checkpointing turns the KV cache off in training; there each pair is run in full."""
+    cache_off = reward_model.training and torch.is_grad_enabled() and reward_model.is_activation_checkpointing
+    score = full_pair_scores if cache_off else pair_scores
+    chosen, rejected = torch.cat([score(reward_model, **group) for group in groups]).unbind(1)
     return chosen, rejected
 
 

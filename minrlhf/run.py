@@ -73,6 +73,16 @@ positive = bounded(float, 0, above=True)
 non_negative = bounded(float, 0)
 
 
+def quiet_libraries():
+    """Our progress bar and our error lines only: no load bars or library log lines in between."""
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def checkpoints(output):
     """Complete checkpoints, oldest first (a folder still named *.tmp was cut off mid-save)."""
     root = os.path.join(output, "checkpoints")

@@ -146,6 +146,16 @@ def test_gradient_checkpointing_changes_no_number(work):
         assert b.keys() == a.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a)
 
 
+def test_reward_model_with_gradient_checkpointing(work):
+    """The reward model's pairs run in full when checkpointing turns the KV cache off: the same numbers."""
+    flags = ["--stage", "rm", "--model", "peaked", "--max-steps", 3, "--lr", 1e-2, "--batch-size", 8,
+             "--eval-fraction", 0.25, "--save-every", 3]
+    plain = train(work, *flags, output="rm_gc_off")
+    checkpointed = train(work, *flags, "--gradient-checkpointing", output="rm_gc_on")
+    for a, b in zip(measured(plain), measured(checkpointed)):
+        assert b.keys() == a.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5) for k in a)
+
+
 def test_lora_resume_reproduces_the_uninterrupted_run(work):
     assert_resume_reproduces(work, LORA_PPO, "lora")
 

@@ -220,10 +220,26 @@ def test_kl_k3_is_an_unbiased_nonnegative_estimate():
     """E over y ~ pi of k3 is KL(pi || pi_ref) exactly: sum_y pi(y) k3(y) against the closed form."""
     torch.manual_seed(0)
     logp, ref = torch.log_softmax(torch.randn(3, 50), -1), torch.log_softmax(torch.randn(3, 50), -1)
-    k3 = kl_k3(logp, ref)  # every y of the vocabulary, as if sampled
+    k3 = kl_k3(logp, ref, torch.ones_like(logp))  # every y of the vocabulary, as if sampled
     assert (k3 >= 0).all()
     torch.testing.assert_close((logp.exp() * k3).sum(-1), (logp.exp() * (logp - ref)).sum(-1))
-    assert kl_k3(logp, logp).abs().max() == 0
+    assert kl_k3(logp, logp, torch.ones_like(logp)).abs().max() == 0
+
+
+def test_kl_k3_gradients_ignore_padding():
+    """A log-ratio that overflows exp() in padding (inf * 0 = NaN in a backward through `where`) changes
+    neither the loss nor any gradient: GRPO's KL term, as train.py aggregates it."""
+    ref = torch.tensor([[-1.2, -0.5, -2.0, -1.0], [-0.7, -1.0, 0.0, 0.0]])
+    grads = []
+    for padding in (-1.0, -1e4):  # the second: exp(ref - logprob) = exp(1e4) = inf in the padding
+        logprobs = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-1.0, -0.2, padding, padding]], requires_grad=True)
+        loss = aggregate(kl_k3(logprobs, ref, MASK), MASK)
+        loss.backward()
+        grads.append((loss.detach(), logprobs.grad))
+    (loss, grad), (loss_junk, grad_junk) = grads
+    assert torch.isfinite(grad_junk).all() and loss_junk == loss
+    torch.testing.assert_close(grad_junk, grad)
+    assert (grad[~MASK.bool()] == 0).all()
 
 
 def test_sequence_kl_sums_log_ratios_over_valid_tokens():

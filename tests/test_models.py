@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from minrlhf import (Critic, PolicyWithValueHead, collate_pairs, encode_pair, encode_preference, ensure_pad_token,
-                     load_causal_lm, load_reward_model, logprobs_from_logits, pad, pair_scores, reply_logprobs,
-                     response_logprobs, response_positions, reward_scores, score_texts)
+                     full_pair_scores, load_causal_lm, load_reward_model, logprobs_from_logits, pad, pair_scores,
+                     reply_logprobs, response_logprobs, response_positions, reward_scores, score_texts)
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
@@ -52,19 +52,6 @@ def test_generation_logprobs_match_forward(family_dir):
         frozen = response_logprobs(policy.backbone, out.sequences, full_mask, 5, 1.0)  # as the reference model's
     torch.testing.assert_close(logprobs_from_logits(logits, response), sampler, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(frozen, sampler, atol=1e-4, rtol=1e-4)
-
-
-def test_value_only_trains_the_head_alone(tmp_path):
-    """value_only (the value warm-up): the same logits and values, but gradients reach only the value head."""
-    policy = PolicyWithValueHead(load_causal_lm(save_tiny("llama", tmp_path)))
-    ids = torch.randint(3, 60, (2, 6))
-    logits, values = policy(ids, torch.ones_like(ids))
-    head_logits, head_values = policy(ids, torch.ones_like(ids), value_only=True)
-    torch.testing.assert_close((head_logits, head_values), (logits, values))
-    assert not head_logits.requires_grad
-    (head_values ** 2 + 1).sum().backward()
-    assert policy.value_head.weight.grad is not None
-    assert all(p.grad is None for p in policy.backbone.parameters())
 
 
 def test_dropout_is_disabled(tmp_path):
@@ -123,17 +110,19 @@ def test_pair_scores_match_the_full_sequences(family_dir, max_length):
     assert pairs[0]["prompt"] == whole[len(whole) - kept:] and pairs[0]["rejected"][-1] == tokenizer.eos_token_id
     pairs.sort(key=lambda pair: len(pair["prompt"]))  # the order collate_pairs puts them in
     full = [pair["prompt"] + pair[key] for pair in pairs for key in ("chosen", "rejected")]
+    group = collate_pairs(pairs, tokenizer.pad_token_id, slack=math.inf)[0]
     grads = []
     for scores in (lambda: reward_scores(model, pad(full, tokenizer.pad_token_id), pad([[1] * len(s) for s in full], 0)),
-                   lambda: pair_scores(model, **collate_pairs(pairs, tokenizer.pad_token_id, slack=math.inf)[0]).flatten()):
+                   lambda: pair_scores(model, **group).flatten(), lambda: full_pair_scores(model, **group).flatten()):
         model.zero_grad()
         out = scores()
         (out * torch.tensor([1.0, -2.0, 3.0, -4.0])).sum().backward()
         grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    (expected, expected_grads), (got, got_grads) = grads
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    for a, b in zip(got_grads, expected_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    (expected, expected_grads), *others = grads
+    for got, got_grads in others:  # the prompt once, and the padded group in full (gradient checkpointing's path)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for a, b in zip(got_grads, expected_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_reply_logprobs_are_the_replies_own_in_full_sequences(family_dir):

@@ -134,9 +134,10 @@ def test_summarize_and_side_by_side():
 def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     """`train.py --stage X` alone: the SmolLM2 default, data/sentiment/, each stage starting from the last."""
     import minrlhf.defaults
+    import minrlhf.inputs
     import train
     from minrlhf.inputs import RewardFunction
-    monkeypatch.setattr(minrlhf.defaults, "default_model", lambda: "BASE")
+    monkeypatch.setattr(minrlhf.inputs, "default_model", lambda: "BASE")  # where offline_defaults looks it up
     monkeypatch.chdir(tmp_path)
     for stage in ("sft", "rm", "ppo"):
         args = train.parse_args(["--stage", stage, "--reward-fn", "vader"] if stage == "ppo" else ["--stage", stage])
