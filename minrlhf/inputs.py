@@ -74,7 +74,7 @@ def load_model(flag, path, tokenizer, resize, kind="causal"):
 def adapt(model, args, source=None):
     """The model to train as the flags ask: --lora-rank freezes it but for LoRA adapters and a reward model's
     (or critic's) score head; --gradient-checkpointing. `source` names it in errors (default --model's).
-    -> model"""
+    -> model, in training mode (from_pretrained gives eval mode, in which transformers does not checkpoint)"""
     source = source or f"--model {args.model}"
     if not args.lora_rank and (args.lora_alpha or args.lora_targets != "all-linear"):
         fail("--lora-alpha and --lora-targets shape LoRA adapters: pass --lora-rank R > 0 with them")
@@ -89,7 +89,7 @@ def adapt(model, args, source=None):
         if not model.supports_gradient_checkpointing:
             fail(f"--gradient-checkpointing: {source} ({type(model).__name__}) does not support it")
         model.activation_checkpointing_enable({"use_reentrant": False})  # transformers' own, non-reentrant
-    return model
+    return model.train()
 
 
 def reference(policy, args, cfg, device, tokenizer, resize):

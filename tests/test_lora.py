@@ -98,6 +98,22 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(lora):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["causal", "rm"])
+def test_adapted_models_checkpoint_in_training(tmp_path, kind):
+    """`adapt` (every trained model: policy, reward model, critic) leaves the model in training mode, where
+    transformers recomputes each block in the backward: its forward runs twice per step."""
+    from argparse import Namespace
+    from minrlhf.inputs import adapt, load_model
+    from tiny import make_tokenizer, save_tiny
+    args = Namespace(lora_rank=0, lora_alpha=None, lora_targets="all-linear", gradient_checkpointing=True, model="m")
+    model = adapt(load_model("--model", save_tiny("llama", tmp_path), make_tokenizer(), False, kind), args)
+    calls = []
+    model.base_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # inside the block
+    ids = torch.randint(3, 60, (2, 6))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+    assert model.training and len(calls) == 2  # the forward, and its recomputation in the backward
+
+
 LORA_PPO = [*PPO, "--model", "peaked", "--lora-rank", 4, "--lr", 3e-2]  # the flags' last --model, --lr win
 
 
@@ -146,12 +162,14 @@ def test_gradient_checkpointing_changes_no_number(work):
         assert b.keys() == a.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a)
 
 
-def test_reward_model_with_gradient_checkpointing(work):
-    """The reward model's pairs run in full when checkpointing turns the KV cache off: the same numbers."""
-    flags = ["--stage", "rm", "--model", "peaked", "--max-steps", 3, "--lr", 1e-2, "--batch-size", 8,
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_pair_stages_with_gradient_checkpointing(work, stage):
+    """The same numbers with activations recomputed; the reward model's pairs then run in full, as
+    checkpointing turns the KV cache off in training."""
+    flags = ["--stage", stage, "--model", "peaked", "--max-steps", 3, "--lr", 1e-2, "--batch-size", 8,
              "--eval-fraction", 0.25, "--save-every", 3]
-    plain = train(work, *flags, output="rm_gc_off")
-    checkpointed = train(work, *flags, "--gradient-checkpointing", output="rm_gc_on")
+    plain = train(work, *flags, output=f"{stage}_gc_off")
+    checkpointed = train(work, *flags, "--gradient-checkpointing", output=f"{stage}_gc_on")
     for a, b in zip(measured(plain), measured(checkpointed)):
         assert b.keys() == a.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5) for k in a)
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification
 
 from minrlhf import (Critic, PolicyWithValueHead, collate_pairs, encode_pair, encode_preference, ensure_pad_token,
                      full_pair_scores, load_causal_lm, load_reward_model, logprobs_from_logits, pad, pair_scores,
-                     reply_logprobs, response_logprobs, response_positions, reward_scores, score_texts)
+                     reply_logprobs, response_logprobs, response_positions, reward_scores, score_pairs, score_texts)
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
@@ -123,6 +123,25 @@ def test_pair_scores_match_the_full_sequences(family_dir, max_length):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         for a, b in zip(got_grads, expected_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_score_pairs_under_gradient_checkpointing(family_dir):
+    """In training with gradient checkpointing transformers drops the KV cache that `pair_scores` hands the
+    replies; `score_pairs` then runs each pair in full: the scores of the model in eval mode, and gradients."""
+    _, path = family_dir
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = load_reward_model(path, tokenizer.pad_token_id)
+    rows = [{"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"},
+            {"prompt": "hi", "chosen": " hello", "rejected": " go away, I am busy"}]
+    groups = collate_pairs([encode_preference(row, tokenizer, 64) for row in rows], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = torch.stack(score_pairs(model.eval(), groups))
+    model.train().activation_checkpointing_enable({"use_reentrant": False})
+    got = torch.stack(score_pairs(model, groups))
+    torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert model.score.weight.grad is not None and torch.isfinite(model.score.weight.grad).all()
 
 
 def test_reply_logprobs_are_the_replies_own_in_full_sequences(family_dir):
