@@ -178,6 +178,13 @@ def test_explained_variance():
     returns = torch.randn(2, 4)
     assert explained_variance(returns, returns, MASK).item() == pytest.approx(1.0)
     assert explained_variance(torch.zeros(2, 4), returns - masked_mean(returns, MASK), MASK).item() == pytest.approx(0.0, abs=1e-6)
+    # by hand over the 6 valid tokens: returns 1 2 3 4 | 1 3 (mean 7/3), residuals R - V 0 0 0 1 | 0 -1;
+    # 1 - var(residuals) / var(returns), population variances; the padding's garbage changes nothing
+    returns = garbage_in_padding(torch.tensor([[1.0, 2, 3, 4], [1, 3, 0, 0]]))
+    values = garbage_in_padding(torch.tensor([[1.0, 2, 3, 3], [1, 4, 0, 0]]))
+    var_returns = sum((r - 7 / 3) ** 2 for r in (1, 2, 3, 4, 1, 3)) / 6
+    var_residuals = sum(e ** 2 for e in (0, 0, 0, 1, 0, -1)) / 6  # their mean is 0
+    assert explained_variance(values, returns, MASK).item() == pytest.approx(1 - var_residuals / var_returns)
 
 
 def test_kl_controller_fixed_and_adaptive():
@@ -187,6 +194,9 @@ def test_kl_controller_fixed_and_adaptive():
     assert adaptive.update(12.0) == pytest.approx(0.1 * 1.02)  # error clipped at +0.2
     assert adaptive.update(6.0) == pytest.approx(0.1 * 1.02)  # on target: unchanged
     assert adaptive.update(3.0) == pytest.approx(0.1 * 1.02 * 0.98)  # error clipped at -0.2
+    unclipped = KLController(0.1, target=6.0)
+    assert unclipped.update(6.6) == pytest.approx(0.1 * (1 + 0.1 * 0.1))  # e = 6.6 / 6 - 1 = 0.1, K_beta = 0.1
+    assert unclipped.update(5.7) == pytest.approx(0.1 * 1.01 * (1 - 0.1 * 0.05))  # e = -0.05
 
 
 def test_group_advantages_by_hand():
