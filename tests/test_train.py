@@ -120,6 +120,46 @@ PPO = ["--stage", "ppo", "--reward-fn", "rewards:count_e", "--max-new-tokens", 8
        "--batch-size", 8, "--ppo-epochs", 2, "--temperature", 1.0, "--lr", 3e-3]
 
 
+class FakeEngine(minrlhf.PolicyWithValueHead):
+    """What ppo_update asks of a DeepSpeed engine; `step` keeps the weights (and the gradients, for a look)."""
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.parameters()]
+        self.zero_grad()
+
+
+@pytest.mark.parametrize("loss_agg", ["token", "sequence"])
+def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, loss_agg):
+    """ppo_update on a fixed rollout with answers of unequal length: the policy loss and GRPO's k3 term are
+    aggregated as --loss-agg says, and --kl-coef weighs the KL term in the gradients."""
+    from argparse import Namespace
+    sys.path.insert(0, ROOT)
+    import train
+    engine = FakeEngine(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)), value_head=False)
+    P, ids = 3, torch.randint(3, 60, (4, 9))  # 3 prompt tokens, 6 response tokens
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    attention_mask = torch.cat([torch.ones(4, P, dtype=torch.long), mask], 1)
+    with torch.no_grad():
+        _, logprobs, _ = train.policy_forward(engine, ids, attention_mask, P, 1.0)
+    advantages = torch.randn(4, 6)
+    exp = {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P, "logprobs": logprobs,
+           "ref_logprobs": logprobs - 0.5, "advantages": advantages}
+    args = Namespace(stage="grpo", ppo_epochs=1, batch_size=4, temperature=1.0, cliprange=0.2, loss_agg=loss_agg)
+    stats, grads = [], []
+    for kl_coef in (0.0, 1.0):
+        stats.append(train.ppo_update(engine, None, exp, kl_coef, args))
+        grads.append(engine.grads)
+    expected_kl = minrlhf.aggregate(minrlhf.kl_k3(logprobs, logprobs - 0.5, mask), mask, loss_agg)
+    for s in stats:  # ratio 1: the clipped surrogate is the mean of -A, the way loss_agg takes means
+        assert s["ppo/loss/policy"] == pytest.approx(minrlhf.aggregate(-advantages, mask, loss_agg).item(), rel=1e-5)
+        assert s["grpo/kl_k3"] == pytest.approx(expected_kl.item(), rel=1e-5)
+    assert minrlhf.aggregate(-advantages, mask, "token") != minrlhf.aggregate(-advantages, mask, "sequence")
+    assert any(not torch.allclose(a, b) for a, b in zip(*grads))  # kl_coef 1 adds the k3 term's gradient
+
+
 def test_sft_loss_is_transformers_own(tmp_path):
     """sft_loss (LM head on positions 0 .. T-2, prompt labels -100) is the loss transformers computes from labels."""
     sys.path.insert(0, ROOT)
