@@ -237,6 +237,8 @@ def test_ppo_raises_the_reward(work):
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference before the first update
     assert os.path.exists(work / "ppo" / "value_head.pt")
     assert AutoModelForCausalLM.from_pretrained(work / "ppo").config.vocab_size == 400
+    prompts = [f"{s} was" for s in SUBJECTS[:4]]  # the saved policy, sampled with plain transformers
+    assert sampled_e_count(work / "ppo", prompts) > sampled_e_count(work / "model", prompts) + 0.3  # 1.48, 0.92
 
 
 GROUP = ["--reward-fn", "rewards:count_e", "--max-new-tokens", 8, "--rollout-batch-size", 4, "--batch-size", 8,
@@ -391,10 +393,14 @@ def test_zero3_generation_matches_plain(work):
 @pytest.mark.parametrize("flags", [["--zero-stage", 1, "--bf16"], ["--zero-stage", 2, "--offload"],
                                    ["--zero-stage", 3, "--bf16", "--offload"]])
 def test_sft_under_zero_bf16_and_offload(work, flags):
-    log = train(work, "--stage", "sft", "--max-steps", 6, "--lr", 1e-3, "--batch-size", 8, *flags,
-                output="z" + "".join(map(str, flags)).replace("-", ""))
+    name = "z" + "".join(map(str, flags)).replace("-", "")
+    log = train(work, "--stage", "sft", "--max-steps", 6, "--lr", 1e-3, "--batch-size", 8, *flags, output=name)
     assert log[-1]["loss"] < log[0]["loss"]
-    AutoModelForCausalLM.from_pretrained(work / ("z" + "".join(map(str, flags)).replace("-", "")))
+    AutoModelForCausalLM.from_pretrained(work / name)
+    states, = (work / name / "checkpoints" / "step6").glob("*model_states.pt")
+    trained = torch.load(states, weights_only=False)["module"]  # ZeRO-3: placeholders of the partitioned weights
+    dtypes = {t.dtype for t in trained.values() if t.is_floating_point()}
+    assert dtypes == ({torch.bfloat16} if "--bf16" in flags else {torch.float32})  # the engine's weights
 
 
 @pytest.mark.parametrize("stage", ["rm", "ppo", "dpo", "grpo", "critic"])  # rloo: grpo's loop, another advantage
