@@ -11,6 +11,10 @@ from minrlhf import (Critic, PolicyWithValueHead, collate_pairs, encode_pair, en
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
+PAIR_ROWS = [{"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"},
+             {"prompt": "hi", "chosen": " hello", "rejected": " go away, I am busy"}]  # unlike lengths
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_dir(request, tmp_path_factory):
     return request.param, save_tiny(request.param, tmp_path_factory.mktemp(request.param))
@@ -101,8 +105,7 @@ def test_pair_scores_match_the_full_sequences(family_dir, max_length):
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     model = load_reward_model(path, tokenizer.pad_token_id)
-    rows = [{"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"},
-            {"prompt": "hi", "chosen": " hello", "rejected": " go away, I am busy"}]
+    rows = PAIR_ROWS
     pairs = [encode_preference(row, tokenizer, max_length) for row in rows]
     whole = tokenizer(rows[0]["prompt"])["input_ids"]
     kept = min(len(whole), max_length - len(pairs[0]["chosen"]))  # the prompt's end that fits beside the longer reply
@@ -132,8 +135,7 @@ def test_score_pairs_under_gradient_checkpointing(family_dir):
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     model = load_reward_model(path, tokenizer.pad_token_id)
-    rows = [{"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"},
-            {"prompt": "hi", "chosen": " hello", "rejected": " go away, I am busy"}]
+    rows = PAIR_ROWS
     groups = collate_pairs([encode_preference(row, tokenizer, 64) for row in rows], tokenizer.pad_token_id)
     with torch.no_grad():
         expected = torch.stack(score_pairs(model.eval(), groups))
@@ -149,8 +151,7 @@ def test_reply_logprobs_are_the_replies_own_in_full_sequences(family_dir):
     _, path = family_dir
     tokenizer = make_tokenizer()
     model = load_causal_lm(path).eval()
-    rows = [{"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"},
-            {"prompt": "hi", "chosen": " hello", "rejected": " go away, I am busy"}]
+    rows = PAIR_ROWS
     pairs = sorted([encode_preference(row, tokenizer, 64) for row in rows], key=lambda pair: len(pair["prompt"]))
     expected = []
     with torch.no_grad():
