@@ -2,16 +2,18 @@
 train.py end to end (every stage, ZeRO-3 on 2 ranks, resume)."""
 import math
 import sys
+from argparse import Namespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from minrlhf import PolicyWithValueHead, load_causal_lm
+from minrlhf.inputs import adapt, load_model
 from minrlhf.lora import BaseModel, LoRALinear, add_lora, adapters_disabled, merged_state_dict
 from test_train import (DEEPSPEED, PPO, ROOT, assert_resume_reproduces, checkpoint_weights, measured, train,  # noqa: F401
                         work)
-from tiny import FAMILIES, make_causal_lm
+from tiny import FAMILIES, make_causal_lm, make_tokenizer, save_tiny
 
 
 def trained_lora(family, rank=4, alpha=8.0):
@@ -102,9 +104,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(lora):
 def test_adapted_models_checkpoint_in_training(tmp_path, kind):
     """`adapt` (every trained model: policy, reward model, critic) leaves the model in training mode, where
     transformers recomputes each block in the backward: its forward runs twice per step."""
-    from argparse import Namespace
-    from minrlhf.inputs import adapt, load_model
-    from tiny import make_tokenizer, save_tiny
     args = Namespace(lora_rank=0, lora_alpha=None, lora_targets="all-linear", gradient_checkpointing=True, model="m")
     model = adapt(load_model("--model", save_tiny("llama", tmp_path), make_tokenizer(), False, kind), args)
     calls = []
@@ -112,6 +111,13 @@ def test_adapted_models_checkpoint_in_training(tmp_path, kind):
     ids = torch.randint(3, 60, (2, 6))
     model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
     assert model.training and len(calls) == 2  # the forward, and its recomputation in the backward
+
+
+def assert_same_numbers(plain, checkpointed, abs):
+    """Two runs' metrics, less time and memory: the same keys and values, step by step."""
+    assert len(plain) == len(checkpointed)
+    for a, b in zip(measured(plain), measured(checkpointed)):
+        assert b.keys() == a.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=abs) for k in a)
 
 
 LORA_PPO = [*PPO, "--model", "peaked", "--lora-rank", 4, "--lr", 3e-2]  # the flags' last --model, --lr win
@@ -158,8 +164,7 @@ def test_gradient_checkpointing_changes_no_number(work):
     """The same run with activations recomputed in the backward: the same losses and statistics."""
     plain = train(work, *LORA_PPO, "--max-steps", 3, output="gc_off")
     checkpointed = train(work, *LORA_PPO, "--max-steps", 3, "--gradient-checkpointing", output="gc_on")
-    for a, b in zip(measured(plain), measured(checkpointed)):
-        assert b.keys() == a.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a)
+    assert_same_numbers(plain, checkpointed, abs=1e-6)
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo"])
@@ -170,8 +175,7 @@ def test_pair_stages_with_gradient_checkpointing(work, stage):
              "--eval-fraction", 0.25, "--save-every", 3]
     plain = train(work, *flags, output=f"{stage}_gc_off")
     checkpointed = train(work, *flags, "--gradient-checkpointing", output=f"{stage}_gc_on")
-    for a, b in zip(measured(plain), measured(checkpointed)):
-        assert b.keys() == a.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5) for k in a)
+    assert_same_numbers(plain, checkpointed, abs=1e-5)
 
 
 def test_lora_resume_reproduces_the_uninterrupted_run(work):
