@@ -336,7 +336,8 @@ def main():
         for c in cases:
             results[c].append(CASES[c][0](args, tmp, files))
     query = "import trl, transformers; print(f'TRL {trl.__version__} + transformers {transformers.__version__}')"
-    versions = [subprocess.run([python, "-c", query], capture_output=True, text=True).stdout.strip() for python in PEER.values()]
+    versions = [subprocess.run([python, "-c", query], capture_output=True, text=True).stdout.strip()
+                for python in PEER.values() if os.path.exists(python)]  # minrlhf-only cases need no peer
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} threads, {args.precision}, torch {torch.__version__}, {args.malloc}; {args.precision} "
           f"matmul peak {args.peak:.0f} GFLOP/s; median of {args.rounds} interleaved rounds x {args.steps - 1} steps; "
