@@ -71,28 +71,49 @@ def test_converted_smollm2_folder():
     assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id) and config.pad_token_id == tokenizer.pad_token_id
 
 
-def test_plot_writes_a_png(tmp_path):
-    with open(tmp_path / "metrics.jsonl", "w") as f:
-        for step in range(1, 6):
-            f.write(json.dumps({"step": step, "reward": step / 10, "kl": step / 20, "loss": 0.0,
-                                **({"gold": 0.5} if step % 2 else {})}) + "\n")
-    plot.main([str(tmp_path)])
-    with open(tmp_path / "ppo.png", "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+def write_metrics(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def colour_share(png, colour):
+    """The share of the image's pixels drawn in a matplotlib colour ("C0", ...), opaque or blended over white."""
+    import matplotlib.colors
+    import matplotlib.image
+    ink = 1 - torch.tensor(matplotlib.colors.to_rgb(colour))  # (3,): how far the colour is from white
+    away = 1 - torch.tensor(matplotlib.image.imread(png)[..., :3])  # (H, W, 3)
+    opacity = away @ ink / ink.dot(ink)  # (H, W): the pixel as opacity * colour + (1 - opacity) * white
+    on_line = (away - opacity[..., None] * ink).abs().max(-1).values < 0.03
+    return (on_line & (opacity > 0.2)).float().mean().item()
+
+
+def test_plot_draws_a_panel_per_logged_metric(tmp_path):
+    """One run: reward and KL, and gold where the run logs it: one 2.4-inch panel each at 100 dpi."""
+    rows = [{"step": s, "reward": s / 10, "kl": s / 20, "loss": 0.0, **({"gold": 0.5} if s % 2 else {})}
+            for s in range(1, 6)]
+    for name, logged in (("gold", rows), ("plain", [{k: v for k, v in r.items() if k != "gold"} for r in rows])):
+        os.makedirs(tmp_path / name)
+        write_metrics(tmp_path / name / "metrics.jsonl", logged)
+        plot.main([str(tmp_path / name)])
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "gold" / "ppo.png").shape[:2] == (720, 700)
+    assert matplotlib.image.imread(tmp_path / "plain" / "ppo.png").shape[:2] == (480, 700)
+    assert colour_share(tmp_path / "gold" / "ppo.png", "C0") > 0.001  # the curves are drawn
 
 
 def test_plot_compares_runs(tmp_path):
-    """Several runs: gold against KL, from the training log where it has gold, and eval.json where written."""
-    for name, gold in (("ppo", 0.5), ("dpo", None)):
+    """Several runs: gold against KL, from the training log where it has gold, and eval.json where written:
+    each run in its own colour, a run with neither drawing nothing."""
+    for name, gold, held_out in (("ppo", 0.5, True), ("dpo", None, True), ("none", None, False)):
         os.makedirs(tmp_path / name)
-        with open(tmp_path / name / "metrics.jsonl", "w") as f:
-            for step in range(1, 4):
-                f.write(json.dumps({"step": step, "kl": step / 2, **({"gold": gold} if gold else {})}) + "\n")
-        with open(tmp_path / name / "eval.json", "w") as f:
-            json.dump({"kl": 1.0, "gold": 0.7}, f)
-    plot.main([str(tmp_path / "ppo"), str(tmp_path / "dpo"), "--out", str(tmp_path / "methods.png")])
-    with open(tmp_path / "methods.png", "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        write_metrics(tmp_path / name / "metrics.jsonl",
+                      [{"step": s, "kl": s / 2, **({"gold": gold} if gold else {})} for s in range(1, 4)])
+        if held_out:
+            with open(tmp_path / name / "eval.json", "w") as f:
+                json.dump({"kl": 1.0 + (gold is None), "gold": 0.7}, f)
+    plot.main([str(tmp_path / n) for n in ("ppo", "dpo", "none")] + ["--out", str(tmp_path / "methods.png")])
+    ppo, dpo, none = (colour_share(tmp_path / "methods.png", f"C{i}") for i in range(3))
+    assert ppo > dpo > 0 and none == 0  # ppo: its rollouts' dots and its star; dpo: a star; the third: nothing
 
 
 @pytest.fixture(scope="module")

@@ -310,6 +310,29 @@ def test_ppo_with_the_reward_model_and_adaptive_kl(work):
     assert all((m["gold"] * 8).is_integer() for m in log) and not all((m["reward"] * 8).is_integer() for m in log)
 
 
+@pytest.mark.parametrize("whiten_rewards", [False, True])
+def test_whiten_rewards_whitens_what_gae_sums(whiten_rewards):
+    """With values 0 and gamma = lam = 1 the returns are each token's reward-to-go, so their differences give
+    back the per-token rewards GAE summed: the KL-shaped ones, or those whitened (variance 1, mean kept)."""
+    from argparse import Namespace
+    sys.path.insert(0, ROOT)
+    import train
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    logprobs = torch.randn(3, 4)
+    exp = {"mask": mask, "logprobs": logprobs, "ref_logprobs": logprobs - torch.rand(3, 4), "values": torch.zeros(3, 4)}
+    shaped = torch.tensor([5.0, -3.0, 8.0])
+    args = Namespace(whiten_rewards=whiten_rewards, gamma=1.0, lam=1.0)
+    _, returns = train.ppo_advantages(exp, shaped, 0.5, args)
+    summed = torch.where(mask.bool(), returns - torch.nn.functional.pad(returns[:, 1:], (0, 1)), 0.0)  # r_t
+    rewards = minrlhf.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, 0.5)
+    assert minrlhf.masked_mean(summed, mask).item() == pytest.approx(minrlhf.masked_mean(rewards, mask).item(), abs=1e-5)
+    if whiten_rewards:
+        assert minrlhf.masked_var(summed, mask).item() == pytest.approx(1.0, rel=1e-4)
+    else:
+        torch.testing.assert_close(summed, torch.where(mask.bool(), rewards, 0.0))
+        assert minrlhf.masked_var(summed, mask).item() > 5  # the scores' spread, not whitened
+
+
 def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
     sys.path.insert(0, ROOT)
     import train
@@ -398,9 +421,13 @@ def test_sft_under_zero_bf16_and_offload(work, flags):
     assert log[-1]["loss"] < log[0]["loss"]
     AutoModelForCausalLM.from_pretrained(work / name)
     states, = (work / name / "checkpoints" / "step6").glob("*model_states.pt")
-    trained = torch.load(states, weights_only=False)["module"]  # ZeRO-3: placeholders of the partitioned weights
-    dtypes = {t.dtype for t in trained.values() if t.is_floating_point()}
+    saved = torch.load(states, weights_only=False)
+    dtypes = {t.dtype for t in saved["module"].values() if t.is_floating_point()}  # ZeRO-3: placeholders
     assert dtypes == ({torch.bfloat16} if "--bf16" in flags else {torch.float32})  # the engine's weights
+    zero = saved["ds_config"]["zero_optimization"]  # the config the engine ran under
+    assert zero["stage"] == flags[1]
+    assert zero.get("offload_optimizer") == ({"device": "cpu"} if "--offload" in flags else None)
+    assert zero.get("offload_param") == ({"device": "cpu"} if "--offload" in flags and flags[1] == 3 else None)
 
 
 @pytest.mark.parametrize("stage", ["rm", "ppo", "dpo", "grpo", "critic"])  # rloo: grpo's loop, another advantage
