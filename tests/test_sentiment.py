@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 
+import matplotlib.colors
+import matplotlib.image
 import pytest
 import torch
 
@@ -78,8 +80,6 @@ def write_metrics(path, rows):
 
 def colour_share(png, colour):
     """The share of the image's pixels drawn in a matplotlib colour ("C0", ...), opaque or blended over white."""
-    import matplotlib.colors
-    import matplotlib.image
     ink = 1 - torch.tensor(matplotlib.colors.to_rgb(colour))  # (3,): how far the colour is from white
     away = 1 - torch.tensor(matplotlib.image.imread(png)[..., :3])  # (H, W, 3)
     opacity = away @ ink / ink.dot(ink)  # (H, W): the pixel as opacity * colour + (1 - opacity) * white
@@ -95,7 +95,6 @@ def test_plot_draws_a_panel_per_logged_metric(tmp_path):
         os.makedirs(tmp_path / name)
         write_metrics(tmp_path / name / "metrics.jsonl", logged)
         plot.main([str(tmp_path / name)])
-    import matplotlib.image
     assert matplotlib.image.imread(tmp_path / "gold" / "ppo.png").shape[:2] == (720, 700)
     assert matplotlib.image.imread(tmp_path / "plain" / "ppo.png").shape[:2] == (480, 700)
     assert colour_share(tmp_path / "gold" / "ppo.png", "C0") > 0.001  # the curves are drawn
