@@ -58,8 +58,8 @@ def summed_logprobs(model, rows, temperature, pad_id, batch_size):
 
 
 @torch.no_grad()
-def reward_model_means(path, rows, batch_size):
-    """Mean reward-model score of the rows, read through the reward model's own tokenizer."""
+def reward_model_scores(path, rows, batch_size):
+    """The reward model's score of each row, read through its own tokenizer (a cut-off answer as such)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     M.ensure_pad_token(tokenizer)
     model = M.load_reward_model(path, tokenizer.pad_token_id).eval()
@@ -68,7 +68,7 @@ def reward_model_means(path, rows, batch_size):
         chunk = rows[i:i + batch_size]
         scores += M.score_texts(model, tokenizer, [r["prompt"] for r in chunk], [r["text"] for r in chunk],
                                 tokenizer.model_max_length, ended=[r["ended"] for r in chunk]).tolist()
-    return sum(scores) / len(scores)
+    return scores
 
 
 def summarize(rows, gold, kl, rm_mean=None):
@@ -92,7 +92,10 @@ def main(argv=None):
     rows = seeded_sample(policy, tokenizer, [p for p in prompts for _ in range(args.samples)], args)
     kl = (summed_logprobs(policy, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)
           - summed_logprobs(base, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)).tolist()
-    rm_mean = reward_model_means(args.reward_model, rows, args.batch_size) if args.reward_model else None
+    rm_mean = None
+    if args.reward_model:
+        rm_scores = reward_model_scores(args.reward_model, rows, args.batch_size)
+        rm_mean = sum(rm_scores) / len(rm_scores)
     figures = summarize(rows, vader([r["prompt"] for r in rows], [r["text"] for r in rows]), kl, rm_mean)
     shown = prompts[:args.show]
     base_rows = seeded_sample(base, tokenizer, shown, args)

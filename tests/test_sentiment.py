@@ -15,7 +15,7 @@ import minrlhf as M
 import plot
 from minrlhf import defaults
 from minrlhf.sampling import sample, sample_n
-from tiny import make_causal_lm, make_tokenizer
+from tiny import make_causal_lm, make_tokenizer, save_tiny
 
 STAGE_OF = {"sft": "sft", "rm": "rm", "ppo": "ppo", "eval": "ppo"}  # eval prompts are RL prompts
 
@@ -149,6 +149,37 @@ def test_summarize_and_side_by_side():
                                      "reward_model": 1.5})
     assert "reward_model" not in eval_py.summarize(rows, [1.0, 0.0], [0.2, 0.4])
     assert "base:   'x'" in eval_py.side_by_side(["p"], rows[1:], rows[:1])
+
+
+def test_reward_model_scores_per_row_whatever_the_batch(tmp_path):
+    """eval.py's (and bench/best_of_n.py's) reward-model scores: padding in a batch changes no row's score, and
+    a cut-off answer is scored as such, not as the same text closed by the template."""
+    path = save_tiny("llama", tmp_path, chat_template=True)
+    rows = [{"prompt": "is it worth watching?", "text": "yes, it is great", "ended": True},
+            {"prompt": "the film", "text": "was long and", "ended": False},
+            {"prompt": "a", "text": "b", "ended": True}]
+    torch.manual_seed(0)  # the tiny model has no trained score head: a seeded new one
+    together = eval_py.reward_model_scores(path, rows, batch_size=3)
+    alone = []
+    for row in rows + [{**rows[1], "ended": True}]:
+        torch.manual_seed(0)
+        alone += eval_py.reward_model_scores(path, [row], batch_size=1)
+    assert together == pytest.approx(alone[:3], abs=1e-4)
+    assert alone[3] != pytest.approx(alone[1], abs=1e-4)
+
+
+def test_best_of_n_ranks_by_one_score_and_averages_the_other():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "best_of_n.py")
+    spec = importlib.util.spec_from_file_location("best_of_n", path)
+    best_of_n = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(best_of_n)
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2], [3.0, 1.0, 2.0, 4.0]])  # (N=2 prompts, n=4 answers)
+    gold = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.5, -0.5, 1.0]])
+    assert best_of_n.best_of(scores, gold, 1) == pytest.approx(gold.mean().item())
+    # k = 2: sets {0.1, 0.9} -> 2, {0.5, 0.2} -> 3; {3, 1} -> 0, {2, 4} -> 1: mean (2 + 3 + 0 + 1) / 4
+    assert best_of_n.best_of(scores, gold, 2) == pytest.approx(1.5)
+    assert best_of_n.best_of(scores, gold, 4) == pytest.approx((2.0 + 1.0) / 2)
+    assert best_of_n.best_of(gold, gold, 4) == pytest.approx((4.0 + 1.0) / 2)
 
 
 def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
