@@ -24,6 +24,14 @@ def prompts_of(stage):
     return set(M.load_rows(defaults.SENTIMENT_DATA[stage])["prompt"])
 
 
+def load_script(path):
+    """A script of the repository (data/sentiment/, bench/), imported as a module from its path."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.mark.parametrize("stage", sorted(STAGE_OF))
 def test_data_files_parse_with_their_stage_columns(stage):
     path = defaults.SENTIMENT_DATA[stage]
@@ -38,9 +46,7 @@ def test_prompts_are_many_and_eval_is_held_out():
 
 
 def test_rm_pairs_are_labelled_by_vader_with_a_margin():
-    spec = importlib.util.spec_from_file_location("make_rm_pairs", os.path.join(defaults.DATA_DIR, "make_rm_pairs.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)  # its settings: MIN_GAP, PAIRS_PER_PROMPT
+    script = load_script(os.path.join(defaults.DATA_DIR, "make_rm_pairs.py"))  # its MIN_GAP, PAIRS_PER_PROMPT
     rows = M.load_rows(defaults.SENTIMENT_DATA["rm"])
     chosen, rejected = defaults.vader(rows["prompt"], rows["chosen"]), defaults.vader(rows["prompt"], rows["rejected"])
     assert all(c - r >= script.MIN_GAP - 1e-9 for c, r in zip(chosen, rejected))
@@ -169,10 +175,8 @@ def test_reward_model_scores_per_row_whatever_the_batch(tmp_path):
 
 
 def test_best_of_n_ranks_by_one_score_and_averages_the_other():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "best_of_n.py")
-    spec = importlib.util.spec_from_file_location("best_of_n", path)
-    best_of_n = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(best_of_n)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    best_of_n = load_script(os.path.join(root, "bench", "best_of_n.py"))
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.2], [3.0, 1.0, 2.0, 4.0]])  # (N=2 prompts, n=4 answers)
     gold = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.5, -0.5, 1.0]])
     assert best_of_n.best_of(scores, gold, 1) == pytest.approx(gold.mean().item())
