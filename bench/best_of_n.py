@@ -7,7 +7,9 @@ the gold judge, and for k = 1, 2, 4, ..., n prints the mean gold of the answer t
 k, and of the one the gold judge ranks best (the most gold best-of-k can reach). Best-of-k's KL to the sampled
 policy is at most log k - (k-1)/k nats (the formula of Stiennon et al. 2020, an upper bound: Beirami et al.
 2024), the KL eval.py measures of a trained policy. Each prompt's n answers are split into n/k disjoint sets
-of k, so every k uses all of them.
+of k, so every k uses all of them. Then, for PPO's kl_coef beta from 1 to 0.1, the KL and gold of the optimum
+of the objective PPO maximises, E[r] - beta KL, with r as PPO shapes it (normalised, less the EOS penalty),
+estimated on the same answers (`regularised_optimum`): what a perfect optimiser of that reward would reach.
 """
 import argparse
 import json
@@ -29,6 +31,21 @@ def best_of(scores, judge, k):
     N, n = scores.shape
     sets = scores.view(N, n // k, k).argmax(-1, keepdim=True)  # (N, n/k)
     return judge.view(N, n // k, k).gather(-1, sets).mean().item()
+
+
+def shaped(scores, ended, missing_eos_penalty):
+    """Scores as PPO optimises them: mean 0 and std 1 over all answers, less the penalty where no EOS came."""
+    return (scores - scores.mean()) / scores.std() - missing_eos_penalty * (~ended).float()
+
+
+def regularised_optimum(scores, judge, beta):
+    """The optimum of the KL-regularised objective PPO optimises, max E[r] - beta KL(pi || pi_sft), which is
+    pi*(y) ~ pi_sft(y) exp(r(y) / beta) (Ziegler et al. 2019; Rafailov et al. 2023, eq. 4), on the n answers
+    sampled per prompt: answer i weighs w_i = softmax(r / beta)_i (self-normalised importance sampling),
+    its KL is sum_i w_i log(n w_i) (at most log n: the optimum's own KL is larger).
+    (N, n) -> (KL, mean judge score)."""
+    n, w = scores.shape[1], torch.softmax(scores / beta, 1)  # (N, n)
+    return torch.special.xlogy(w, n * w).sum(1).mean().item(), (w * judge).sum(1).mean().item()
 
 
 def answers(args, prompts):
@@ -56,6 +73,7 @@ def main():
     p.add_argument("--n", type=int, default=64, help="answers per prompt, a power of 2")
     p.add_argument("--bf16", action="store_true", help="sample in bf16 (faster on CPUs with AVX-512 bf16)")
     p.add_argument("--answers", help="jsonl of the sampled answers: read if it exists, else written")
+    p.add_argument("--missing-eos-penalty", type=float, default=1.0, help="as train.py's offline default")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     prompts = [row["prompt"] for row in M.load_rows(args.prompts)]
@@ -71,6 +89,13 @@ def main():
         print(f"| {k} | {math.log(k) - (k - 1) / k:.2f} | {best_of(scores, gold, k):.3f} | "
               f"{best_of(gold, gold, k):.3f} |")
         k *= 2
+    ended = torch.tensor([r["ended"] for r in rows]).view(N, n)
+    by_rm, by_judge = (shaped(s, ended, args.missing_eos_penalty) for s in (scores, gold))
+    print("\n| kl_coef | KL, the RM's optimum | its gold | KL, the judge's optimum | its gold |")
+    print("|---|---|---|---|---|")
+    for beta in (1.0, 0.5, 0.3, 0.2, 0.1):
+        print(f"| {beta} | " + " | ".join(f"{kl:.2f} | {g:.3f}" for kl, g in (
+            regularised_optimum(by_rm, gold, beta), regularised_optimum(by_judge, gold, beta))) + " |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ helpers of eval.py and plot.py. Fast; nothing is downloaded."""
 import collections
 import importlib.util
 import json
+import math
 import os
 
 import matplotlib.colors
@@ -184,6 +185,20 @@ def test_best_of_n_ranks_by_one_score_and_averages_the_other():
     assert best_of_n.best_of(scores, gold, 2) == pytest.approx(1.5)
     assert best_of_n.best_of(scores, gold, 4) == pytest.approx((2.0 + 1.0) / 2)
     assert best_of_n.best_of(gold, gold, 4) == pytest.approx((4.0 + 1.0) / 2)
+
+
+def test_regularised_optimum_reweights_each_prompts_answers():
+    """pi* ~ pi_sft exp(r / beta) on n sampled answers: softmax weights, KL sum w log(n w), by hand."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    best_of_n = load_script(os.path.join(root, "bench", "best_of_n.py"))
+    gold = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    kl, g = best_of_n.regularised_optimum(torch.tensor([[math.log(3), 0.0], [0.0, 0.0]]), gold, 1.0)
+    # prompt 0: w = (3/4, 1/4), KL 3/4 log(3/2) + 1/4 log(1/2), gold 3/4; prompt 1: uniform, KL 0, gold 1/2
+    assert (kl, g) == pytest.approx(((0.75 * math.log(1.5) + 0.25 * math.log(0.5)) / 2, (0.75 + 0.5) / 2))
+    scores = torch.tensor([[5.0, 1.0, 2.0, 0.0]])  # as beta -> 0 the optimum is best-of-n at KL log n
+    assert best_of_n.regularised_optimum(scores, scores, 1e-3) == pytest.approx((math.log(4), 5.0))
+    shaped = best_of_n.shaped(torch.tensor([1.0, 3.0]), torch.tensor([True, False]), 1.0)
+    assert shaped.tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2) - 1.0])
 
 
 def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
