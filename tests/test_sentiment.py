@@ -18,6 +18,7 @@ from minrlhf import defaults
 from minrlhf.sampling import sample, sample_n
 from tiny import make_causal_lm, make_tokenizer, save_tiny
 
+BEST_OF_N = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "best_of_n.py")
 STAGE_OF = {"sft": "sft", "rm": "rm", "ppo": "ppo", "eval": "ppo"}  # eval prompts are RL prompts
 
 
@@ -176,8 +177,7 @@ def test_reward_model_scores_per_row_whatever_the_batch(tmp_path):
 
 
 def test_best_of_n_ranks_by_one_score_and_averages_the_other():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    best_of_n = load_script(os.path.join(root, "bench", "best_of_n.py"))
+    best_of_n = load_script(BEST_OF_N)
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.2], [3.0, 1.0, 2.0, 4.0]])  # (N=2 prompts, n=4 answers)
     gold = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.5, -0.5, 1.0]])
     assert best_of_n.best_of(scores, gold, 1) == pytest.approx(gold.mean().item())
@@ -189,8 +189,7 @@ def test_best_of_n_ranks_by_one_score_and_averages_the_other():
 
 def test_regularised_optimum_reweights_each_prompts_answers():
     """pi* ~ pi_sft exp(r / beta) on n sampled answers: softmax weights, KL sum w log(n w), by hand."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    best_of_n = load_script(os.path.join(root, "bench", "best_of_n.py"))
+    best_of_n = load_script(BEST_OF_N)
     gold = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     kl, g = best_of_n.regularised_optimum(torch.tensor([[math.log(3), 0.0], [0.0, 0.0]]), gold, 1.0)
     # prompt 0: w = (3/4, 1/4), KL 3/4 log(3/2) + 1/4 log(1/2), gold 3/4; prompt 1: uniform, KL 0, gold 1/2
