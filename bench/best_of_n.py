@@ -81,7 +81,8 @@ def main():
     N, n = len(prompts), len(rows) // len(prompts)
     scores = torch.tensor(reward_model_scores(args.reward_model, rows, 64)).view(N, n)  # (N, n)
     gold = torch.tensor(vader([r["prompt"] for r in rows], [r["text"] for r in rows])).view(N, n)  # (N, n)
-    print(f"{N} prompts x {n} answers; cut off: {1 - sum(r['ended'] for r in rows) / len(rows):.1%}")
+    ended = torch.tensor([r["ended"] for r in rows]).view(N, n)  # (N, n)
+    print(f"{N} prompts x {n} answers; cut off: {1 - ended.double().mean().item():.1%}")
     print("| k | KL bound (nats) | gold, best of k by the reward model | gold, best of k by the gold judge |")
     print("|---|---|---|---|")
     k = 1
@@ -89,7 +90,6 @@ def main():
         print(f"| {k} | {math.log(k) - (k - 1) / k:.2f} | {best_of(scores, gold, k):.3f} | "
               f"{best_of(gold, gold, k):.3f} |")
         k *= 2
-    ended = torch.tensor([r["ended"] for r in rows]).view(N, n)
     by_rm, by_judge = (shaped(s, ended, args.missing_eos_penalty) for s in (scores, gold))
     print("\n| kl_coef | KL, the RM's optimum | its gold | KL, the judge's optimum | its gold |")
     print("|---|---|---|---|---|")
