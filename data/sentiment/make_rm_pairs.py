@@ -3,12 +3,13 @@ labelled by VADER (the gold judge): chosen is the answer with the higher compoun
 
     python data/sentiment/make_rm_pairs.py
 
-Settings: model minrlhf.defaults.default_model() (SmolLM2-135M-Instruct) with its chat template;
-n = 16 samples per prompt, pure sampling (top_k=0, top_p=1.0) at temperature 0.7, at most 48 new
-tokens, torch seed 1 (make_sft.py uses 0), 32 sequences per batch. Answers are kept as sampled, cut-off
-ones included: the reward model must score what PPO's policy writes. Per prompt the answers are sorted
-by score; the i-th best is paired with the i-th worst for i = 1..PAIRS_PER_PROMPT (4); a pair whose
-scores differ by less than MIN_GAP = 0.3 is skipped, since VADER's label would be mostly noise.
+Settings: model minrlhf.defaults.default_model() (SmolLM2-135M-Instruct) with its chat template; n = 16
+samples per prompt, pure sampling (top_k=0, top_p=1.0) at temperature 0.7, at most 48 new tokens, torch
+seed 1 (make_sft.py uses 0), 32 sequences per batch, torch's default threads (2 on the 2-core machine
+that wrote rm_pairs.jsonl). Answers are kept as sampled, cut-off ones included: the reward model must
+score what PPO's policy writes. Per prompt the answers are sorted by score; the i-th best is paired with
+the i-th worst for i = 1..PAIRS_PER_PROMPT (4); a pair whose scores differ by less than MIN_GAP = 0.3 is
+skipped, since VADER's label would be mostly noise.
 Earlier sets: 4 samples, all pairs 0.1 apart: 367 pairs, 61% held-out RM accuracy; 8 samples, 2 pairs
 per prompt: 422 pairs, whose RM ranked the best of 64 SFT answers no better than of 32 (bench/README.md).
 """
