@@ -8,7 +8,6 @@ KL is KL(policy || base) per response: the sum over its tokens of log pi - log p
 sampling temperature (as train.py's `kl`), on responses sampled from the policy; its mean over samples
 estimates the KL. Shapes: N responses, P prompt length, R response length.
 """
-import argparse
 import json
 
 import torch
@@ -16,22 +15,24 @@ from transformers import AutoTokenizer
 
 import minrlhf as M
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
+from minrlhf.run import OneLineArgumentParser, bounded, fail, positive, positive_int, quiet_libraries
 from minrlhf.sampling import load_chat_model, sample
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a policy on held-out prompts.")
+    p = OneLineArgumentParser(description="Evaluate a policy on held-out prompts.")
     p.add_argument("--policy", required=True, help="policy directory (e.g. saved by --stage ppo)")
     p.add_argument("--reward-model", help="reward model saved by --stage rm: also report its mean score")
     p.add_argument("--base", help="base model for the KL and the samples beside the policy's "
                                   "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=SENTIMENT_DATA["eval"], help="jsonl file of {prompt} rows")
-    p.add_argument("--samples", type=int, default=4, help="responses sampled per prompt")
+    p.add_argument("--samples", type=positive_int, default=4, help="responses sampled per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, of log-probs too")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--show", type=int, default=3, help="prompts to show base and policy answers for")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--temperature", type=positive, default=0.7, help="sampling temperature, of log-probs too")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--show", type=bounded(int, 0), default=3,
+                   help="prompts to show base and policy answers for")
     p.add_argument("--json", help="also write the figures to this file")
     return p.parse_args(argv)
 
@@ -57,12 +58,34 @@ def summed_logprobs(model, rows, temperature, pad_id, batch_size):
     return torch.cat(sums)
 
 
-@torch.no_grad()
-def reward_model_scores(path, rows, batch_size):
-    """The reward model's score of each row, read through its own tokenizer (a cut-off answer as such)."""
+def load_reward_model(path):
+    """(a reward model with a trained score head, its own tokenizer)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     M.ensure_pad_token(tokenizer)
-    model = M.load_reward_model(path, tokenizer.pad_token_id).eval()
+    return M.load_reward_model(path, tokenizer.pad_token_id, new_head=False).eval(), tokenizer
+
+
+def loaded(flag, path, load):
+    """load(path), or one line naming the flag and what failed (exit status 2), before any sampling."""
+    try:
+        return load(path)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{flag} {path}: {str(e).splitlines()[0]}")
+
+
+def load_prompts(path):
+    try:
+        rows = M.load_rows(path)
+    except M.DataError as e:
+        fail(f"--prompts {e}")
+    if "prompt" not in rows.column_names:
+        fail(f"--prompts {path}: expected {{prompt}} rows; found columns {rows.column_names}")
+    return list(rows["prompt"])
+
+
+@torch.no_grad()
+def reward_model_scores(model, tokenizer, rows, batch_size):
+    """The reward model's score of each row, read through its own tokenizer (a cut-off answer as such)."""
     scores = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -86,15 +109,18 @@ def side_by_side(prompts, base_rows, policy_rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    prompts = [row["prompt"] for row in M.load_rows(args.prompts)]
-    policy, tokenizer = load_chat_model(args.policy)
-    base, _ = load_chat_model(args.base or default_model())
+    quiet_libraries()
+    prompts = load_prompts(args.prompts)
+    policy, tokenizer = loaded("--policy", args.policy, load_chat_model)
+    base, _ = loaded("--base", args.base or default_model(), load_chat_model)
+    if args.reward_model:
+        reward_model = loaded("--reward-model", args.reward_model, load_reward_model)
     rows = seeded_sample(policy, tokenizer, [p for p in prompts for _ in range(args.samples)], args)
     kl = (summed_logprobs(policy, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)
           - summed_logprobs(base, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)).tolist()
     rm_mean = None
     if args.reward_model:
-        rm_scores = reward_model_scores(args.reward_model, rows, args.batch_size)
+        rm_scores = reward_model_scores(*reward_model, rows, args.batch_size)
         rm_mean = sum(rm_scores) / len(rm_scores)
     figures = summarize(rows, vader([r["prompt"] for r in rows], [r["text"] for r in rows]), kl, rm_mean)
     shown = prompts[:args.show]

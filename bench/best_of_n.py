@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import minrlhf as M  # noqa: E402
-from eval import reward_model_scores  # noqa: E402
+from eval import load_reward_model, reward_model_scores  # noqa: E402
 from minrlhf.defaults import SENTIMENT_DATA, vader  # noqa: E402
 from minrlhf.sampling import load_chat_model, sample  # noqa: E402
 
@@ -79,7 +79,8 @@ def main():
     prompts = [row["prompt"] for row in M.load_rows(args.prompts)]
     rows = answers(args, prompts)
     N, n = len(prompts), len(rows) // len(prompts)
-    scores = torch.tensor(reward_model_scores(args.reward_model, rows, 64)).view(N, n)  # (N, n)
+    reward_model, tokenizer = load_reward_model(args.reward_model)
+    scores = torch.tensor(reward_model_scores(reward_model, tokenizer, rows, 64)).view(N, n)  # (N, n)
     gold = torch.tensor(vader([r["prompt"] for r in rows], [r["text"] for r in rows])).view(N, n)  # (N, n)
     ended = torch.tensor([r["ended"] for r in rows]).view(N, n)  # (N, n)
     print(f"{N} prompts x {n} answers; cut off: {1 - ended.double().mean().item():.1%}")

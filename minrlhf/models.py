@@ -23,13 +23,16 @@ def dropout_free_config(path, **overrides):
 
 
 def load_causal_lm(path, dtype=None):
-    """A causal LM; a checkpoint that lacks some of its weights (a reward model, an encoder) is refused,
-    where transformers would initialise the missing head at random and carry on."""
+    """A causal LM; a checkpoint that lacks some of its weights (an encoder) is refused, where transformers
+    would initialise the missing head at random and carry on, and so is a reward model, whose LM head may be
+    tied to its embeddings (SmolLM2, GPT-2): then no weight is missing, but its score head is left over."""
     model, info = AutoModelForCausalLM.from_pretrained(path, config=dropout_free_config(path), dtype=dtype,
                                                        output_loading_info=True)
     if info["missing_keys"]:
         missing = ", ".join(sorted(info["missing_keys"])[:3])
         raise ValueError(f"not a causal LM checkpoint, weights missing: {missing}")
+    if any(key.startswith("score.") for key in info["unexpected_keys"]):
+        raise ValueError("not a causal LM checkpoint: a reward model (it has a score head)")
     return model
 
 

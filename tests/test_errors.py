@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import eval as eval_py
 import train
 from minrlhf import load_reward_model
 from tiny import make_tokenizer, save_tiny
@@ -28,6 +29,9 @@ def w(tmp_path_factory):
     save_tiny("llama", d / "model")
     load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "rm")
     make_tokenizer().save_pretrained(d / "rm")
+    tied = save_tiny("llama", d / "tied", config={"tie_word_embeddings": True})  # no LM head of its own
+    load_reward_model(tied, make_tokenizer().pad_token_id).save_pretrained(d / "tied_rm")
+    make_tokenizer().save_pretrained(d / "tied_rm")
     chat = save_tiny("llama", d / "chat_model", chat_template=True)  # another tokenizer than the policy's
     load_reward_model(chat, make_tokenizer(chat_template=True).pad_token_id).save_pretrained(d / "chat_rm")
     make_tokenizer(chat_template=True).save_pretrained(d / "chat_rm")
@@ -65,6 +69,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "tokenizer without EOS": (["--model", "{w}/no_eos"], r"--model .*no_eos: unusable tokenizer \(.*has no EOS token\)"),
     "model not a causal LM": (["--model", "{w}/rm"], r"--model .*rm: cannot load as a causal LM \(not a causal LM "
                                                      r"checkpoint, weights missing: lm_head\.weight\)"),
+    "tied reward model as policy": (["--model", "{w}/tied_rm"],
+                                    r"--model .*tied_rm: cannot load as a causal LM \(not a causal LM checkpoint: "
+                                    r"a reward model \(it has a score head\)\)"),
     "reward model without head": (PPO + ["--reward-model", "{w}/model"],
                                   r"--reward-model .*model: cannot load as a reward model \(not a reward model"),
     "no reward": (PPO, r"--stage ppo needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION"),
@@ -147,3 +154,30 @@ def test_bad_input_fails_early_with_one_line(name, w, tmp_path, capsys, monkeypa
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert __import__("re").search(message, err[0]), err[0]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")  # nothing was trained or saved
+
+
+EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all before any sampling
+    "policy missing": (["--policy", "{w}/nope"], r"--policy .*nope: "),
+    "policy a reward model": (["--policy", "{w}/tied_rm"], r"--policy .*tied_rm: not a causal LM checkpoint: a reward "
+                                                          r"model \(it has a score head\)"),
+    "reward model without head": (["--reward-model", "{w}/model"],
+                                  r"--reward-model .*model: not a reward model: it has no trained score head"),
+    "prompts without prompts": (["--prompts", "{w}/cols.jsonl"],
+                                r"--prompts .*cols\.jsonl: expected \{prompt\} rows; found columns \['question', "
+                                r"'answer'\]"),
+    "prompts missing": (["--prompts", "{w}/nope.jsonl"], r"--prompts .*nope\.jsonl: no such file"),
+    "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number > 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(EVAL_CASES))
+def test_eval_bad_input_fails_with_one_line(name, w, capsys, monkeypatch):
+    flags, message = EVAL_CASES[name]
+    argv = ["--policy", "{w}/model", "--base", "{w}/model", "--prompts", "{w}/pref.jsonl", *flags]
+    monkeypatch.setattr(eval_py, "seeded_sample", None)  # reaching the sampling would be a TypeError
+    with pytest.raises(SystemExit) as exit_info:
+        eval_py.main([a.format(w=w) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert __import__("re").search(message, err[0]), err[0]

@@ -162,16 +162,18 @@ def test_summarize_and_side_by_side():
 def test_reward_model_scores_per_row_whatever_the_batch(tmp_path):
     """eval.py's (and bench/best_of_n.py's) reward-model scores: padding in a batch changes no row's score, and
     a cut-off answer is scored as such, not as the same text closed by the template."""
-    path = save_tiny("llama", tmp_path, chat_template=True)
+    path = save_tiny("llama", tmp_path / "lm", chat_template=True)
+    tokenizer = make_tokenizer(chat_template=True)
+    torch.manual_seed(0)  # the tiny model has no trained score head: give it one, saved as a reward model
+    M.load_reward_model(path, tokenizer.pad_token_id).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    model, rm_tokenizer = eval_py.load_reward_model(str(tmp_path / "rm"))
     rows = [{"prompt": "is it worth watching?", "text": "yes, it is great", "ended": True},
             {"prompt": "the film", "text": "was long and", "ended": False},
             {"prompt": "a", "text": "b", "ended": True}]
-    torch.manual_seed(0)  # the tiny model has no trained score head: a seeded new one
-    together = eval_py.reward_model_scores(path, rows, batch_size=3)
-    alone = []
-    for row in rows + [{**rows[1], "ended": True}]:
-        torch.manual_seed(0)
-        alone += eval_py.reward_model_scores(path, [row], batch_size=1)
+    together = eval_py.reward_model_scores(model, rm_tokenizer, rows, batch_size=3)
+    alone = [s for row in rows + [{**rows[1], "ended": True}]
+             for s in eval_py.reward_model_scores(model, rm_tokenizer, [row], batch_size=1)]
     assert together == pytest.approx(alone[:3], abs=1e-4)
     assert alone[3] != pytest.approx(alone[1], abs=1e-4)
 
