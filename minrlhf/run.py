@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -92,7 +93,8 @@ def checkpoints(output):
 
 
 def check_output(args):
-    """Never train over another run: a different stage's run, or checkpoints without --resume."""
+    """Never train over another run (a different stage's, or checkpoints without --resume), and never find
+    out after loading the models that --output cannot be written."""
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         fail(f"--output {args.output} is a file; expected a directory")
     try:
@@ -106,6 +108,11 @@ def check_output(args):
     if checkpoints(args.output) and not args.resume:
         fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose "
              f"another --output")
+    try:  # the run writes there: find out now, not after loading the models
+        os.makedirs(args.output, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output).close()
+    except OSError as e:
+        fail(f"--output {args.output}: cannot write there ({e.strerror})")
 
 
 def batches(n, batch_size, seed, start=0):

@@ -135,6 +135,7 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "lora alpha without rank": (["--lora-alpha", 8], r"--lora-alpha and --lora-targets shape LoRA adapters: pass "
                                                      r"--lora-rank R > 0 with them"),
     "negative lora rank": (["--lora-rank=-1"], r"argument --lora-rank: -1: expected a number >= 0"),
+    "output not writable": (["--output", "{w}/a_file/run"], r"--output .*a_file/run: cannot write there \(Not a directory\)"),
     "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
     "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
     "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number > 0"),
