@@ -150,10 +150,7 @@ def test_bad_input_fails_early_with_one_line(name, w, tmp_path, capsys, monkeypa
     monkeypatch.chdir(w)
     with pytest.raises(SystemExit) as exit_info:
         train.main([a.format(w=w) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert __import__("re").search(message, err[0]), err[0]
+    assert_one_error_line(exit_info, capsys, message)
     assert not os.path.exists(tmp_path / "run" / "checkpoints")  # nothing was trained or saved
 
 
@@ -178,6 +175,10 @@ def test_eval_bad_input_fails_with_one_line(name, w, capsys, monkeypatch):
     monkeypatch.setattr(eval_py, "seeded_sample", None)  # reaching the sampling would be a TypeError
     with pytest.raises(SystemExit) as exit_info:
         eval_py.main([a.format(w=w) for a in argv])
+    assert_one_error_line(exit_info, capsys, message)
+
+
+def assert_one_error_line(exit_info, capsys, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: "), err
