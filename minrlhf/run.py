@@ -165,8 +165,8 @@ class Run:
         self.stop = True
 
     def open_metrics(self):
-        """args.json and metrics.jsonl; on --resume the lines logged after the checkpoint are dropped."""
-        os.makedirs(self.args.output, exist_ok=True)
+        """args.json and metrics.jsonl in --output (`check_output` made it); on --resume the lines logged after
+        the checkpoint are dropped."""
         with open(os.path.join(self.args.output, "args.json"), "w") as f:
             json.dump(vars(self.args), f, indent=1)
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
