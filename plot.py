@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = [("reward", "reward (RM or --reward-fn)"), ("kl", "KL to reference (nats)"), ("gold", "gold score (VADER)")]
+PANELS = [("reward", "reward (RM or --reward-fn)"), ("kl", "KL to reference (nats)"),
+          ("gold", "gold score (VADER)")]
 
 
 def read_metrics(path):

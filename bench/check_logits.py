@@ -29,7 +29,8 @@ def run(model_dir, out, check_tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cfg = model.config
-    theta = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
+    theta = (getattr(cfg, "rope_theta", None)
+             or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta"))
     with torch.no_grad():
         logits = model(torch.tensor([IDS])).logits[0].float().numpy()
     np.save(out, logits)

@@ -1,14 +1,15 @@
 """Hugging Face TRL peer for minrlhf's benchmarks (CPU, fp32). Run inside bench/.venv-trl:
 
     PY=bench/.venv-trl/bin/python M=~/.cache/minrlhf/SmolLM2-135M-Instruct
-    $PY bench/trl_peer.py sft --model $M --data sft.jsonl --steps 3      # rows {"text"}
-    $PY bench/trl_peer.py rm  --model $M --data rm.jsonl  --steps 3      # rows {"prompt", "chosen", "rejected"}
+    $PY bench/trl_peer.py sft --model $M --data sft.jsonl --steps 3   # rows {"text"}
+    $PY bench/trl_peer.py rm  --model $M --data rm.jsonl  --steps 3   # rows {"prompt", "chosen", "rejected"}
     $PY bench/trl_peer.py rm-hh --model $M --hh /work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz
 
-sft/rm time each optimizer step (SFTTrainer / RewardTrainer) with a callback; rm-hh trains a reward model for one
-epoch on HH-RLHF pairs and scores held-out pairs before and after. Each prints ONE JSON line on stdout (logs: stderr).
-TRL configs default to bf16=True and gradient_checkpointing=True even on CPU, so every setting is given explicitly:
-fp32, or bf16 autocast with --bf16 (weights stay fp32; held-out pairs are scored in fp32 either way).
+sft/rm time each optimizer step (SFTTrainer / RewardTrainer) with a callback; rm-hh trains a reward model for
+one epoch on HH-RLHF pairs and scores held-out pairs before and after. Each prints ONE JSON line on stdout
+(logs: stderr). TRL configs default to bf16=True and gradient_checkpointing=True even on CPU, so every setting
+is given explicitly: fp32, or bf16 autocast with --bf16 (weights stay fp32; held-out pairs are scored in fp32
+either way).
 """
 import argparse
 import gzip
@@ -61,21 +62,24 @@ def config_kwargs(args, max_steps):
     """Settings shared by SFTConfig and RewardConfig, all explicit (TRL's defaults differ from Trainer's)."""
     return dict(output_dir=tempfile.mkdtemp(prefix="trl-peer-"), use_cpu=True, bf16=args.bf16, fp16=False,
                 gradient_checkpointing=False, per_device_train_batch_size=args.batch_size,
-                gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0,
-                optim=args.optim, weight_decay=0.0, max_grad_norm=1.0, seed=0, data_seed=0, num_train_epochs=1,
-                max_steps=max_steps if max_steps else -1, max_length=args.max_length, dataloader_num_workers=0,
-                report_to="none", eval_strategy="no", save_strategy="no", logging_steps=1, disable_tqdm=True)
+                gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="linear",
+                warmup_steps=0, optim=args.optim, weight_decay=0.0, max_grad_norm=1.0, seed=0, data_seed=0,
+                num_train_epochs=1, max_steps=max_steps if max_steps else -1, max_length=args.max_length,
+                dataloader_num_workers=0, report_to="none", eval_strategy="no", save_strategy="no",
+                logging_steps=1, disable_tqdm=True)
 
 
 def settings(trainer, model, extra):
     a = trainer.args
-    keys = ["bf16", "fp16", "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "learning_rate", "lr_scheduler_type", "warmup_steps", "optim", "weight_decay", "adam_beta1", "adam_beta2",
-            "adam_epsilon", "max_grad_norm", "seed", "max_steps", "num_train_epochs", "max_length", "use_cpu",
-            "dataloader_num_workers", "packing", "padding_free", "truncation_mode", "loss_type", "disable_dropout"]
+    keys = ["bf16", "fp16", "gradient_checkpointing", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "optim",
+            "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "seed", "max_steps",
+            "num_train_epochs", "max_length", "use_cpu", "dataloader_num_workers", "packing", "padding_free",
+            "truncation_mode", "loss_type", "disable_dropout"]
     out = {k: str(getattr(a, k)) if k in ("optim", "lr_scheduler_type") else getattr(a, k)
            for k in keys if hasattr(a, k)}
-    out.update(param_dtype=str(next(model.parameters()).dtype), attn_implementation=model.config._attn_implementation,
+    out.update(param_dtype=str(next(model.parameters()).dtype),
+               attn_implementation=model.config._attn_implementation,
                device=str(a.device), threads=torch.get_num_threads(), **extra)
     return out
 
@@ -94,24 +98,27 @@ def encode(tok, text, max_length):
 
 
 def reward_trainer(args, tok, pairs, max_steps):
-    """RewardTrainer on pre-tokenized pairs: `chosen_ids`/`rejected_ids` columns skip TRL's own tokenization (which
-    keeps the start and then DROPS any pair longer than max_length instead of truncating it)."""
+    """RewardTrainer on pre-tokenized pairs: `chosen_ids`/`rejected_ids` columns skip TRL's own tokenization
+    (which keeps the start and then DROPS any pair longer than max_length instead of truncating it)."""
     torch.manual_seed(0)  # the score head is freshly initialised
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id  # seq-cls reads the score at the last non-pad token
     data = datasets.Dataset.from_dict({"chosen_ids": [encode(tok, c, args.max_length) for c, _ in pairs],
                                        "rejected_ids": [encode(tok, r, args.max_length) for _, r in pairs]})
-    cfg = RewardConfig(**config_kwargs(args, max_steps), disable_dropout=True, center_rewards_coefficient=None)
+    cfg = RewardConfig(**config_kwargs(args, max_steps), disable_dropout=True,
+                       center_rewards_coefficient=None)
     return model, RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
 
 
 @torch.no_grad()
 def score_pairs(model, tok, pairs, max_length, batch_size):
-    """(accuracy, mean margin): share of pairs with score(chosen) > score(rejected), mean of the difference."""
+    """(accuracy, mean margin): share of pairs with score(chosen) > score(rejected), mean of the
+    difference."""
     model.eval()
     diffs = []
     for i in range(0, len(pairs), batch_size):
-        seqs = [encode(tok, t, max_length) for pair in pairs[i:i + batch_size] for t in pair]  # c0 r0 c1 r1 ...
+        # c0 r0 c1 r1 ...
+        seqs = [encode(tok, t, max_length) for pair in pairs[i:i + batch_size] for t in pair]
         width = max(map(len, seqs))
         ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
@@ -132,7 +139,8 @@ def span(text):
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
     sub = p.add_subparsers(dest="case", required=True, help="benchmark case")
     cases = {"sft": (128, "SFTTrainer step time on a jsonl with a `text` column"),
@@ -142,10 +150,12 @@ def parse_args():
         s = sub.add_parser(name, help=desc, description=desc)
         s.add_argument("--model", required=True, help="Hugging Face model folder (SmolLM2-135M-Instruct)")
         if name == "rm-hh":
-            s.add_argument("--hh", required=True, help="HH-RLHF .jsonl(.gz) with `chosen`/`rejected` dialogues")
+            s.add_argument("--hh", required=True,
+                           help="HH-RLHF .jsonl(.gz) with `chosen`/`rejected` dialogues")
             s.add_argument("--train", type=span, default="0:1000", help="training pairs, start:stop")
             s.add_argument("--eval", type=span, default="2000:2312", help="held-out pairs, start:stop")
-            s.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out pairs")
+            s.add_argument("--eval-limit", type=int, default=None,
+                           help="score only the first N held-out pairs")
             s.add_argument("--eval-batch-size", type=int, default=8, help="pairs per scoring forward")
         else:
             s.add_argument("--data", required=True, help="jsonl training file")
@@ -154,7 +164,8 @@ def parse_args():
         s.add_argument("--batch-size", type=int, default=8, help="sequences (sft) or pairs (rm) per step")
         s.add_argument("--max-length", type=int, default=max_length, help="max tokens per sequence")
         s.add_argument("--lr", type=float, default=1e-5, help="peak learning rate, linear decay to 0")
-        s.add_argument("--optim", default="adamw_torch", help="transformers optimizer name (adamw_torch_fused: fused)")
+        s.add_argument("--optim", default="adamw_torch",
+                       help="transformers optimizer name (adamw_torch_fused: fused)")
         s.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
         s.add_argument("--bf16", action="store_true", help="train under bf16 autocast (default: fp32)")
     return p.parse_args()
@@ -196,9 +207,11 @@ def main():
         result.update(train_seconds=train_seconds, accuracy=acc, margin=margin)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result.update(step_seconds=timer.seconds, tokens_per_step=timer.tokens, train_loss=losses,
-                  seq_len_min_max=[min(lengths), max(lengths)], n_train_rows=len(lengths) // (1 if args.case == "sft" else 2),
+                  seq_len_min_max=[min(lengths), max(lengths)],
+                  n_train_rows=len(lengths) // (1 if args.case == "sft" else 2),
                   peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                  versions={"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+                  versions={"trl": trl.__version__, "transformers": transformers.__version__,
+                            "torch": torch.__version__},
                   settings=settings(trainer, model, {"tokenizer": pad_info}))
     print(json.dumps(result), file=OUT, flush=True)
 

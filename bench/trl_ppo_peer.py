@@ -31,8 +31,10 @@ import sys
 import time
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--model", required=True, help="model dir loadable by transformers 4.57 (the SmolLM2 -tf4 copy)")
-p.add_argument("--reward-model", help="reward model dir, transformers-4 loadable (default: --model, fresh head)")
+p.add_argument("--model", required=True,
+               help="model dir loadable by transformers 4.57 (the SmolLM2 -tf4 copy)")
+p.add_argument("--reward-model",
+               help="reward model dir, transformers-4 loadable (default: --model, fresh head)")
 p.add_argument("--prompts", required=True, help="jsonl file with a 'prompt' column of plain strings")
 p.add_argument("--updates", type=int, default=3, help="PPO updates (one rollout + its PPO epochs each)")
 p.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per rollout (= the one mini-batch)")
@@ -41,7 +43,8 @@ p.add_argument("--ppo-epochs", type=int, default=4, help="PPO epochs over each r
 p.add_argument("--lr", type=float, default=1e-5, help="learning rate (decays linearly to 0, as in minrlhf)")
 p.add_argument("--threads", type=int, default=2, help="torch CPU threads (also OMP_NUM_THREADS)")
 p.add_argument("--seed", type=int, default=0, help="seed for score-head init, shuffling and sampling")
-p.add_argument("--bf16", action="store_true", help="TRL's bf16=True: bf16 autocast, fp32 weights (default: fp32)")
+p.add_argument("--bf16", action="store_true",
+               help="TRL's bf16=True: bf16 autocast, fp32 weights (default: fp32)")
 p.add_argument("--lora-rank", type=int, default=0, help="peft LoRA rank of the policy (0: full fine-tuning)")
 p.add_argument("--gradient-checkpointing", action="store_true", help="TRL's gradient_checkpointing=True")
 args = p.parse_args()
@@ -61,7 +64,8 @@ sys.stdout, real_stdout = sys.stderr, sys.stdout  # TRL/transformers print to st
 
 tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
 pad = "<|endoftext|>"
-assert pad in tok.get_vocab() and tok.convert_tokens_to_ids(pad) != tok.eos_token_id, "need a pad token != EOS"
+assert (pad in tok.get_vocab()
+        and tok.convert_tokens_to_ids(pad) != tok.eos_token_id), "need a pad token != EOS"
 tok.pad_token = pad
 policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 # with LoRA, TRL takes no reference model: the policy with its adapters off is the reference
@@ -75,13 +79,14 @@ policy.generation_config.pad_token_id = tok.pad_token_id
 with open(args.prompts) as f:
     prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
 ds = datasets.Dataset.from_list([{"input_ids": tok.apply_chat_template([{"role": "user", "content": q}],
-                                                                       add_generation_prompt=True)} for q in prompts])
+                                                                       add_generation_prompt=True)}
+                                 for q in prompts])
 
 B = args.rollout_batch_size
 cfg = trl.PPOConfig(
     output_dir="/tmp/trl_ppo_peer", report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,
-    disable_tqdm=True, use_cpu=True, bf16=args.bf16, fp16=False, gradient_checkpointing=args.gradient_checkpointing,
-    seed=args.seed,
+    disable_tqdm=True, use_cpu=True, bf16=args.bf16, fp16=False,
+    gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
     learning_rate=args.lr, total_episodes=args.updates * B, per_device_train_batch_size=B,
     gradient_accumulation_steps=1, num_mini_batches=1, local_rollout_forward_batch_size=B,
     num_ppo_epochs=args.ppo_epochs, response_length=args.new_tokens, temperature=1.0, stop_token="eos",
@@ -143,7 +148,8 @@ def generation(*a, **kw):
 
 real_batch_generation = ppo_mod.batch_generation
 ppo_mod.batch_generation = timed(generation, "generate")
-ppo_mod.forward = timed(ppo_mod.forward, lambda *a: "train_forward" if torch.is_grad_enabled() else "forwards")
+ppo_mod.forward = timed(ppo_mod.forward,
+                        lambda *a: "train_forward" if torch.is_grad_enabled() else "forwards")
 ppo_mod.get_reward = timed(ppo_mod.get_reward, "forwards")
 trainer.accelerator.backward = timed(trainer.accelerator.backward, "backward")
 trainer.optimizer.step = timed(trainer.optimizer.step, "optimizer")

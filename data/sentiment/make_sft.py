@@ -50,8 +50,10 @@ def main():
     kept = [b for b in map(best_of_n, prompts, samples) if b]
     with open(SENTIMENT_DATA["sft"], "w") as f:
         f.writelines(json.dumps(row) + "\n" for row, _ in kept)
-    every = [score for p, group in zip(prompts, samples) for score in vader([p] * N, [s["text"] for s in group])]
-    print(f"{len(kept)} rows written to {SENTIMENT_DATA['sft']}; mean VADER of kept {sum(s for _, s in kept) / len(kept):.3f}"
+    every = [score for p, group in zip(prompts, samples)
+             for score in vader([p] * N, [s["text"] for s in group])]
+    print(f"{len(kept)} rows written to {SENTIMENT_DATA['sft']}; "
+          f"mean VADER of kept {sum(s for _, s in kept) / len(kept):.3f}"
           f" vs all samples {sum(every) / len(every):.3f}; {time.time() - start:.0f} s")
 
 
