@@ -9,13 +9,15 @@ sampling temperature (as train.py's `kl`), on responses sampled from the policy;
 estimates the KL. Shapes: N responses, P prompt length, R response length.
 """
 import json
+import os
 
 import torch
 from transformers import AutoTokenizer
 
 import minrlhf as M
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
-from minrlhf.run import OneLineArgumentParser, bounded, fail, positive, positive_int, quiet_libraries
+from minrlhf.cli import (OneLineArgumentParser, bounded, check_writable, fail, positive, positive_int,
+                         quiet_libraries)
 from minrlhf.sampling import load_chat_model, sample
 
 
@@ -110,6 +112,10 @@ def side_by_side(prompts, base_rows, policy_rows):
 def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
+    if args.json and os.path.isdir(args.json):
+        fail(f"--json {args.json} is a directory; expected a file name")
+    if args.json:
+        check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
     prompts = load_prompts(args.prompts)
     policy, tokenizer = loaded("--policy", args.policy, load_chat_model)
     base, _ = loaded("--base", args.base or default_model(), load_chat_model)

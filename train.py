@@ -5,7 +5,7 @@
 
 Read the flags, then the stages: SFT, the reward model and DPO share one loop (`train_supervised`), PPO has
 its own (`train_ppo`, phases 1-5), which GRPO and RLOO share. DeepSpeed, checkpoints and logging are calls
-into minrlhf/engine.py and minrlhf/run.py; the math is in minrlhf/losses.py.
+into minrlhf/engine.py and minrlhf/run.py (bad input: minrlhf/cli.py); the math is in minrlhf/losses.py.
 Shapes: B batch, P prompt length, R response length, T = P + R, V vocab, G samples per prompt.
 """
 import argparse
@@ -24,8 +24,9 @@ from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen
                             param_groups)
 from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model, load_tokenizer,
                             offline_defaults, reference)
-from minrlhf.run import (OneLineArgumentParser, Run, Stopwatch, batches, bounded, check_output, fail,
-                         mean_across_ranks, non_negative, positive, positive_int, quiet_libraries)
+from minrlhf.cli import (OneLineArgumentParser, bounded, fail, non_negative, positive, positive_int,
+                         quiet_libraries)
+from minrlhf.run import Run, Stopwatch, batches, check_output, mean_across_ranks
 
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .run import fail
+from .cli import fail
 
 
 def init_distributed():

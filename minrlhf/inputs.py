@@ -16,7 +16,7 @@ from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
 from .lora import BaseModel, add_lora
 from .models import Critic, load_causal_lm, load_reward_model
-from .run import fail, fail_together
+from .cli import fail, fail_together
 
 
 def offline_defaults(args):

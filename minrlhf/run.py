@@ -1,7 +1,6 @@
-"""A training run's bookkeeping for train.py: one-line errors, the data order, metrics and progress,
+"""A training run's bookkeeping for train.py: the output folder, the data order, metrics and progress,
 signals, the non-finite policy, checkpoints and the final model. Calls, not callbacks: the loops stay
 in train.py, which calls `Run.end_step` once per step."""
-import argparse
 import json
 import math
 import os
@@ -9,8 +8,6 @@ import random
 import resource
 import shutil
 import signal
-import sys
-import tempfile
 import time
 
 import numpy as np
@@ -19,69 +16,10 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
+from .cli import check_writable, fail
 from .lora import merged_state_dict
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
-
-
-def fail(message):
-    """Bad input: one line on stderr, exit status 2. Inputs are alike on every rank, so one rank per node
-    prints (a file missing on one node still reaches the user), with its rank when it is not rank 0."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        rank = int(os.environ.get("RANK", "0"))
-        where = f"rank {rank}: " if rank else ""
-        tqdm.write(f"error: {where}{message}", file=sys.stderr)  # tqdm.write clears a progress bar first
-    sys.exit(2)
-
-
-def fail_together(error):
-    """An error that one rank alone may meet (in its own samples), or None; every rank calls this at the
-    same point. If any rank has an error, it prints it with its rank and every rank exits 2 at once,
-    instead of the others waiting in their next collective for a rank that is gone."""
-    failed = torch.tensor([float(error is not None)])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if error is not None:
-        prefix = f"rank {dist.get_rank()}: " if dist.get_world_size() > 1 else ""
-        tqdm.write(f"error: {prefix}{error}", file=sys.stderr)
-    if failed.item():
-        sys.exit(2)
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, as every other error here (`fail`), not usage and message."""
-
-    def error(self, message):
-        fail(message)
-
-
-def bounded(kind, low, high=math.inf, above=False):
-    """An argparse type: a `kind` number >= low (> low if `above`) and <= high. Each flag's bounds stand
-    where it is declared, and a value that cannot work is one line naming the flag."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not ((value > low if above else value >= low) and value <= high):  # NaN fails too
-            bounds = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
-            raise argparse.ArgumentTypeError(f"{text}: expected a number {bounds}")
-        return value
-    return parse
-
-
-positive_int = bounded(int, 0, above=True)
-positive = bounded(float, 0, above=True)
-non_negative = bounded(float, 0)
-
-
-def quiet_libraries():
-    """Our progress bar and our error lines only: no load bars or library log lines in between."""
-    import datasets
-    import transformers
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def checkpoints(output):
@@ -92,27 +30,49 @@ def checkpoints(output):
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[4:]))]
 
 
+RESUME_MAY_CHANGE = {  # the flags that --resume may change: how long the run goes on, how it logs and saves
+    "output", "resume", "max_steps", "epochs", "save_every", "keep_checkpoints", "log_every",
+    "skip_nonfinite", "gradient_checkpointing", "gold_fn", "local_rank"}
+
+
 def check_output(args):
-    """Never train over another run (a different stage's, or checkpoints without --resume), and never find
-    out after loading the models that --output cannot be written."""
+    """Never train over another run (a different stage's, or checkpoints without --resume), never resume with
+    other flags, and never find out after loading the models that --output cannot be written."""
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         fail(f"--output {args.output} is a file; expected a directory")
-    try:
-        with open(os.path.join(args.output, "args.json")) as f:
-            stage = json.load(f)["stage"]
-    except (OSError, ValueError, KeyError):
-        stage = None
-    if stage not in (None, args.stage):
-        fail(f"--output {args.output} holds a --stage {stage} run; choose another --output for "
+    saved = saved_args(args.output)
+    if saved.get("stage", args.stage) != args.stage:
+        fail(f"--output {args.output} holds a --stage {saved['stage']} run; choose another --output for "
              f"--stage {args.stage}")
     if checkpoints(args.output) and not args.resume:
         fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose "
              f"another --output")
-    try:  # the run writes there: find out now, not after loading the models
-        os.makedirs(args.output, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.output).close()
-    except OSError as e:
-        fail(f"--output {args.output}: cannot write there ({e.strerror})")
+    if checkpoints(args.output):
+        check_resume_flags(args, saved)
+    check_writable("--output", args.output, args.output)
+
+
+def saved_args(output):
+    """The flags of the run in `output` (its args.json, with its number of ranks), or {}."""
+    try:
+        with open(os.path.join(output, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def check_resume_flags(args, saved):
+    """--resume goes on with the run its checkpoints came from, so every flag that shapes the model, its
+    optimiser or the data order must be that run's: a checkpoint restores the lr, the KL coefficient and the
+    position in the data as they were, and cannot load under another ZeRO stage, LoRA or number of ranks."""
+    current = {**vars(args), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    for name, value in saved.items():
+        if name not in RESUME_MAY_CHANGE and name in current and current[name] != value:
+            flag = "the number of ranks" if name == "world_size" else f"--{name.replace('_', '-')}"
+            fail(f"--resume: {flag} is {current[name]}, where the checkpoints' run had {value} "
+                 f"({os.path.join(args.output, 'args.json')}); only how long it runs, logs and saves may "
+                 f"change")
 
 
 def batches(n, batch_size, seed, start=0):
@@ -165,10 +125,10 @@ class Run:
         self.stop = True
 
     def open_metrics(self):
-        """args.json and metrics.jsonl in --output (`check_output` made it); on --resume the lines logged after
-        the checkpoint are dropped."""
+        """args.json and metrics.jsonl in --output (`check_output` made it); on --resume the lines logged
+        after the checkpoint are dropped."""
         with open(os.path.join(self.args.output, "args.json"), "w") as f:
-            json.dump(vars(self.args), f, indent=1)
+            json.dump({**vars(self.args), "world_size": dist.get_world_size()}, f, indent=1)
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
         if self.args.resume and os.path.exists(path):
             with open(path) as f:

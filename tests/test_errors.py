@@ -1,6 +1,8 @@
 """Bad input: one clear line on stderr and exit status 2, before any training step."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -8,6 +10,8 @@ import eval as eval_py
 import train
 from minrlhf import load_reward_model
 from tiny import make_tokenizer, save_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REWARDS = """
 def boom(prompts, responses):
@@ -52,6 +56,9 @@ def w(tmp_path_factory):
     os.makedirs(d / "sft_run")
     (d / "sft_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
     os.makedirs(d / "ckpt_run" / "checkpoints" / "step1")
+    for name, saved in {"resume_run": {"batch_size": 4}, "ranks_run": {"world_size": 2}}.items():
+        os.makedirs(d / name / "checkpoints" / "step1")
+        (d / name / "args.json").write_text(json.dumps({"stage": "sft", "max_steps": 1, **saved}))
     return d
 
 
@@ -136,6 +143,11 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                                      r"--lora-rank R > 0 with them"),
     "negative lora rank": (["--lora-rank=-1"], r"argument --lora-rank: -1: expected a number >= 0"),
     "output not writable": (["--output", "{w}/a_file/run"], r"--output .*a_file/run: cannot write there \(Not a directory\)"),
+    "resume, other batch": (["--output", "{w}/resume_run", "--resume", "--max-steps", 2, "--batch-size", 2],
+                            r"--resume: --batch-size is 2, where the checkpoints' run had 4 \(.*resume_run/args\.json\); "
+                            r"only how long it runs, logs and saves may change"),
+    "resume, other ranks": (["--output", "{w}/ranks_run", "--resume"],
+                            r"--resume: the number of ranks is 1, where the checkpoints' run had 2"),
     "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
     "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
     "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number > 0"),
@@ -165,6 +177,9 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
                                 r"'answer'\]"),
     "prompts missing": (["--prompts", "{w}/nope.jsonl"], r"--prompts .*nope\.jsonl: no such file"),
     "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number > 0"),
+    "json not writable": (["--json", "{w}/a_file/eval.json"], r"--json .*a_file/eval\.json: cannot write there "
+                                                              r"\(Not a directory\)"),
+    "json a directory": (["--json", "{w}"], r"--json .* is a directory; expected a file name"),
 }
 
 
@@ -178,8 +193,25 @@ def test_eval_bad_input_fails_with_one_line(name, w, capsys, monkeypatch):
     assert_one_error_line(exit_info, capsys, message)
 
 
+def test_eval_as_a_process_prints_only_its_error_line(w):
+    """No library banner before it: eval.py does not import deepspeed, whose import announces the accelerator."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--policy", str(w / "nope")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --policy {w / 'nope'}: " + proc.stderr.split(": ", 2)[2].strip()]
+    assert proc.stdout == ""
+
+
 def assert_one_error_line(exit_info, capsys, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert __import__("re").search(message, err[0]), err[0]
+
+
+def test_quiet_libraries_silences_the_hub_clients_retry_warnings():
+    """Offline, a --model name that is no local folder makes the Hub client log each retry on stderr."""
+    code = ("from minrlhf.cli import quiet_libraries; quiet_libraries(); from huggingface_hub.utils import logging; "
+            "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

@@ -1,0 +1,84 @@
+"""The command line's rules for train.py and eval.py: bad input is one line on stderr and exit status 2,
+before any work starts. No deepspeed here, so eval.py and the data scripts print no accelerator banner."""
+import argparse
+import math
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit status 2. Inputs are alike on every rank, so one rank per node
+    prints (a file missing on one node still reaches the user), with its rank when it is not rank 0."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        rank = int(os.environ.get("RANK", "0"))
+        where = f"rank {rank}: " if rank else ""
+        tqdm.write(f"error: {where}{message}", file=sys.stderr)  # tqdm.write clears a progress bar first
+    sys.exit(2)
+
+
+def fail_together(error):
+    """An error that one rank alone may meet (in its own samples), or None; every rank calls this at the
+    same point. If any rank has an error, it prints it with its rank and every rank exits 2 at once,
+    instead of the others waiting in their next collective for a rank that is gone."""
+    failed = torch.tensor([float(error is not None)])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        prefix = f"rank {dist.get_rank()}: " if dist.get_world_size() > 1 else ""
+        tqdm.write(f"error: {prefix}{error}", file=sys.stderr)
+    if failed.item():
+        sys.exit(2)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other error here (`fail`), not usage and message."""
+
+    def error(self, message):
+        fail(message)
+
+
+def bounded(kind, low, high=math.inf, above=False):
+    """An argparse type: a `kind` number >= low (> low if `above`) and <= high. Each flag's bounds stand
+    where it is declared, and a value that cannot work is one line naming the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not ((value > low if above else value >= low) and value <= high):  # NaN fails too
+            bounds = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"{text}: expected a number {bounds}")
+        return value
+    return parse
+
+
+positive_int = bounded(int, 0, above=True)
+positive = bounded(float, 0, above=True)
+non_negative = bounded(float, 0)
+
+
+def quiet_libraries():
+    """Our progress bar and our error lines only: no load bars or library log lines in between (offline, the
+    Hub client logs each retry of a name that is neither a local folder nor reachable)."""
+    import datasets
+    import huggingface_hub
+    import transformers
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
+
+
+def check_writable(flag, path, folder):
+    """Create `folder` if need be and write a probe file in it: find out now, not after loading the models."""
+    try:
+        if not os.path.isfile(folder):  # else the probe says what is wrong: "Not a directory"
+            os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write there ({e.strerror})")
