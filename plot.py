@@ -5,7 +5,6 @@ written by `eval.py --json`).
     python plot.py runs/ppo                              # writes runs/ppo/ppo.png
     python plot.py runs/ppo runs/grpo runs/rloo runs/dpo --out runs/methods.png
 """
-import argparse
 import json
 import os
 
@@ -14,18 +13,27 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from minrlhf.cli import OneLineArgumentParser, fail  # noqa: E402
+
 PANELS = [("reward", "reward (RM or --reward-fn)"), ("kl", "KL to reference (nats)"),
           ("gold", "gold score (VADER)")]
 
 
-def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(run_dir):
+    """RUN_DIR/metrics.jsonl as a list of dicts; a missing or broken file is one line (exit 2)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        fail(f"{path}: {getattr(e, 'strerror', None) or e}; expected the metrics of a train.py run")
 
 
-def plot(rows, out):
+def plot(rows, run_dir, out):
     """One panel per metric that the rows carry, sharing the step axis."""
     panels = [(key, label) for key, label in PANELS if any(key in r for r in rows)]
+    if not panels:
+        fail(f"{run_dir}: no reward, kl or gold logged; plot.py draws the runs of --stage ppo, grpo or rloo")
     fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 2.4 * len(panels)), squeeze=False)
     for ax, (key, label) in zip(axes[:, 0], panels):
         points = [(r["step"], r[key]) for r in rows if key in r]
@@ -44,7 +52,7 @@ def compare(run_dirs, out):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, run_dir in enumerate(run_dirs):
         color, name = f"C{i}", os.path.basename(os.path.normpath(run_dir))
-        rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        rows = read_metrics(run_dir)
         points = [(r["kl"], r["gold"]) for r in rows if "gold" in r]
         if points:
             ax.plot(*zip(*points), ".", color=color, alpha=0.4)
@@ -63,13 +71,13 @@ def compare(run_dirs, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot reward, KL and gold score of a PPO run, or compare runs.")
+    p = OneLineArgumentParser(description="Plot reward, KL and gold score of a PPO run, or compare runs.")
     p.add_argument("run_dirs", nargs="+", help="one run: its curves; several: gold against KL side by side")
     p.add_argument("--out", help="PNG file (default RUN_DIR/ppo.png; several runs: methods.png)")
     args = p.parse_args(argv)
     if len(args.run_dirs) == 1:
         out = args.out or os.path.join(args.run_dirs[0], "ppo.png")
-        plot(read_metrics(os.path.join(args.run_dirs[0], "metrics.jsonl")), out)
+        plot(read_metrics(args.run_dirs[0]), args.run_dirs[0], out)
     else:
         out = args.out or "methods.png"
         compare(args.run_dirs, out)

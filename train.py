@@ -19,13 +19,13 @@ import torch.distributed as dist
 from transformers import GenerationConfig
 
 import minrlhf as M
+from minrlhf.cli import (OneLineArgumentParser, bounded, fail, non_negative, positive, positive_int,
+                         quiet_libraries)
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
-from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model, load_tokenizer,
-                            offline_defaults, reference)
-from minrlhf.cli import (OneLineArgumentParser, bounded, fail, non_negative, positive, positive_int,
-                         quiet_libraries)
+from minrlhf.inputs import (RewardFunction, adapt, check_positions, load_critic, load_examples, load_model,
+                            load_tokenizer, offline_defaults, reference)
 from minrlhf.run import Run, Stopwatch, batches, check_output, mean_across_ranks
 
 warnings.filterwarnings(
@@ -227,6 +227,7 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     train, evals = load_examples(args, tokenizer)
     kind = "rm" if args.stage == "rm" else "causal"
     model = adapt(load_model("--model", args.model, tokenizer, resize, kind), args)
+    check_positions(model, train + evals, args)
     loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
     if args.stage == "dpo":
         ref = reference(model, args, cfg, device, tokenizer, resize)
@@ -421,6 +422,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     RLOO run the same loop with G samples per prompt, their baseline from the group instead of a critic."""
     prompts, _ = load_examples(args, tokenizer)
     policy, critic, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize)
+    check_positions(policy.backbone, prompts, args)
     per_iteration = args.rollout_batch_size * dist.get_world_size()
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations

@@ -248,6 +248,13 @@ def tokenize(rows, stage, tokenizer, max_length):
     return kept, len(examples) - len(kept)
 
 
+def sequence_length(example):
+    """Tokens of an example's longest sequence: its prompt and longer reply (a pair), else its input_ids."""
+    if "chosen" in example:
+        return len(example["prompt"]) + max(len(example[k]) for k in REPLIES)
+    return len(example["input_ids"])
+
+
 def pad(seqs, value, left=False):
     """Lists of ids -> (B, T) tensor, padded on the right (or the left) with value."""
     width = max(map(len, seqs))

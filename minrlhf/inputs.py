@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, tokenize
+from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, sequence_length, tokenize
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
 from .lora import BaseModel, add_lora
@@ -132,6 +132,17 @@ def load_examples(args, tokenizer):
              f"{args.max_length}); need at least one batch of {batch}"
              + (" (--rollout-batch-size x ranks)" if online else ""))
     return train, examples[len(train):]
+
+
+def check_positions(model, examples, args):
+    """A model's position embeddings end somewhere (GPT-2's and OPT's learned ones fail deep in the forward
+    past it): refuse a run whose longest sequence, a response of --max-new-tokens included, goes further."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # None: ALiBi (BLOOM)
+    longest = max(map(sequence_length, examples)) + (args.max_new_tokens if args.stage in ONLINE else 0)
+    if limit and longest > limit:
+        new_tokens = " + --max-new-tokens" if args.stage in ONLINE else ""
+        fail(f"{args.dataset}: sequences of up to {longest} tokens (--max-length {args.max_length}"
+             f"{new_tokens}), past the {limit} positions of --model {args.model}; lower --max-length")
 
 
 class RewardFunction:

@@ -50,7 +50,8 @@ def w(tmp_path_factory):
              "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}}),
              "ten.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:2] * 5),
              "null.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:7] + [{**rows[0], "prompt": None}]),
-             "a_file": "not a directory"}
+             "a_file": "not a directory",
+             "long.jsonl": "".join(json.dumps({**r, "prompt": "the film was great " * 80}) + "\n" for r in rows)}
     for name, text in files.items():
         (d / name).write_text(text)
     os.makedirs(d / "sft_run")
@@ -81,6 +82,12 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                     r"a reward model \(it has a score head\)\)"),
     "reward model without head": (PPO + ["--reward-model", "{w}/model"],
                                   r"--reward-model .*model: cannot load as a reward model \(not a reward model"),
+    "past the positions": (["--dataset", "{w}/long.jsonl"], r"long\.jsonl: sequences of up to \d+ tokens \(--max-length "
+                                                            r"512\), past the 256 positions of --model .*model; lower "
+                                                            r"--max-length"),
+    "past the positions, ppo": (PPO + ["--dataset", "{w}/long.jsonl", "--reward-fn", "vader", "--max-length", 255],
+                                r"sequences of up to 257 tokens \(--max-length 255 \+ --max-new-tokens\), past the 256 "
+                                r"positions of"),
     "no reward": (PPO, r"--stage ppo needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION"),
     "reward fn not importable": (PPO + ["--reward-fn", "nosuch:f"], r"--reward-fn nosuch:f: cannot import \(ModuleNotFoundError"),
     "reward fn raises": (PPO + ["--reward-fn", "err_rewards:boom"], r"--reward-fn err_rewards:boom raised ZeroDivisionError"),
@@ -215,3 +222,18 @@ def test_quiet_libraries_silences_the_hub_clients_retry_warnings():
             "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("name", ["missing", "sft", "broken"])
+def test_plot_bad_run_dir_fails_with_one_line(name, tmp_path, capsys):
+    import plot
+    lines = {"sft": '{"step": 1, "loss": 2.0}\n', "broken": '{"step": 1, oops\n'}
+    if name in lines:
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "metrics.jsonl").write_text(lines[name])
+    message = {"missing": r"missing/metrics\.jsonl: No such file or directory; expected the metrics of a train\.py run",
+               "sft": r"sft: no reward, kl or gold logged; plot\.py draws the runs of --stage ppo, grpo or rloo",
+               "broken": r"broken/metrics\.jsonl: Expecting property name .*; expected the metrics of a train\.py run"}
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(tmp_path / name)])
+    assert_one_error_line(exit_info, capsys, message[name])
