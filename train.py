@@ -24,7 +24,7 @@ from minrlhf.cli import (OneLineArgumentParser, bounded, fail, non_negative, pos
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
-from minrlhf.inputs import (RewardFunction, adapt, check_positions, load_critic, load_examples, load_model,
+from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model,
                             load_tokenizer, offline_defaults, reference)
 from minrlhf.run import Run, Stopwatch, batches, check_output, mean_across_ranks
 
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     a("--dataset", help="local .jsonl/.json/.parquet[.gz] file or Hub dataset (default: data/sentiment/)")
     a("--output", default=None, help="run directory (default runs/STAGE)")
     a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
-    a("--epochs", type=positive, default=1.0, help="passes over the training data")
+    a("--epochs", type=positive, default=None, help="passes over the training data (default 1)")
     a("--lr", type=positive, default=None,
       help="peak lr, decays linearly to 0 (rm: 5e-5; ppo, grpo, rloo: 2e-5; sft, dpo: 1e-5)")
     a("--batch-size", type=positive_int, default=4, help="per rank: train_micro_batch_size_per_gpu")
@@ -74,6 +74,9 @@ def parse_args(argv=None):
     add_online_flags(p.add_argument_group("ppo, grpo and rloo").add_argument)
     args = p.parse_args(argv)
     check_stage_flags(args, p)
+    if args.max_steps and args.epochs:
+        fail("--max-steps and --epochs both say how long to train; pass one of them")
+    args.epochs = args.epochs or 1.0
     offline_defaults(args)
     args.lr = args.lr or {"rm": 5e-5, **dict.fromkeys(ONLINE, 2e-5)}.get(args.stage, 1e-5)
     args.output = args.output or os.path.join("runs", args.stage)
@@ -104,7 +107,8 @@ def add_online_flags(g):
     g("--target-kl", type=positive, default=None, help="adaptive KL target, nats (Ziegler et al. 2019)")
     g("--cliprange", type=positive, default=0.2, help="policy ratio clip epsilon")
     g("--cliprange-value", type=positive, default=0.2, help="ppo: value clip around the rollout values")
-    g("--vf-coef", type=non_negative, default=0.1, help="ppo: value loss weight in the shared-backbone loss")
+    g("--vf-coef", type=non_negative, default=None,
+      help="ppo: value loss weight in the shared-backbone loss (--critic-model head; default 0.1)")
     g("--value-lr", type=positive, default=None,
       help="ppo: peak lr of the value function (default: a critic 1e-4, the value head --lr)")
     g("--gamma", type=bounded(float, 0, 1), default=1.0, help="ppo: discount")
@@ -132,6 +136,9 @@ def check_online_args(args):
         fail(f"--num-generations {G}: --stage {args.stage} needs at least 2 samples per prompt (each one's "
              f"baseline is the others)")
     if args.mini_batch_size:
+        if args.grad_accum != 1 and args.grad_accum * args.batch_size != args.mini_batch_size:
+            fail(f"--grad-accum {args.grad_accum} x --batch-size {args.batch_size} contradicts "
+                 f"--mini-batch-size {args.mini_batch_size}, which sets --grad-accum; pass one of them")
         if args.mini_batch_size % args.batch_size:
             fail(f"--mini-batch-size {args.mini_batch_size} is not a multiple of --batch-size "
                  f"{args.batch_size}")
@@ -142,10 +149,16 @@ def check_online_args(args):
              f"(--batch-size x --grad-accum = {args.batch_size * args.grad_accum})")
     if (args.reward_model is None) == (args.reward_fn is None):
         fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
+    if args.target_kl and not args.kl_coef:
+        fail("--target-kl adapts --kl-coef by a factor at each iteration: it needs --kl-coef > 0")
     args.missing_eos_penalty = args.missing_eos_penalty or 0.0
     if args.stage == "ppo":  # the value function: a critic from the reward model (InstructGPT), or the head
         args.critic_model = args.critic_model or args.reward_model or "head"
         head = args.critic_model == "head"
+        if args.vf_coef is not None and not head:
+            fail(f"--vf-coef weighs the value head's loss in the policy's; the critic of --critic-model "
+                 f"{args.critic_model} has a loss and optimizer of its own (--value-lr)")
+        args.vf_coef = 0.1 if args.vf_coef is None else args.vf_coef
         args.lam = (1.0 if head else 0.95) if args.lam is None else args.lam
         args.value_lr = args.value_lr or (None if head else 1e-4)  # None: the head learns at --lr
 
@@ -226,8 +239,7 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     world = dist.get_world_size()
     train, evals = load_examples(args, tokenizer)
     kind = "rm" if args.stage == "rm" else "causal"
-    model = adapt(load_model("--model", args.model, tokenizer, resize, kind), args)
-    check_positions(model, train + evals, args)
+    model = adapt(load_model("--model", args.model, tokenizer, resize, kind, args.longest), args)
     loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
     if args.stage == "dpo":
         ref = reference(model, args, cfg, device, tokenizer, resize)
@@ -390,11 +402,11 @@ def ppo_models(args, cfg, device, tokenizer, resize):
         reward = RewardFunction("--reward-fn", args.reward_fn, args.skip_nonfinite)
     else:
         rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
-        rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, kind="reward")
+        rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
         reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
                                    max_length=args.max_length + args.max_new_tokens, device=device)
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
-    backbone = adapt(load_model("--model", args.model, tokenizer, resize), args)
+    backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
     policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
     critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, resize)
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
@@ -422,7 +434,6 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     RLOO run the same loop with G samples per prompt, their baseline from the group instead of a critic."""
     prompts, _ = load_examples(args, tokenizer)
     policy, critic, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize)
-    check_positions(policy.backbone, prompts, args)
     per_iteration = args.rollout_batch_size * dist.get_world_size()
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations

@@ -61,8 +61,11 @@ HUB_ADAPTERS = {  # the seed's Hub datasets: published schema -> canonical rows
 
 def _json_fault(path):
     """Where a .json/.jsonl file stops parsing, as 'line N: reason', or None."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, ValueError) as e:  # not gzip, or not UTF-8
+        return f"cannot read it as UTF-8 text ({e})"
     lines = text.splitlines() if path.removesuffix(".gz").endswith(".jsonl") else [text]
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -166,20 +169,21 @@ def encode_pair(tokenizer, prompt, response, ended=True):
     return prompt_ids, response_ids
 
 
-def _is_chat(value):
+def is_chat(value):
     """A non-empty list of {role, content} messages."""
-    return isinstance(value, list) and value != [] and all(isinstance(m, dict) and isinstance(
-        m.get("content"), str) for m in value)
+    return isinstance(value, list) and value != [] and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value)
 
 
 def _text(row, column):
     """row[column] if it is a string (a prompt may also be a list of chat messages), else a DataError."""
     value = row.get(column)
     if column == "messages":
-        if _is_chat(value):
+        if is_chat(value):
             return value
         raise DataError(f"column 'messages' is {value!r}; expected a list of {{role, content}} messages")
-    if isinstance(value, str) or (column == "prompt" and _is_chat(value)):
+    if isinstance(value, str) or (column == "prompt" and is_chat(value)):
         return value
     raise DataError(f"column {column!r} is {value!r}; expected text")
 
@@ -187,6 +191,8 @@ def _text(row, column):
 def _sft_pair(row):
     if row.get("messages") is not None:
         *prompt, last = _text(row, "messages")
+        if last["role"] != "assistant":  # the reply to learn is the assistant's
+            raise DataError(f"the last of 'messages' is a {last['role']} message; expected the assistant's")
         return (prompt or ""), last["content"]
     if row.get("text") is not None:
         return "", _text(row, "text")

@@ -46,11 +46,7 @@ def exit_process(status):
 
 def deepspeed_config(args, world_size):
     """The config file with the flags filled in; contradictions between the two are errors."""
-    try:
-        with open(args.deepspeed_config) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        fail(f"--deepspeed_config {args.deepspeed_config}: {e}")
+    cfg = read_config(args.deepspeed_config)
     batch = {"train_micro_batch_size_per_gpu": args.batch_size,  # the flags map 1:1 onto DeepSpeed's keys
              "gradient_accumulation_steps": args.grad_accum,
              "train_batch_size": args.batch_size * args.grad_accum * world_size}
@@ -61,13 +57,35 @@ def deepspeed_config(args, world_size):
     cfg.update(batch)
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage"] = zero.get("stage", 0) if args.zero_stage is None else args.zero_stage
+    if args.offload and zero["stage"] == 0:
+        fail("--offload moves ZeRO's partitions to the CPU: it needs --zero-stage 1, 2 or 3")
     if args.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if zero["stage"] == 3:
             zero["offload_param"] = {"device": "cpu"}
     if args.bf16:
         cfg["bf16"] = {"enabled": True}
-    cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"]["lr"] = args.lr
+    params = cfg.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
+    if params.setdefault("lr", args.lr) != args.lr:
+        fail(f"--deepspeed_config {args.deepspeed_config}: optimizer lr {params['lr']} contradicts --lr "
+             f"{args.lr}; leave it out, train.py fills it")
+    return cfg
+
+
+def read_config(path):
+    """The DeepSpeed config file as a dict, in the shape `deepspeed_config` fills in."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"--deepspeed_config {path}: {e}")
+    filled = ("zero_optimization", "optimizer")  # the sections the flags fill in
+    if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k, {}), dict) for k in filled)):
+        fail(f"--deepspeed_config {path}: expected a JSON object, with objects for zero_optimization and "
+             f"optimizer")
+    if "scheduler" in cfg:  # DeepSpeed would run it instead of train.py's, silently
+        fail(f"--deepspeed_config {path}: a scheduler section; leave it out, train.py's lr decays linearly "
+             f"to 0")
     return cfg
 
 

@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
+from .cli import fail, fail_together
 from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, sequence_length, tokenize
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
-from .lora import BaseModel, add_lora
+from .lora import BaseModel, LoRALinear, add_lora
 from .models import Critic, load_causal_lm, load_reward_model
-from .cli import fail, fail_together
 
 
 def offline_defaults(args):
@@ -51,9 +51,10 @@ def load_tokenizer(flag, path):
         fail(f"{flag} {path}: unusable tokenizer ({e})")
 
 
-def load_model(flag, path, tokenizer, resize, kind="causal"):
+def load_model(flag, path, tokenizer, resize, kind="causal", longest=0):
     """A causal LM, or a reward model ("rm": a new head is fine; "reward": a trained head is required),
-    whose vocabulary and pad id agree with the tokenizer."""
+    whose vocabulary and pad id agree with the tokenizer, with positions for `longest` tokens (GPT-2's and
+    OPT's learned position embeddings would fail deep in the forward past their last one)."""
     try:
         if kind == "causal":
             model = load_causal_lm(path)
@@ -67,6 +68,10 @@ def load_model(flag, path, tokenizer, resize, kind="causal"):
     if model.get_input_embeddings().num_embeddings < len(tokenizer):  # e.g. a critic of another model family
         fail(f"{flag} {path}: {model.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
              f"{len(tokenizer)} tokens of the tokenizer it reads")
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # None: ALiBi
+    if positions and longest > positions:
+        fail(f"{flag} {path}: {positions} positions, fewer than the {longest} tokens of the run's longest "
+             f"sequence; lower --max-length")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -80,9 +85,12 @@ def adapt(model, args, source=None):
         fail("--lora-alpha and --lora-targets shape LoRA adapters: pass --lora-rank R > 0 with them")
     if args.lora_rank:
         alpha = args.lora_alpha or 2 * args.lora_rank
-        if not add_lora(model, args.lora_rank, alpha, args.lora_targets):
+        add_lora(model, args.lora_rank, alpha, args.lora_targets)
+        adapted = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+        absent = [t for t in args.lora_targets.split(",") if t not in adapted | {"all-linear"}]  # e.g. typos
+        if not adapted or absent:
             fail(f"--lora-targets {args.lora_targets}: no nn.Linear or Conv1D layer of that name in the "
-                 f"transformer body of {source}")
+                 f"transformer body of {source}: {', '.join(map(repr, absent or [args.lora_targets]))}")
         if hasattr(model, "score"):  # a sequence classifier: its head trains whole
             model.score.requires_grad_(True)
     if args.gradient_checkpointing:
@@ -97,20 +105,33 @@ def reference(policy, args, cfg, device, tokenizer, resize):
     weights with its adapters off (one copy of the base model, not two); or a copy of --model."""
     if args.lora_rank and not args.ref_model:
         return BaseModel(policy)
-    return frozen(load_model("--ref-model", args.ref_model or args.model, tokenizer, resize), cfg, device)
+    if args.ref_model:
+        same_tokens("--ref-model", args.ref_model, tokenizer, f"--ref-model {args.ref_model}: a tokenizer "
+                    f"other than --model's, so its log-probs would be of other tokens; pass a reference with "
+                    f"--model's tokenizer")
+    ref = load_model("--ref-model", args.ref_model or args.model, tokenizer, resize, longest=args.longest)
+    return frozen(ref, cfg, device)
 
 
 def load_critic(args, tokenizer, resize):
     """PPO's critic from --critic-model, a reward model that reads the policy's tokens: its tokenizer's."""
     path, name = args.critic_model, f"--critic-model {args.critic_model}"
-    if load_tokenizer("--critic-model", path)[0].get_vocab() != tokenizer.get_vocab():
-        fail(f"{name} (default: --reward-model): a tokenizer other than --model's, whose tokens a critic "
-             f"reads; pass --critic-model head, or one with --model's tokenizer")
-    return Critic(adapt(load_model("--critic-model", path, tokenizer, resize, "reward"), args, name))
+    same_tokens("--critic-model", path, tokenizer, f"{name} (default: --reward-model): a tokenizer other "
+                f"than --model's, whose tokens a critic reads; pass --critic-model head, or one with "
+                f"--model's tokenizer")
+    critic = load_model("--critic-model", path, tokenizer, resize, "reward", args.longest)
+    return Critic(adapt(critic, args, name))
+
+
+def same_tokens(flag, path, tokenizer, error):
+    """A model that reads the policy's token ids needs the policy's vocabulary: else `error`."""
+    if load_tokenizer(flag, path)[0].get_vocab() != tokenizer.get_vocab():
+        fail(error)
 
 
 def load_examples(args, tokenizer):
-    """Tokenized (train, eval) examples for the stage; all data errors surface here, before training."""
+    """Tokenized (train, eval) examples for the stage; all data errors surface here, before training.
+    Sets args.longest: the tokens of the run's longest sequence, which every model must have positions for."""
     try:
         rows = load_rows(args.dataset)
         check_columns(rows, args.stage, args.dataset)
@@ -118,7 +139,7 @@ def load_examples(args, tokenizer):
         fail(str(e))
     try:
         examples, dropped = tokenize(rows, args.stage, tokenizer, args.max_length)
-    except DataError as e:
+    except (DataError, UnicodeDecodeError) as e:  # the latter: text that is not UTF-8, read lazily
         fail(f"{args.dataset}: {e}")
     if dropped and dist.get_rank() == 0:
         print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: an empty reply, or no response token "
@@ -131,18 +152,8 @@ def load_examples(args, tokenizer):
         fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped by --max-length "
              f"{args.max_length}); need at least one batch of {batch}"
              + (" (--rollout-batch-size x ranks)" if online else ""))
+    args.longest = max(map(sequence_length, examples)) + (args.max_new_tokens if online else 0)  # tokens
     return train, examples[len(train):]
-
-
-def check_positions(model, examples, args):
-    """A model's position embeddings end somewhere (GPT-2's and OPT's learned ones fail deep in the forward
-    past it): refuse a run whose longest sequence, a response of --max-new-tokens included, goes further."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # None: ALiBi (BLOOM)
-    longest = max(map(sequence_length, examples)) + (args.max_new_tokens if args.stage in ONLINE else 0)
-    if limit and longest > limit:
-        new_tokens = " + --max-new-tokens" if args.stage in ONLINE else ""
-        fail(f"{args.dataset}: sequences of up to {longest} tokens (--max-length {args.max_length}"
-             f"{new_tokens}), past the {limit} positions of --model {args.model}; lower --max-length")
 
 
 class RewardFunction:

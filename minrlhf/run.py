@@ -40,6 +40,11 @@ def check_output(args):
     other flags, and never find out after loading the models that --output cannot be written."""
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         fail(f"--output {args.output} is a file; expected a directory")
+    for name in ("model", "ref_model", "reward_model", "critic_model"):  # what it reads: never write there
+        source = getattr(args, name, None)
+        if source and os.path.realpath(source) == os.path.realpath(args.output):
+            fail(f"--output {args.output} is the --{name.replace('_', '-')} folder, which the run would "
+                 f"write over; choose another --output")
     saved = saved_args(args.output)
     if saved.get("stage", args.stage) != args.stage:
         fail(f"--output {args.output} holds a --stage {saved['stage']} run; choose another --output for "
@@ -135,6 +140,7 @@ class Run:
                 kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= self.start]
         metrics = open(path, "w")
         metrics.writelines(kept)
+        metrics.flush()  # now: a run that ends before its first step (resumed when done) keeps its log
         return metrics
 
     def end_step(self, step, stats, state=None):

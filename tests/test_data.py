@@ -172,6 +172,10 @@ def test_empty_replies_are_dropped_and_counted():
     ("sft", {"prompt": "p", "response": ["x"]}, "row 2: column 'response' is ['x']; expected text"),
     ("sft", {"messages": "hi"}, "row 2: column 'messages' is 'hi'; expected a list of {role, content} messages"),
     ("ppo", {"prompt": 3.5}, "row 2: column 'prompt' is 3.5; expected text"),
+    ("sft", {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]},
+     "row 2: the last of 'messages' is a user message; expected the assistant's"),
+    ("sft", {"messages": [{"content": "hi"}]},
+     "row 2: column 'messages' is [{'content': 'hi'}]; expected a list of {role, content} messages"),
 ])
 def test_fields_that_are_not_text_name_row_and_column(stage, row, message):
     good = {"prompt": "the film was", "chosen": " great", "rejected": " awful", "response": " great"}

@@ -33,6 +33,9 @@ def w(tmp_path_factory):
     save_tiny("llama", d / "model")
     load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "rm")
     make_tokenizer().save_pretrained(d / "rm")
+    short = save_tiny("llama", d / "short", config={"max_position_embeddings": 16})
+    load_reward_model(short, make_tokenizer().pad_token_id).save_pretrained(d / "short_rm")
+    make_tokenizer().save_pretrained(d / "short_rm")
     tied = save_tiny("llama", d / "tied", config={"tie_word_embeddings": True})  # no LM head of its own
     load_reward_model(tied, make_tokenizer().pad_token_id).save_pretrained(d / "tied_rm")
     make_tokenizer().save_pretrained(d / "tied_rm")
@@ -48,12 +51,16 @@ def w(tmp_path_factory):
              "cols.jsonl": '{"question": "a", "answer": "b"}\n', "err_rewards.py": REWARDS,
              "bad_ds.json": "{oops", "batch_ds.json": json.dumps({"train_micro_batch_size_per_gpu": 3}),
              "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}}),
+             "sched_ds.json": json.dumps({"scheduler": {"type": "WarmupLR"}}), "list_ds.json": "[]",
+             "lr_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 0.5}}}),
              "ten.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:2] * 5),
              "null.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:7] + [{**rows[0], "prompt": None}]),
-             "a_file": "not a directory",
+             "a_file": "not a directory", "num_prompt.jsonl": '{"prompt": "a"}\n{"prompt": 5}\n',
+             "chat_prompt.jsonl": json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n", "notgz.jsonl.gz": '{"prompt": "a"}\n',
              "long.jsonl": "".join(json.dumps({**r, "prompt": "the film was great " * 80}) + "\n" for r in rows)}
     for name, text in files.items():
         (d / name).write_text(text)
+    (d / "latin1.jsonl").write_bytes('{"prompt": "café", "chosen": " a", "rejected": " b"}\n'.encode("latin-1") * 8)
     os.makedirs(d / "sft_run")
     (d / "sft_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
     os.makedirs(d / "ckpt_run" / "checkpoints" / "step1")
@@ -82,12 +89,17 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                     r"a reward model \(it has a score head\)\)"),
     "reward model without head": (PPO + ["--reward-model", "{w}/model"],
                                   r"--reward-model .*model: cannot load as a reward model \(not a reward model"),
-    "past the positions": (["--dataset", "{w}/long.jsonl"], r"long\.jsonl: sequences of up to \d+ tokens \(--max-length "
-                                                            r"512\), past the 256 positions of --model .*model; lower "
-                                                            r"--max-length"),
+    "past the positions": (["--dataset", "{w}/long.jsonl"], r"--model .*model: 256 positions, fewer than the \d+ tokens "
+                                                            r"of the run's longest sequence; lower --max-length"),
     "past the positions, ppo": (PPO + ["--dataset", "{w}/long.jsonl", "--reward-fn", "vader", "--max-length", 255],
-                                r"sequences of up to 257 tokens \(--max-length 255 \+ --max-new-tokens\), past the 256 "
-                                r"positions of"),
+                                r"--model .*model: 256 positions, fewer than the 257 tokens of the run's longest"),
+    "reference past its positions": (["--stage", "dpo", "--ref-model", "{w}/short", "--dataset", "{w}/long.jsonl",
+                                      "--max-length", 24],
+                                     r"--ref-model .*short: 16 positions, fewer than the \d+ tokens of the run's "
+                                     r"longest sequence"),
+    "reward model past its positions": (PPO + ["--reward-model", "{w}/short_rm", "--critic-model", "head",
+                                               "--dataset", "{w}/long.jsonl", "--max-length", 24],
+                                        r"--reward-model .*short_rm: 16 positions, fewer than the 26 tokens"),
     "no reward": (PPO, r"--stage ppo needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION"),
     "reward fn not importable": (PPO + ["--reward-fn", "nosuch:f"], r"--reward-fn nosuch:f: cannot import \(ModuleNotFoundError"),
     "reward fn raises": (PPO + ["--reward-fn", "err_rewards:boom"], r"--reward-fn err_rewards:boom raised ZeroDivisionError"),
@@ -114,6 +126,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "a critic reading other tokens": (PPO + ["--reward-model", "{w}/chat_rm"],
                                       r"--critic-model .*chat_rm \(default: --reward-model\): a tokenizer other than "
                                       r"--model's, whose tokens a critic reads; pass --critic-model head"),
+    "a reference reading other tokens": (["--stage", "dpo", "--ref-model", "{w}/chat_model"],
+                                         r"--ref-model .*chat_model: a tokenizer other than --model's, so its "
+                                         r"log-probs would be of other tokens; pass a reference with --model's"),
     "critic for a critic-free stage": (["--stage", "grpo", "--reward-fn", "err_rewards:boom", "--critic-model", "{w}/rm"],
                                       r"--critic-model: --stage grpo does not use it \(a flag of ppo\)"),
     "GAE's lambda for rloo": (["--stage", "rloo", "--reward-fn", "err_rewards:boom", "--lam", "0.95"],
@@ -146,6 +161,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "lora targets absent": (["--lora-rank", 4, "--lora-targets", "nosuch_proj"],
                             r"--lora-targets nosuch_proj: no nn\.Linear or Conv1D layer of that name in the "
                             r"transformer body of --model .*model"),
+    "lora targets, one absent": (["--lora-rank", 4, "--lora-targets", "q_proj, v_proj"],
+                                 r"--lora-targets q_proj, v_proj: no nn\.Linear or Conv1D layer of that name in the "
+                                 r"transformer body of --model .*model: ' v_proj'"),
     "lora alpha without rank": (["--lora-alpha", 8], r"--lora-alpha and --lora-targets shape LoRA adapters: pass "
                                                      r"--lora-rank R > 0 with them"),
     "negative lora rank": (["--lora-rank=-1"], r"argument --lora-rank: -1: expected a number >= 0"),
@@ -155,6 +173,30 @@ CASES = {  # name: (flags, the one line expected on stderr)
                             r"only how long it runs, logs and saves may change"),
     "resume, other ranks": (["--output", "{w}/ranks_run", "--resume"],
                             r"--resume: the number of ranks is 1, where the checkpoints' run had 2"),
+    "not gzip": (["--dataset", "{w}/notgz.jsonl.gz"], r"notgz\.jsonl\.gz: cannot read it as UTF-8 text \(Not a "
+                                                      r"gzipped file"),
+    "not utf-8": (["--dataset", "{w}/latin1.jsonl"], r"latin1\.jsonl: 'utf-8' codec can't decode byte 0xe9"),
+    "max steps and epochs": (["--max-steps", 2, "--epochs", 2],
+                             r"--max-steps and --epochs both say how long to train; pass one of them"),
+    "target kl without kl": (PPO + ["--reward-fn", "vader", "--kl-coef", 0, "--target-kl", 1],
+                             r"--target-kl adapts --kl-coef by a factor at each iteration: it needs --kl-coef > 0"),
+    "grad accum and mini batch": (PPO + ["--reward-fn", "vader", "--batch-size", 2, "--grad-accum", 4,
+                                         "--mini-batch-size", 4],
+                                  r"--grad-accum 4 x --batch-size 2 contradicts --mini-batch-size 4, which sets "
+                                  r"--grad-accum; pass one of them"),
+    "vf coef with a critic": (PPO + ["--reward-model", "{w}/rm", "--vf-coef", 0.5],
+                              r"--vf-coef weighs the value head's loss in the policy's; the critic of --critic-model "
+                              r".*rm has a loss and optimizer of its own \(--value-lr\)"),
+    "offload without zero": (["--offload"], r"--offload moves ZeRO's partitions to the CPU: it needs --zero-stage 1, "
+                                            r"2 or 3"),
+    "ds scheduler": (["--deepspeed_config", "{w}/sched_ds.json"],
+                     r"sched_ds\.json: a scheduler section; leave it out, train\.py's lr decays linearly to 0"),
+    "ds not an object": (["--deepspeed_config", "{w}/list_ds.json"],
+                         r"list_ds\.json: expected a JSON object, with objects for zero_optimization and optimizer"),
+    "ds lr": (["--deepspeed_config", "{w}/lr_ds.json"],
+              r"lr_ds\.json: optimizer lr 0\.5 contradicts --lr 1e-05; leave it out, train\.py fills it"),
+    "output is the model": (["--output", "{w}/model"], r"--output .*model is the --model folder, which the run "
+                                                         r"would write over; choose another --output"),
     "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
     "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
     "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number > 0"),
@@ -182,6 +224,13 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
     "prompts without prompts": (["--prompts", "{w}/cols.jsonl"],
                                 r"--prompts .*cols\.jsonl: expected \{prompt\} rows; found columns \['question', "
                                 r"'answer'\]"),
+    "base of other tokens": (["--base", "{w}/chat_model"], r"--base .*chat_model: a tokenizer other than --policy's, "
+                                                           r"so the KL would compare log-probs of other tokens"),
+    "prompt a number": (["--prompts", "{w}/num_prompt.jsonl"], r"--prompts .*num_prompt\.jsonl: row 2: the prompt is 5; "
+                                                               r"expected text or chat messages"),
+    "chat prompts, no template": (["--prompts", "{w}/chat_prompt.jsonl"],
+                                  r"--prompts .*chat_prompt\.jsonl: chat messages, but --policy .*model has no chat "
+                                  r"template"),
     "prompts missing": (["--prompts", "{w}/nope.jsonl"], r"--prompts .*nope\.jsonl: no such file"),
     "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number > 0"),
     "json not writable": (["--json", "{w}/a_file/eval.json"], r"--json .*a_file/eval\.json: cannot write there "
@@ -224,16 +273,32 @@ def test_quiet_libraries_silences_the_hub_clients_retry_warnings():
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
-@pytest.mark.parametrize("name", ["missing", "sft", "broken"])
-def test_plot_bad_run_dir_fails_with_one_line(name, tmp_path, capsys):
+PLOT_CASES = {  # plot.py: name -> (run folders, flags, the one line expected on stderr)
+    "missing": (["missing"], [], r"missing/metrics\.jsonl: No such file or directory; expected the metrics of a "
+                                 r"train\.py run"),
+    "sft": (["sft"], [], r"sft: no reward, kl or gold logged; plot\.py draws the runs of --stage ppo, grpo or rloo"),
+    "broken": (["broken"], [], r"broken/metrics\.jsonl: Expecting property name .*; expected the metrics of a "
+                               r"train\.py run"),
+    "no step": (["no_step"], [], r"no_step/metrics\.jsonl: a line without a step"),
+    "two sft runs": (["sft", "sft"], [], r"sft, .*sft: no gold logged and no eval\.json; nothing to compare"),
+    "broken eval.json": (["sft", "bad_eval"], [], r"bad_eval/eval\.json: KeyError: 'kl'; expected the figures of "
+                                                  r"eval\.py --json"),
+    "out not an image": (["sft"], ["--out", "x.txt"], r"--out x\.txt: expected an image file name ending in \.png"),
+    "out not writable": (["sft"], ["--out", "{t}/a_file/x.png"], r"--out .*a_file/x\.png: cannot write there"),
+}
+
+
+@pytest.mark.parametrize("name", list(PLOT_CASES))
+def test_plot_bad_input_fails_with_one_line(name, tmp_path, capsys):
     import plot
-    lines = {"sft": '{"step": 1, "loss": 2.0}\n', "broken": '{"step": 1, oops\n'}
-    if name in lines:
-        os.makedirs(tmp_path / name)
-        (tmp_path / name / "metrics.jsonl").write_text(lines[name])
-    message = {"missing": r"missing/metrics\.jsonl: No such file or directory; expected the metrics of a train\.py run",
-               "sft": r"sft: no reward, kl or gold logged; plot\.py draws the runs of --stage ppo, grpo or rloo",
-               "broken": r"broken/metrics\.jsonl: Expecting property name .*; expected the metrics of a train\.py run"}
+    metrics = {"sft": '{"step": 1, "loss": 2.0}\n', "broken": '{"step": 1, oops\n', "no_step": '{"loss": 2.0}\n',
+               "bad_eval": '{"step": 1, "loss": 2.0}\n'}
+    for run, text in metrics.items():
+        os.makedirs(tmp_path / run)
+        (tmp_path / run / "metrics.jsonl").write_text(text)
+    (tmp_path / "bad_eval" / "eval.json").write_text('{"gold": 0.5}')
+    (tmp_path / "a_file").write_text("not a directory")
+    runs, flags, message = PLOT_CASES[name]
     with pytest.raises(SystemExit) as exit_info:
-        plot.main([str(tmp_path / name)])
-    assert_one_error_line(exit_info, capsys, message[name])
+        plot.main([str(tmp_path / run) for run in runs] + [f.format(t=tmp_path) for f in flags])
+    assert_one_error_line(exit_info, capsys, message)

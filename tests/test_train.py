@@ -442,6 +442,13 @@ def test_two_ranks_zero3(work, stage):
     loader.from_pretrained(work / f"{stage}_2ranks")
 
 
+def test_resuming_a_finished_run_keeps_its_metrics(work):
+    flags = ["--stage", "sft", "--max-steps", 3, "--save-every", 1]
+    done = train(work, *flags, output="finished")
+    assert [m["step"] for m in done] == [1, 2, 3]
+    assert train(work, *flags, "--resume", output="finished") == done  # nothing to do, nothing lost
+
+
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
     flags = [*PPO, "--max-steps", 8, "--save-every", 1, "--keep-checkpoints", 3]
     whole = train(work, *flags, output="whole")
