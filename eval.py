@@ -75,6 +75,16 @@ def loaded(flag, path, load):
         fail(f"{flag} {path}: {str(e).splitlines()[0]}")
 
 
+def check_positions(models, prompts, tokenizer, max_new_tokens):
+    """Every model has positions for the longest prompt and answer: find out before sampling, not after."""
+    longest = max(len(M.encode_prompt(tokenizer, p)) for p in prompts) + max_new_tokens
+    for flag, (path, model) in models.items():
+        limit = M.position_limit(model)
+        if limit and longest > limit:
+            fail(f"{flag} {path}: {limit} positions, fewer than the {longest} tokens of the longest prompt "
+                 f"and answer; lower --max-new-tokens or shorten the prompts")
+
+
 def load_prompts(path):
     try:
         rows = M.load_rows(path)
@@ -133,6 +143,10 @@ def main(argv=None):
              f"other tokens; pass the model the policy was trained from")
     if args.reward_model:
         reward_model = loaded("--reward-model", args.reward_model, load_reward_model)
+    models = {"--policy": (args.policy, policy), "--base": (args.base, base)}
+    if args.reward_model:
+        models["--reward-model"] = (args.reward_model, reward_model[0])
+    check_positions(models, prompts, tokenizer, args.max_new_tokens)
     rows = seeded_sample(policy, tokenizer, [p for p in prompts for _ in range(args.samples)], args)
     kl = (summed_logprobs(policy, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)
           - summed_logprobs(base, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)).tolist()

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     a("--grad-accum", type=positive_int, default=1, help="gradient_accumulation_steps")
     a("--max-length", type=bounded(int, 2), default=512, help="max tokens of a sequence (ppo: of the prompt)")
     a("--eval-fraction", type=bounded(float, 0, 1), default=0.1, help="share of rows held out")
-    a("--seed", type=int, default=0, help="random seed; rank r samples with seed + r")
+    a("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed; rank r samples with seed + r")
     a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage; overrides the config")
     a("--deepspeed_config", default=os.path.join(os.path.dirname(__file__) or ".", "ds_config.json"),
       help="DeepSpeed config; batch keys, lr, ZeRO stage, bf16 and offload are filled from the flags")

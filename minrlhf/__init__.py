@@ -9,5 +9,5 @@ from .losses import (KLController, aggregate, compute_gae, dpo_loss, entropy_fro
                      masked_mean, masked_var, masked_whiten, pairwise_ranking_loss, ppo_policy_loss,
                      ppo_value_loss, rloo_advantages, sequence_kl)
 from .models import (Critic, PolicyWithValueHead, full_pair_scores, load_causal_lm, load_reward_model,
-                     pair_scores, position_ids, reply_logprobs, response_logprobs, response_positions,
-                     reward_scores, score_pairs, score_texts)
+                     pair_scores, position_ids, position_limit, reply_logprobs, response_logprobs,
+                     response_positions, reward_scores, score_pairs, score_texts)

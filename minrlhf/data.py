@@ -78,13 +78,14 @@ def _json_fault(path):
 
 
 def load_rows(source, split="train"):
-    """A `datasets.Dataset` of canonical rows from a local .jsonl/.json/.parquet file (optionally .gz)
+    """A `datasets.Dataset` of canonical rows from a local .jsonl/.json(.gz) or .parquet file
     or a Hub dataset: the seed's ones by name through their adapters, any other in canonical columns."""
     ext = os.path.splitext(source.removesuffix(".gz"))[1]
     if ext in LOCAL_FORMATS or os.path.exists(source):
-        if ext not in LOCAL_FORMATS:
-            raise DataError(f"{source}: unknown file type; expected .jsonl, .json or .parquet "
-                            f"(optionally .gz)")
+        if ext not in LOCAL_FORMATS or source.endswith(".parquet.gz"):  # parquet compresses inside
+            kind = "a directory" if os.path.isdir(source) else "unknown file type"
+            raise DataError(f"{source}: {kind}; expected .jsonl, .json or .parquet (the first two optionally "
+                            f".gz)")
         if not os.path.isfile(source):
             raise DataError(f"{source}: no such file")
         if os.path.getsize(source) == 0:

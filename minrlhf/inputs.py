@@ -16,7 +16,7 @@ from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows,
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
 from .lora import BaseModel, LoRALinear, add_lora
-from .models import Critic, load_causal_lm, load_reward_model
+from .models import Critic, load_causal_lm, load_reward_model, position_limit
 
 
 def offline_defaults(args):
@@ -53,8 +53,7 @@ def load_tokenizer(flag, path):
 
 def load_model(flag, path, tokenizer, resize, kind="causal", longest=0):
     """A causal LM, or a reward model ("rm": a new head is fine; "reward": a trained head is required),
-    whose vocabulary and pad id agree with the tokenizer, with positions for `longest` tokens (GPT-2's and
-    OPT's learned position embeddings would fail deep in the forward past their last one)."""
+    whose vocabulary and pad id agree with the tokenizer, and with positions for `longest` tokens."""
     try:
         if kind == "causal":
             model = load_causal_lm(path)
@@ -68,9 +67,9 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0):
     if model.get_input_embeddings().num_embeddings < len(tokenizer):  # e.g. a critic of another model family
         fail(f"{flag} {path}: {model.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
              f"{len(tokenizer)} tokens of the tokenizer it reads")
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # None: ALiBi
-    if positions and longest > positions:
-        fail(f"{flag} {path}: {positions} positions, fewer than the {longest} tokens of the run's longest "
+    limit = position_limit(model)
+    if limit and longest > limit:
+        fail(f"{flag} {path}: {limit} positions, fewer than the {longest} tokens of the run's longest "
              f"sequence; lower --max-length")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -151,7 +150,7 @@ def load_examples(args, tokenizer):
     if len(train) < batch:  # else an epoch holds no batch
         fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped by --max-length "
              f"{args.max_length}); need at least one batch of {batch}"
-             + (" (--rollout-batch-size x ranks)" if online else ""))
+             + (" (--rollout-batch-size x ranks)" if online else f"; --eval-fraction holds out {n_eval}"))
     args.longest = max(map(sequence_length, examples)) + (args.max_new_tokens if online else 0)  # tokens
     return train, examples[len(train):]
 

@@ -36,6 +36,12 @@ def load_causal_lm(path, dtype=None):
     return model
 
 
+def position_limit(model):
+    """How many positions `model` reads; None for no limit (ALiBi: BLOOM). Past it, learned position
+    embeddings (GPT-2, OPT) fail deep in the forward, and rotary ones meet positions never trained on."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
 def position_ids(attention_mask):
     """Positions that skip left padding, as generate() computes them, so that a forward over a
     left-padded batch gives the same log-probs as the rollout did. (B, T) -> (B, T)."""

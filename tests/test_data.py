@@ -100,6 +100,8 @@ def write(tmp_path, name, text):
     ("bad.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": oops}\n', r"bad\.jsonl: line 3: malformed JSON"),
     ("bad.json", '[\n{"prompt": "a"},\n{"prompt" "b"}\n]', r"bad\.json: line 3: malformed JSON"),
     ("rows.csv", "prompt\nhi\n", r"rows\.csv: unknown file type; expected \.jsonl, \.json or \.parquet"),
+    ("rows.parquet.gz", "x", r"rows\.parquet\.gz: unknown file type; expected \.jsonl, \.json or \.parquet \(the "
+                            r"first two optionally \.gz\)"),
     ("empty.jsonl", "", r"empty\.jsonl: the data set is empty"),
 ])
 def test_bad_files(tmp_path, name, text, message):

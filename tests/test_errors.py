@@ -175,6 +175,10 @@ CASES = {  # name: (flags, the one line expected on stderr)
                             r"--resume: the number of ranks is 1, where the checkpoints' run had 2"),
     "not gzip": (["--dataset", "{w}/notgz.jsonl.gz"], r"notgz\.jsonl\.gz: cannot read it as UTF-8 text \(Not a "
                                                       r"gzipped file"),
+    "dataset a directory": (["--dataset", "{w}/sft_run"], r"sft_run: a directory; expected \.jsonl, \.json or "
+                                                           r"\.parquet"),
+    "eval fraction 1": (["--eval-fraction", 1], r"pref\.jsonl: 0 usable training rows .*; --eval-fraction holds out 8"),
+    "seed too large": (["--seed", 2**40], r"argument --seed: 1099511627776: expected a number >= 0 and <= 4294967295"),
     "not utf-8": (["--dataset", "{w}/latin1.jsonl"], r"latin1\.jsonl: 'utf-8' codec can't decode byte 0xe9"),
     "max steps and epochs": (["--max-steps", 2, "--epochs", 2],
                              r"--max-steps and --epochs both say how long to train; pass one of them"),
@@ -231,6 +235,9 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
     "chat prompts, no template": (["--prompts", "{w}/chat_prompt.jsonl"],
                                   r"--prompts .*chat_prompt\.jsonl: chat messages, but --policy .*model has no chat "
                                   r"template"),
+    "base past its positions": (["--base", "{w}/short", "--max-new-tokens", "16"],
+                                r"--base .*short: 16 positions, fewer than the \d+ tokens of the longest prompt and "
+                                r"answer; lower --max-new-tokens or shorten the prompts"),
     "prompts missing": (["--prompts", "{w}/nope.jsonl"], r"--prompts .*nope\.jsonl: no such file"),
     "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number > 0"),
     "json not writable": (["--json", "{w}/a_file/eval.json"], r"--json .*a_file/eval\.json: cannot write there "
