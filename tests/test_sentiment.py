@@ -223,3 +223,20 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     assert args.missing_eos_penalty == 1.0  # answers that run into the token cap lose, in the offline example
     assert train.parse_args(["--stage", "sft"]).model == "BASE"  # SFT always starts from the base model
     assert RewardFunction("--reward-fn", "vader").fn is minrlhf.defaults.vader
+
+
+def test_eval_end_to_end_against_itself(tiny_chat, tmp_path, capsys):
+    """eval.py's whole path: a policy against itself as the base has KL exactly 0; the figures land in --json."""
+    model, tokenizer = tiny_chat
+    model.save_pretrained(tmp_path / "policy"), tokenizer.save_pretrained(tmp_path / "policy")
+    torch.manual_seed(0)
+    M.load_reward_model(str(tmp_path / "policy"), tokenizer.pad_token_id).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "is it worth watching?"}\n{"prompt": "the film was"}\n')
+    eval_py.main(["--policy", str(tmp_path / "policy"), "--base", str(tmp_path / "policy"), "--reward-model",
+                  str(tmp_path / "rm"), "--prompts", str(tmp_path / "prompts.jsonl"), "--samples", "3",
+                  "--max-new-tokens", "6", "--json", str(tmp_path / "out" / "eval.json")])
+    figures = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert figures["responses"] == 6 and figures["kl"] == 0.0 and 0 < figures["length"] <= 6
+    assert -1 <= figures["gold"] <= 1 and math.isfinite(figures["reward_model"])
+    assert "PROMPT is it worth watching?" in capsys.readouterr().out
