@@ -453,7 +453,8 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
         scores = reward(batch["prompts"], texts, ended=ended.tolist()).to(device).float()  # 2. score, (B,)
         if gold:
-            stats["gold"] = gold(batch["prompts"], texts).mean().item()
+            with torch.random.fork_rng():  # a judge that draws random numbers must not change the training
+                stats["gold"] = gold(batch["prompts"], texts).mean().item()
         shaped = shaped_scores(scores, ended, norm, args)
         if critic is not None and norm and args.critic_model == args.reward_model:  # in normalised units
             critic.module.set_scale(norm["mean"], norm["std"])
@@ -504,4 +505,6 @@ if __name__ == "__main__":
         main()
     except SystemExit as e:  # fail(): one line printed, status 2; argparse's --help: 0
         exit_process(e.code if isinstance(e.code, int) else 1)
+    except KeyboardInterrupt:  # Ctrl-C while loading, before `Run` handles it: nothing to save, no traceback
+        exit_process(130)
     exit_process(0)

@@ -120,6 +120,9 @@ class Run:
         self.args, self.engine, self.total, self.main = args, engine, total, dist.get_rank() == 0
         self.critic = critic  # PPO's separate critic: an engine of its own, checkpointed beside the policy
         self.start, self.state = self.resume() if args.resume else (0, {})
+        if self.start > total:
+            fail(f"--resume: the checkpoint is at step {self.start}, past this run's last step {total} "
+                 f"(--max-steps or --epochs)")
         self.stop = False  # set by SIGINT/SIGTERM: finish the step, checkpoint, exit
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -131,21 +134,21 @@ class Run:
 
     def open_metrics(self):
         """args.json and metrics.jsonl in --output (`check_output` made it); on --resume the lines logged
-        after the checkpoint are dropped."""
-        with open(os.path.join(self.args.output, "args.json"), "w") as f:
-            json.dump({**vars(self.args), "world_size": dist.get_world_size()}, f, indent=1)
+        after the checkpoint (and any a crash cut short) are dropped. Both are rewritten under a temporary
+        name and renamed, so a kill meanwhile leaves the old ones whole."""
+        write_atomically(os.path.join(self.args.output, "args.json"),
+                         json.dumps({**vars(self.args), "world_size": dist.get_world_size()}, indent=1))
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
         if self.args.resume and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= self.start]
-        metrics = open(path, "w")
-        metrics.writelines(kept)
-        metrics.flush()  # now: a run that ends before its first step (resumed when done) keeps its log
-        return metrics
+                kept = [line for line in f if logged_step(line) <= self.start]
+        write_atomically(path, "".join(kept))
+        return open(path, "a")
 
     def end_step(self, step, stats, state=None):
         """Average the step's stats over ranks, check them, log, checkpoint on schedule; `state` (small,
-        JSON-like) goes into the checkpoint. True when a signal stopped the run (checkpoint written)."""
+        JSON-like) goes into the checkpoint. True when a signal stopped the run before its last step
+        (checkpoint written)."""
         stats |= {"time/step": time.perf_counter() - self.t0,  # peak resident memory of this rank (Linux)
                   "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         stats = mean_across_ranks({**stats, "stop": float(self.stop)})
@@ -155,7 +158,7 @@ class Run:
         if stop or step == self.total or (self.args.save_every and step % self.args.save_every == 0):
             self.save_checkpoint(step, state or {})
         self.t0, self.skipped = time.perf_counter(), self.skipped_steps()
-        return stop
+        return stop and step < self.total  # on the last step the run ends anyway: with its final model
 
     def check_finite(self, step, stats):
         """A NaN/inf stat or a skipped (non-finite) update stops the run, or with --skip-nonfinite is
@@ -203,13 +206,17 @@ class Run:
             fail(f"step {step}: non-finite weights after the update; stopped without writing a checkpoint")
         root, rank = os.path.join(self.args.output, "checkpoints"), dist.get_rank()
         tmp = os.path.join(root, f"step{step}.tmp")
-        self.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={"step": step, **state},
-                                    save_latest=False)
-        if self.critic:
-            self.critic.save_checkpoint(tmp, tag="critic", save_latest=False)
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "accelerator": get_accelerator().get_rng_state()}  # a GPU's own generator, sampling's
-        torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        try:
+            self.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={"step": step, **state},
+                                        save_latest=False)
+            if self.critic:
+                self.critic.save_checkpoint(tmp, tag="critic", save_latest=False)
+            torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        except (OSError, RuntimeError) as e:  # disk full, permissions (DeepSpeed's own is a RuntimeError)
+            fail(f"--output {self.args.output}: cannot write checkpoint step{step} ({e}); the ones before it "
+                 f"are whole")
         dist.barrier()
         if rank == 0:
             os.replace(tmp, os.path.join(root, f"step{step}"))
@@ -222,10 +229,18 @@ class Run:
         found = checkpoints(self.args.output)
         if not found:
             fail(f"--resume: no complete checkpoint in {os.path.join(self.args.output, 'checkpoints')}")
-        _, state = self.engine.load_checkpoint(os.path.dirname(found[-1]), tag=os.path.basename(found[-1]))
+        root, tag = os.path.split(found[-1])
+        try:  # a file deleted or cut short: DeepSpeed and torch raise all kinds of errors
+            _, state = self.engine.load_checkpoint(root, tag=tag)
+            if self.critic:
+                self.critic.load_checkpoint(found[-1], tag="critic")
+            rng = torch.load(os.path.join(found[-1], f"rng_rank{dist.get_rank()}.pt"), weights_only=False)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            fail(f"--resume: cannot load {found[-1]} ({reason}); remove it to resume from the one before")
+        reschedule(self.engine)
         if self.critic:
-            self.critic.load_checkpoint(found[-1], tag="critic")
-        rng = torch.load(os.path.join(found[-1], f"rng_rank{dist.get_rank()}.pt"), weights_only=False)
+            reschedule(self.critic)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
@@ -240,6 +255,14 @@ class Run:
         critic = whole_state(self.critic) if self.critic else None
         if not self.main:
             return
+        try:
+            self.write_final(state, critic, tokenizer)
+        except OSError as e:  # disk full, permissions
+            fail(f"--output {self.args.output}: cannot write the final model ({e}); its last checkpoint "
+                 f"holds it, and --resume writes it")
+
+    def write_final(self, state, critic, tokenizer):
+        """`save_final`'s writing, on rank 0: whole state dicts -> Hugging Face folders."""
         module, state = self.engine.module, merged_state_dict(self.engine.module, state)  # LoRA: plain
         if hasattr(module, "backbone"):  # the online stages' policy
             head = submodule_state(state, "value_head.")
@@ -253,6 +276,29 @@ class Run:
             self.critic.module.reward_model.save_pretrained(os.path.join(self.args.output, "critic"),
                                                             state_dict=critic)
             tokenizer.save_pretrained(os.path.join(self.args.output, "critic"))
+
+
+def reschedule(engine):
+    """Each lr as this run's schedule sets it at the checkpoint's step: a checkpoint holds the lr of its own
+    run's schedule, which a new --max-steps or --epochs changes."""
+    scheduler = engine.lr_scheduler
+    for group, base, decay in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * decay(scheduler.last_epoch)
+
+
+def write_atomically(path, text):
+    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; infinity for a line cut short or garbled (dropped on resume)."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def whole_state(engine):

@@ -35,6 +35,17 @@ def nan_on_second_call(prompts, responses):
     calls.append(1)
     return [float('nan') if len(calls) == 2 else float(r.count('e')) for r in responses]
 
+def interrupt_on_third_call(prompts, responses):  # as if Ctrl-C came during the last of 3 iterations
+    import os, signal
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+    return count_e(prompts, responses)
+
+def random_judge(prompts, responses):  # a gold judge that draws from torch's generator
+    import torch
+    return torch.rand(len(responses)).tolist()
+
 def fail_on_rank1(prompts, responses):
     import os
     if os.environ["RANK"] == "1":
@@ -73,6 +84,7 @@ def work(tmp_path_factory):
     (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "rewards.py").write_text(REWARD_FN)
     (d / "nan_gradient.py").write_text(NAN_GRADIENT)
+    (d / "interrupt.py").write_text("raise KeyboardInterrupt  # as if Ctrl-C came while the models load\n")
     # ZeRO-3 keeps parameters under 1e5 elements whole by default, i.e. all of a tiny model: partition all
     (d / "zero3.json").write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
                                               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
@@ -111,7 +123,8 @@ def assert_resume_reproduces(work, flags, name):
     shutil.copytree(work / f"{name}_whole", work / f"{name}_cut")
     shutil.rmtree(work / f"{name}_cut" / "checkpoints" / "step4")  # as if killed after step 3
     cut_log = work / f"{name}_cut" / "metrics.jsonl"
-    cut_log.write_text("".join(line for line in cut_log.read_text().splitlines(True) if json.loads(line)["step"] <= 3))
+    kept = "".join(line for line in cut_log.read_text().splitlines(True) if json.loads(line)["step"] <= 3)
+    cut_log.write_text(kept + '\n{"step": 4, "lo')  # and a blank line and one cut short, as a crash may leave
     resumed = train(work, *flags, "--resume", output=f"{name}_cut")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4] and measured(whole) == measured(resumed)
 
@@ -447,6 +460,50 @@ def test_resuming_a_finished_run_keeps_its_metrics(work):
     done = train(work, *flags, output="finished")
     assert [m["step"] for m in done] == [1, 2, 3]
     assert train(work, *flags, "--resume", output="finished") == done  # nothing to do, nothing lost
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(work):
+    flags = ["--stage", "sft", "--lr", 1e-3, "--save-every", 2]
+    train(work, *flags, "--max-steps", 4, output="longer")
+    log = train(work, *flags, "--max-steps", 8, "--resume", output="longer")
+    assert [m["lr"] for m in log[4:6]] == pytest.approx([1e-3 * (1 - 4 / 8), 1e-3 * (1 - 5 / 8)])  # not 0
+
+
+def resume_fails(work, output, *flags):
+    """A --resume that must fail: -> its stderr (one error line)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", work / "model", "--dataset", work / "pref.jsonl",
+           "--output", work / output, "--stage", "sft", "--resume", *flags]
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr.strip()
+
+
+def test_resume_refuses_fewer_steps_and_a_damaged_checkpoint(work):
+    train(work, "--stage", "sft", "--max-steps", 4, "--save-every", 2, output="damaged")
+    assert resume_fails(work, "damaged", "--max-steps", 3).endswith(
+        "error: --resume: the checkpoint is at step 4, past this run's last step 3 (--max-steps or --epochs)")
+    os.remove(work / "damaged" / "checkpoints" / "step4" / "rng_rank0.pt")
+    assert __import__("re").search(r"error: --resume: cannot load .*step4 \(FileNotFoundError: .*\); remove it to "
+                                   r"resume from the one before$", resume_fails(work, "damaged", "--max-steps", 4))
+
+
+def test_a_signal_on_the_last_step_still_saves_the_model(work):
+    train(work, *PPO, "--max-steps", 3, "--save-every", 0, "--reward-fn", "rewards:interrupt_on_third_call",
+          output="last_signal")
+    assert (work / "last_signal" / "config.json").exists()
+
+
+def test_ctrl_c_while_loading_exits_quietly(work):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", work / "model", "--dataset", work / "pref.jsonl",
+           "--output", work / "ctrl_c", *PPO, "--reward-fn", "interrupt:f"]
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_gold_judge_that_draws_random_numbers_changes_no_training(work):
+    plain = train(work, *PPO, "--max-steps", 2, output="judge_none")
+    judged = train(work, *PPO, "--max-steps", 2, "--gold-fn", "rewards:random_judge", output="judge_random")
+    assert [{k: v for k, v in m.items() if k != "gold"} for m in measured(judged)] == measured(plain)
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
