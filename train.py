@@ -26,7 +26,7 @@ from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen
                             param_groups)
 from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model, load_tokenizer,
                             offline_defaults, reference)
-from minrlhf.run import Run, Stopwatch, batches, check_output, mean_across_ranks
+from minrlhf.run import Run, Stopwatch, batches, check_output, lock_output, mean_across_ranks
 
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
@@ -492,6 +492,7 @@ def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
     check_output(args)
+    lock = lock_output(args.output)  # held until the process ends
     _, world, device = init_distributed()
     cfg = deepspeed_config(args, world)
     torch.manual_seed(args.seed)  # identical initial weights (value / reward heads) on every rank

@@ -1,6 +1,7 @@
 """A training run's bookkeeping for train.py: the output folder, the data order, metrics and progress,
 signals, the non-finite policy, checkpoints and the final model. Calls, not callbacks: the loops stay
 in train.py, which calls `Run.end_step` once per step."""
+import fcntl
 import json
 import math
 import os
@@ -55,6 +56,20 @@ def check_output(args):
     if checkpoints(args.output):
         check_resume_flags(args, saved)
     check_writable("--output", args.output, args.output)
+
+
+def lock_output(output):
+    """One run at a time writes to --output (two would interleave their checkpoints and logs): rank 0 holds an
+    exclusive lock on OUTPUT/.lock until its process ends, when the system drops it. -> the open lock file."""
+    if int(os.environ.get("RANK", "0")) != 0:  # the other ranks of a run share rank 0's folder
+        return None
+    lock = open(os.path.join(output, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"--output {output}: another run is writing there; wait for it to end, or choose another "
+             f"--output")
+    return lock
 
 
 def saved_args(output):

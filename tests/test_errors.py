@@ -309,3 +309,14 @@ def test_plot_bad_input_fails_with_one_line(name, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plot.main([str(tmp_path / run) for run in runs] + [f.format(t=tmp_path) for f in flags])
     assert_one_error_line(exit_info, capsys, message)
+
+
+def test_a_second_run_on_one_output_fails_with_one_line(tmp_path, capsys):
+    from minrlhf.run import lock_output
+    first = lock_output(str(tmp_path))  # as the run in that folder holds it
+    with pytest.raises(SystemExit) as exit_info:
+        lock_output(str(tmp_path))
+    assert_one_error_line(exit_info, capsys, r"--output .*: another run is writing there; wait for it to end, or "
+                                             r"choose another --output")
+    first.close()  # that run ends: the folder is free
+    lock_output(str(tmp_path)).close()
