@@ -223,20 +223,20 @@ class Run:
         tmp = os.path.join(root, f"step{step}.tmp")
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "accelerator": get_accelerator().get_rng_state()}  # a GPU's own generator, sampling's
-        try:
+        try:  # disk full, permissions (DeepSpeed raises its own as RuntimeError)
             self.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={"step": step, **state},
                                         save_latest=False)
             if self.critic:
                 self.critic.save_checkpoint(tmp, tag="critic", save_latest=False)
             torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
-        except (OSError, RuntimeError) as e:  # disk full, permissions (DeepSpeed's own is a RuntimeError)
-            fail(f"--output {self.args.output}: cannot write checkpoint step{step} ({e}); the ones before it "
-                 f"are whole")
-        dist.barrier()
-        if rank == 0:
-            os.replace(tmp, os.path.join(root, f"step{step}"))
-            for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
-                shutil.rmtree(old)
+            dist.barrier()
+            if rank == 0:
+                os.replace(tmp, os.path.join(root, f"step{step}"))
+                for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
+                    shutil.rmtree(old)
+        except (OSError, RuntimeError) as e:
+            fail(f"--output {self.args.output}: cannot write checkpoints there ({e}); the newest complete "
+                 f"one is whole")
         dist.barrier()
 
     def resume(self):
