@@ -52,6 +52,21 @@ def fail_on_rank1(prompts, responses):
         raise RuntimeError("rank one is broken")
     return count_e(prompts, responses)
 """
+DISK_FULL = """# train.py on a disk that fills up: writing step 3's checkpoint, or the final model (argv[1] says which)
+import errno, os, runpy, sys, torch, transformers
+what, sys.argv = sys.argv[1], sys.argv[2:]  # [train.py, flags...]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+save = torch.save
+def save_until_step3(obj, path, *args, **kwargs):
+    return full() if "step3" in str(path) else save(obj, path, *args, **kwargs)
+if what == "checkpoint":
+    torch.save = save_until_step3
+else:
+    transformers.PreTrainedModel.save_pretrained = full
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 NAN_GRADIENT = """# train.py with a NaN gradient at step 2 while its loss stays finite: d/dx 0 * sqrt(x) at x = 0 is 0 * inf
 import os, runpy, sys, torch
 sys.argv = sys.argv[1:]  # [train.py, flags...]
@@ -84,6 +99,7 @@ def work(tmp_path_factory):
     (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "rewards.py").write_text(REWARD_FN)
     (d / "nan_gradient.py").write_text(NAN_GRADIENT)
+    (d / "disk_full.py").write_text(DISK_FULL)
     (d / "interrupt.py").write_text("raise KeyboardInterrupt  # as if Ctrl-C came while the models load\n")
     # ZeRO-3 keeps parameters under 1e5 elements whole by default, i.e. all of a tiny model: partition all
     (d / "zero3.json").write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
@@ -479,6 +495,22 @@ def test_resume_refuses_fewer_steps_and_a_damaged_checkpoint(work):
     os.remove(work / "damaged" / "checkpoints" / "step4" / "rng_rank0.pt")
     assert __import__("re").search(r"error: --resume: cannot load .*step4 \(FileNotFoundError: .*\); remove it to "
                                    r"resume from the one before$", resume_fails(work, "damaged", "--max-steps", 4))
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "final"])
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_before(work, what):
+    cmd = [sys.executable, work / "disk_full.py", what, os.path.join(ROOT, "train.py"), "--model", work / "model",
+           "--dataset", work / "pref.jsonl", "--output", work / f"full_{what}", "--stage", "sft", "--max-steps", 4,
+           "--save-every", 1, "--keep-checkpoints", 5]
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = {"checkpoint": "cannot write checkpoints there ([Errno 28] No space left on device); the newest complete "
+                          "one is whole",
+            "final": "cannot write the final model ([Errno 28] No space left on device); its last checkpoint holds "
+                     "it, and --resume writes it"}[what]
+    assert f"error: --output {work / f'full_{what}'}: {line}\n" in proc.stderr, proc.stderr[-2000:]
+    kept = ["step1", "step2"] if what == "checkpoint" else ["step1", "step2", "step3", "step4"]
+    assert sorted(os.listdir(work / f"full_{what}" / "checkpoints")) == kept + ["step3.tmp"] * (what == "checkpoint")
 
 
 def test_a_signal_on_the_last_step_still_saves_the_model(work):
