@@ -125,9 +125,9 @@ def side_by_side(prompts, base_rows, policy_rows):
 def load_inputs(args):
     """Every input loaded and checked before any sampling -> prompts, policy, its tokenizer, base model and
     (reward model, its tokenizer) or None."""
-    if args.json and os.path.isdir(args.json):
-        fail(f"--json {args.json} is a directory; expected a file name")
     if args.json:
+        if os.path.isdir(args.json):
+            fail(f"--json {args.json} is a directory; expected a file name")
         check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
     prompts = load_prompts(args.prompts)
     policy, tokenizer = loaded("--policy", args.policy, load_chat_model)

@@ -50,10 +50,10 @@ def check_output(args):
     if saved.get("stage", args.stage) != args.stage:
         fail(f"--output {args.output} holds a --stage {saved['stage']} run; choose another --output for "
              f"--stage {args.stage}")
-    if checkpoints(args.output) and not args.resume:
-        fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose "
-             f"another --output")
     if checkpoints(args.output):
+        if not args.resume:
+            fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose "
+                 f"another --output")
         check_resume_flags(args, saved)
     check_writable("--output", args.output, args.output)
 
@@ -135,9 +135,6 @@ class Run:
         self.args, self.engine, self.total, self.main = args, engine, total, dist.get_rank() == 0
         self.critic = critic  # PPO's separate critic: an engine of its own, checkpointed beside the policy
         self.start, self.state = self.resume() if args.resume else (0, {})
-        if self.start > total:
-            fail(f"--resume: the checkpoint is at step {self.start}, past this run's last step {total} "
-                 f"(--max-steps or --epochs)")
         self.stop = False  # set by SIGINT/SIGTERM: finish the step, checkpoint, exit
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -245,6 +242,9 @@ class Run:
         if not found:
             fail(f"--resume: no complete checkpoint in {os.path.join(self.args.output, 'checkpoints')}")
         root, tag = os.path.split(found[-1])
+        if int(tag[4:]) > self.total:  # known from its name: no need to load it first
+            fail(f"--resume: the checkpoint is at step {tag[4:]}, past this run's last step {self.total} "
+                 f"(--max-steps or --epochs)")
         try:  # a file deleted or cut short: DeepSpeed and torch raise all kinds of errors
             _, state = self.engine.load_checkpoint(root, tag=tag)
             if self.critic:
