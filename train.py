@@ -408,7 +408,7 @@ def ppo_models(args, cfg, device, tokenizer, resize):
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
     backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
     policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
-    critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, resize)
+    critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, resize, backbone)
     policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

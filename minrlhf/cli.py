@@ -11,10 +11,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-def fail(message):
+def fail(message, this_rank=False):
     """Bad input: one line on stderr, exit status 2. Inputs are alike on every rank, so one rank per node
-    prints (a file missing on one node still reaches the user), with its rank when it is not rank 0."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    prints (a file missing on one node still reaches the user), with its rank when it is not rank 0;
+    `this_rank`: an error of this rank's own (its checkpoint files), printed by whichever rank meets it."""
+    if this_rank or os.environ.get("LOCAL_RANK", "0") == "0":
         rank = int(os.environ.get("RANK", "0"))
         where = f"rank {rank}: " if rank else ""
         tqdm.write(f"error: {where}{message}", file=sys.stderr)  # tqdm.write clears a progress bar first

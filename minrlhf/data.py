@@ -220,13 +220,16 @@ def encode_preference(row, tokenizer, max_length):
     """{prompt, chosen, rejected} ids, each reply ending with EOS. The replies keep their last max_length - 1
     tokens and the prompt its last tokens that fit beside the longer reply (one at least, so every pair
     makes the same forward calls, as ZeRO-3 needs): both replies are judged in the same context, and the
-    ends, where the reward is read and the replies differ, are never cut. None for an empty reply."""
+    ends, where the reward is read and the replies differ, are never cut. None for an empty reply, or replies
+    alike (as text, or once cut): no preference to learn, a loss of log 2 and no gradient."""
     prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
     if not (chosen_text.strip() and rejected_text.strip()):
         return None
     prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text)
     rejected = encode_pair(tokenizer, prompt_text, rejected_text)[1]
     chosen, rejected = chosen[1 - max_length:], rejected[1 - max_length:]
+    if chosen == rejected:
+        return None
     keep = max_length - max(len(chosen), len(rejected))
     return {"prompt": prompt[max(0, len(prompt) - keep):], "chosen": chosen, "rejected": rejected}
 
@@ -243,8 +246,8 @@ ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference
 
 
 def tokenize(rows, stage, tokenizer, max_length):
-    """Encode every row for the stage -> (examples, number of rows dropped: an empty reply, or none of it
-    within max_length). A field that is not text is a DataError naming its row (1-based) and column."""
+    """Encode every row for the stage -> (examples, number of rows dropped: an empty reply, none of it
+    within max_length, or a pair's replies alike). A field that is not text is a DataError naming its row (1-based) and column."""
     examples = []
     for number, row in enumerate(rows, 1):
         try:

@@ -51,9 +51,10 @@ def load_tokenizer(flag, path):
         fail(f"{flag} {path}: unusable tokenizer ({e})")
 
 
-def load_model(flag, path, tokenizer, resize, kind="causal", longest=0):
+def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=None):
     """A causal LM, or a reward model ("rm": a new head is fine; "reward": a trained head is required),
-    whose vocabulary and pad id agree with the tokenizer, and with positions for `longest` tokens."""
+    whose vocabulary and pad id agree with the tokenizer, with positions for `longest` tokens and embeddings
+    for the token ids it `reads` (default: the tokenizer's; a reference or critic: all the policy samples)."""
     try:
         if kind == "causal":
             model = load_causal_lm(path)
@@ -64,15 +65,20 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0):
              f"({str(e).splitlines()[0]})")
     if resize:
         model.resize_token_embeddings(len(tokenizer))
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):  # e.g. a critic of another model family
-        fail(f"{flag} {path}: {model.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
-             f"{len(tokenizer)} tokens of the tokenizer it reads")
+    reads = reads or len(tokenizer)
+    if vocab_size(model) < reads:  # e.g. a critic of another model family, a policy with spare embeddings
+        fail(f"{flag} {path}: {vocab_size(model)} token embeddings, fewer than the {reads} token ids it "
+             f"reads ({'the policy can sample' if reads > len(tokenizer) else 'its tokenizer has'})")
     limit = position_limit(model)
     if limit and longest > limit:
         fail(f"{flag} {path}: {limit} positions, fewer than the {longest} tokens of the run's longest "
              f"sequence; lower --max-length")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def vocab_size(model):
+    return model.get_input_embeddings().num_embeddings
 
 
 def adapt(model, args, source=None):
@@ -108,17 +114,19 @@ def reference(policy, args, cfg, device, tokenizer, resize):
         same_tokens("--ref-model", args.ref_model, tokenizer, f"--ref-model {args.ref_model}: a tokenizer "
                     f"other than --model's, so its log-probs would be of other tokens; pass a reference with "
                     f"--model's tokenizer")
-    ref = load_model("--ref-model", args.ref_model or args.model, tokenizer, resize, longest=args.longest)
+    samples = vocab_size(policy) if args.stage in ONLINE else None  # DPO's reads the data, not samples
+    ref = load_model("--ref-model", args.ref_model or args.model, tokenizer, resize, longest=args.longest,
+                     reads=samples)
     return frozen(ref, cfg, device)
 
 
-def load_critic(args, tokenizer, resize):
+def load_critic(args, tokenizer, resize, policy):
     """PPO's critic from --critic-model, a reward model that reads the policy's tokens: its tokenizer's."""
     path, name = args.critic_model, f"--critic-model {args.critic_model}"
     same_tokens("--critic-model", path, tokenizer, f"{name} (default: --reward-model): a tokenizer other "
                 f"than --model's, whose tokens a critic reads; pass --critic-model head, or one with "
                 f"--model's tokenizer")
-    critic = load_model("--critic-model", path, tokenizer, resize, "reward", args.longest)
+    critic = load_model("--critic-model", path, tokenizer, resize, "reward", args.longest, vocab_size(policy))
     return Critic(adapt(critic, args, name))
 
 
@@ -141,8 +149,8 @@ def load_examples(args, tokenizer):
     except (DataError, UnicodeDecodeError) as e:  # the latter: text that is not UTF-8, read lazily
         fail(f"{args.dataset}: {e}")
     if dropped and dist.get_rank() == 0:
-        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: an empty reply, or no response token "
-              f"within --max-length")
+        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: an empty reply, no response token "
+              f"within --max-length, or a pair's replies alike")
     online = args.stage in ONLINE  # prompts to sample from, no held-out rows
     n_eval = 0 if online else int(len(examples) * args.eval_fraction)
     train = examples[: len(examples) - n_eval]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .cli import check_writable, fail
+from .cli import check_writable, fail, fail_together
 from .lora import merged_state_dict
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
@@ -220,21 +220,32 @@ class Run:
         tmp = os.path.join(root, f"step{step}.tmp")
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "accelerator": get_accelerator().get_rng_state()}  # a GPU's own generator, sampling's
-        try:  # disk full, permissions (DeepSpeed raises its own as RuntimeError)
+        try:  # disk full, permissions (torch's writer raises RuntimeError). DeepSpeed's save holds barriers,
+            # so a rank cannot wait here for the others' outcome: the one that fails says so and exits
             self.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={"step": step, **state},
                                         save_latest=False)
             if self.critic:
                 self.critic.save_checkpoint(tmp, tag="critic", save_latest=False)
             torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
-            dist.barrier()
-            if rank == 0:
-                os.replace(tmp, os.path.join(root, f"step{step}"))
-                for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
-                    shutil.rmtree(old)
         except (OSError, RuntimeError) as e:
-            fail(f"--output {self.args.output}: cannot write checkpoints there ({e}); the newest complete "
-                 f"one is whole")
+            fail(self.unwritable(e), this_rank=True)
         dist.barrier()
+        fail_together(self.publish(tmp) if rank == 0 else None)
+
+    def publish(self, tmp):
+        """Rank 0 renames the complete checkpoint stepN.tmp to stepN and removes all but the newest
+        --keep-checkpoints. -> None, or the error line."""
+        try:
+            os.replace(tmp, tmp.removesuffix(".tmp"))
+            for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
+                shutil.rmtree(old)
+        except OSError as e:
+            return self.unwritable(e)
+        return None
+
+    def unwritable(self, error):
+        return (f"--output {self.args.output}: cannot write checkpoints there ({error}); the newest complete "
+                f"one is whole")
 
     def resume(self):
         """Load the newest complete checkpoint: model, optimizer, scheduler, RNG states -> (step, state)."""
@@ -245,14 +256,17 @@ class Run:
         if int(tag[4:]) > self.total:  # known from its name: no need to load it first
             fail(f"--resume: the checkpoint is at step {tag[4:]}, past this run's last step {self.total} "
                  f"(--max-steps or --epochs)")
-        try:  # a file deleted or cut short: DeepSpeed and torch raise all kinds of errors
+        try:  # a file deleted or cut short: DeepSpeed and torch raise all kinds of errors. DeepSpeed's load
+            # holds collectives, so the rank that fails says so and exits; the others, waiting for it, follow
             _, state = self.engine.load_checkpoint(root, tag=tag)
             if self.critic:
                 self.critic.load_checkpoint(found[-1], tag="critic")
             rng = torch.load(os.path.join(found[-1], f"rng_rank{dist.get_rank()}.pt"), weights_only=False)
+            dist.barrier()
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
-            fail(f"--resume: cannot load {found[-1]} ({reason}); remove it to resume from the one before")
+            fail(f"--resume: cannot load {found[-1]} ({reason}); remove it to resume from the one before",
+                 this_rank=True)
         reschedule(self.engine)
         if self.critic:
             reschedule(self.critic)
@@ -268,13 +282,14 @@ class Run:
         beside it: value_head.pt) or reward model in --output; a separate critic in --output/critic."""
         state = whole_state(self.engine)
         critic = whole_state(self.critic) if self.critic else None
-        if not self.main:
-            return
+        error = None
         try:
-            self.write_final(state, critic, tokenizer)
+            if self.main:
+                self.write_final(state, critic, tokenizer)
         except OSError as e:  # disk full, permissions
-            fail(f"--output {self.args.output}: cannot write the final model ({e}); its last checkpoint "
-                 f"holds it, and --resume writes it")
+            error = (f"--output {self.args.output}: cannot write the final model ({e}); its last checkpoint "
+                     f"holds it, and --resume writes it")
+        fail_together(error)  # the other ranks wait for rank 0's writing, and exit with it if it fails
 
     def write_final(self, state, critic, tokenizer):
         """`save_final`'s writing, on rank 0: whole state dicts -> Hugging Face folders."""

@@ -158,6 +158,18 @@ def test_truncation_drops_rows_without_response_and_counts_them():
     assert any(label != -100 for label in examples[0]["labels"])
 
 
+def test_pairs_whose_replies_are_alike_are_dropped_and_counted():
+    """No preference to learn: alike as text, or once the replies keep only their last max_length - 1 tokens."""
+    tok = make_tokenizer()
+    rows = [{"prompt": "the film was", "chosen": " great", "rejected": " great"},
+            {"prompt": "the film was", "chosen": " awful. the food was great" + " and the film was great" * 8,
+             "rejected": " great. the food was great" + " and the film was great" * 8},
+            {"prompt": "the film was", "chosen": " great", "rejected": " awful"}]
+    examples, dropped = tokenize(rows, "rm", tok, 16)
+    assert dropped == 2 and len(examples) == 1
+    assert len(tokenize(rows[1:], "rm", tok, 512)[0]) == 2  # the long pair differs when it is whole
+
+
 def test_empty_replies_are_dropped_and_counted():
     tok = make_tokenizer()
     rows = [{"prompt": "the film was", "chosen": " great", "rejected": " awful"},

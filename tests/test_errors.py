@@ -34,6 +34,9 @@ def w(tmp_path_factory):
     load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "rm")
     make_tokenizer().save_pretrained(d / "rm")
     short = save_tiny("llama", d / "short", config={"max_position_embeddings": 16})
+    # more token embeddings than its tokenizer has tokens (as Qwen's, padded): it can sample ids past them
+    save_tiny("llama", d / "wide", config={"vocab_size": len(make_tokenizer()) + 64})
+    save_tiny("llama", d / "narrow", config={"vocab_size": len(make_tokenizer()) - 1})
     load_reward_model(short, make_tokenizer().pad_token_id).save_pretrained(d / "short_rm")
     make_tokenizer().save_pretrained(d / "short_rm")
     tied = save_tiny("llama", d / "tied", config={"tie_word_embeddings": True})  # no LM head of its own
@@ -100,6 +103,15 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "reward model past its positions": (PPO + ["--reward-model", "{w}/short_rm", "--critic-model", "head",
                                                "--dataset", "{w}/long.jsonl", "--max-length", 24],
                                         r"--reward-model .*short_rm: 16 positions, fewer than the 26 tokens"),
+    "reference without the policy's spare ids": (PPO + ["--model", "{w}/wide", "--ref-model", "{w}/model",
+                                                        "--reward-fn", "vader"],
+                                                 r"--ref-model .*model: (\d+) token embeddings, fewer than the \d+ "
+                                                 r"token ids it reads \(the policy can sample\)"),
+    "critic without the policy's spare ids": (PPO + ["--model", "{w}/wide", "--reward-model", "{w}/rm"],
+                                              r"--critic-model .*rm: \d+ token embeddings, fewer than the \d+ token ids "
+                                              r"it reads \(the policy can sample\)"),
+    "fewer embeddings than tokens": (["--model", "{w}/narrow"], r"--model .*narrow: (\d+) token embeddings, fewer than "
+                                                                r"the \d+ token ids it reads \(its tokenizer has\)"),
     "no reward": (PPO, r"--stage ppo needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION"),
     "reward fn not importable": (PPO + ["--reward-fn", "nosuch:f"], r"--reward-fn nosuch:f: cannot import \(ModuleNotFoundError"),
     "reward fn raises": (PPO + ["--reward-fn", "err_rewards:boom"], r"--reward-fn err_rewards:boom raised ZeroDivisionError"),

@@ -3,6 +3,7 @@ bf16 and offload, 2 ranks under ZeRO-3, resume after SIGKILL, outputs that plain
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,20 +53,23 @@ def fail_on_rank1(prompts, responses):
         raise RuntimeError("rank one is broken")
     return count_e(prompts, responses)
 """
-DISK_FULL = """# train.py on a disk that fills up: writing step 3's checkpoint, or the final model (argv[1] says which)
+DISK_FULL = """# train.py on a disk that fills up: at step 3's checkpoint, or at the final model ($FULL_AT says which),
+# (unset: neither), for every rank or for rank $FULL_RANK alone. Runs as `disk_full.py [--local_rank=R] train.py flags...`
 import errno, os, runpy, sys, torch, transformers
-what, sys.argv = sys.argv[1], sys.argv[2:]  # [train.py, flags...]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))
+train = next(a for a in sys.argv if a.endswith("train.py"))
+sys.argv = [train] + [a for a in sys.argv[1:] if a != train]
+sys.path.insert(0, os.path.dirname(train))
 def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 save = torch.save
 def save_until_step3(obj, path, *args, **kwargs):
     return full() if "step3" in str(path) else save(obj, path, *args, **kwargs)
-if what == "checkpoint":
-    torch.save = save_until_step3
-else:
-    transformers.PreTrainedModel.save_pretrained = full
-runpy.run_path(sys.argv[0], run_name="__main__")
+if os.environ.get("FULL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+    if os.environ.get("FULL_AT") == "checkpoint":
+        torch.save = save_until_step3
+    elif os.environ.get("FULL_AT") == "final":
+        transformers.PreTrainedModel.save_pretrained = full
+runpy.run_path(train, run_name="__main__")
 """
 NAN_GRADIENT = """# train.py with a NaN gradient at step 2 while its loss stays finite: d/dx 0 * sqrt(x) at x = 0 is 0 * inf
 import os, runpy, sys, torch
@@ -493,16 +497,17 @@ def test_resume_refuses_fewer_steps_and_a_damaged_checkpoint(work):
     assert resume_fails(work, "damaged", "--max-steps", 3).endswith(
         "error: --resume: the checkpoint is at step 4, past this run's last step 3 (--max-steps or --epochs)")
     os.remove(work / "damaged" / "checkpoints" / "step4" / "rng_rank0.pt")
-    assert __import__("re").search(r"error: --resume: cannot load .*step4 \(FileNotFoundError: .*\); remove it to "
+    assert re.search(r"error: --resume: cannot load .*step4 \(FileNotFoundError: .*\); remove it to "
                                    r"resume from the one before$", resume_fails(work, "damaged", "--max-steps", 4))
 
 
 @pytest.mark.parametrize("what", ["checkpoint", "final"])
 def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_before(work, what):
-    cmd = [sys.executable, work / "disk_full.py", what, os.path.join(ROOT, "train.py"), "--model", work / "model",
+    cmd = [sys.executable, work / "disk_full.py", os.path.join(ROOT, "train.py"), "--model", work / "model",
            "--dataset", work / "pref.jsonl", "--output", work / f"full_{what}", "--stage", "sft", "--max-steps", 4,
            "--save-every", 1, "--keep-checkpoints", 5]
-    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV | {"FULL_AT": what}, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = {"checkpoint": "cannot write checkpoints there ([Errno 28] No space left on device); the newest complete "
                           "one is whole",
@@ -511,6 +516,32 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_before(work, what):
     assert f"error: --output {work / f'full_{what}'}: {line}\n" in proc.stderr, proc.stderr[-2000:]
     kept = ["step1", "step2"] if what == "checkpoint" else ["step1", "step2", "step3", "step4"]
     assert sorted(os.listdir(work / f"full_{what}" / "checkpoints")) == kept + ["step3.tmp"] * (what == "checkpoint")
+
+
+def test_a_write_or_load_error_on_one_rank_is_that_ranks_line_first(work):
+    """One rank alone meets a full disk (rank 1 at step 3's checkpoint, rank 0 at the final model) or a damaged
+    checkpoint (rank 1's ZeRO-3 shard gone): its own line comes first, and no rank hangs in DeepSpeed's
+    collectives or prints a traceback. (A rank whose peer is gone may add a line naming the lost connection.)"""
+    def launch(output, *flags, **env):
+        cmd = [DEEPSPEED, "--num_gpus", "2", work / "disk_full.py", os.path.join(ROOT, "train.py"), "--model",
+               work / "model", "--dataset", work / "pref.jsonl", "--output", work / output, "--stage", "sft",
+               "--deepspeed_config", work / "zero3.json", "--save-every", 1, "--keep-checkpoints", 5, *flags]
+        proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV | env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return re.findall(r"error: .*", proc.stderr)  # after a progress bar, maybe, on the same line
+    errors = launch("rank1_disk", "--max-steps", 4, FULL_AT="checkpoint", FULL_RANK="1")
+    assert errors[0] == (f"error: rank 1: --output {work / 'rank1_disk'}: cannot write checkpoints there ([Errno 28] "
+                         f"No space left on device); the newest complete one is whole"), errors
+    saved = sorted(n for n in os.listdir(work / "rank1_disk" / "checkpoints") if n.startswith("step"))
+    assert saved == ["step1", "step2", "step3.tmp"]
+    next((work / "rank1_disk" / "checkpoints" / "step2").glob("zero_pp_rank_1_*optim_states.pt")).unlink()
+    errors = launch("rank1_disk", "--max-steps", 4, "--resume")
+    assert re.fullmatch(r"error: rank 1: --resume: cannot load .*step2 \(FileNotFoundError: .*zero_pp_rank_1_.*\); "
+                        r"remove it to resume from the one before", errors[0]), errors
+    errors = launch("rank0_disk", "--max-steps", 2, FULL_AT="final", FULL_RANK="0")
+    assert errors == [f"error: rank 0: --output {work / 'rank0_disk'}: cannot write the final model ([Errno 28] No "
+                      f"space left on device); its last checkpoint holds it, and --resume writes it"], errors
 
 
 def test_a_signal_on_the_last_step_still_saves_the_model(work):
@@ -581,7 +612,7 @@ def test_divergence_stops_before_a_nan_checkpoint(work):
            "--lr", 30, "--save-every", 1, "--keep-checkpoints", 100]
     proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
-    assert __import__("re").search(r"error: step (\d+): non-finite (\S*loss|gradient|weights)", proc.stderr), proc.stderr[-2000:]
+    assert re.search(r"error: step (\d+): non-finite (\S*loss|gradient|weights)", proc.stderr), proc.stderr[-2000:]
     assert os.listdir(work / "nan" / "checkpoints")  # it ran a little before diverging
     for ckpt in os.listdir(work / "nan" / "checkpoints"):
         state = checkpoint_weights(work / "nan" / "checkpoints" / ckpt)

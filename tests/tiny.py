@@ -111,10 +111,11 @@ def make_causal_lm(family: str, vocab_size: int, seed: int = 0, **config_kwargs)
 def save_tiny(family: str, path, seed: int = 0, config: dict | None = None, **tok_kwargs) -> str:
     """Save a tiny model + matching tokenizer to `path`; returns str(path). `config` overrides its config."""
     tokenizer = make_tokenizer(**tok_kwargs)
-    # len(tokenizer) counts added special tokens, so every id fits the embedding.
+    # len(tokenizer) counts added special tokens, so every id fits the embedding (unless `config` says otherwise).
     # Note: OPT/Llama zero (and freeze) the pad_token_id embedding row.
-    model = make_causal_lm(family, len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **(config or {}))
+    config = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, **(config or {})}
+    model = make_causal_lm(family, seed=seed, **config)
     path = str(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
