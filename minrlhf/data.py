@@ -247,7 +247,8 @@ ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference
 
 def tokenize(rows, stage, tokenizer, max_length):
     """Encode every row for the stage -> (examples, number of rows dropped: an empty reply, none of it
-    within max_length, or a pair's replies alike). A field that is not text is a DataError naming its row (1-based) and column."""
+    within max_length, or a pair's replies alike). A field that is not text is a DataError naming its row
+    (1-based) and column."""
     examples = []
     for number, row in enumerate(rows, 1):
         try:

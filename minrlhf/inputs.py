@@ -114,7 +114,7 @@ def reference(policy, args, cfg, device, tokenizer, resize):
         same_tokens("--ref-model", args.ref_model, tokenizer, f"--ref-model {args.ref_model}: a tokenizer "
                     f"other than --model's, so its log-probs would be of other tokens; pass a reference with "
                     f"--model's tokenizer")
-    samples = vocab_size(policy) if args.stage in ONLINE else None  # DPO's reads the data, not samples
+    samples = vocab_size(policy) if args.stage in ONLINE else None  # DPO's reference reads the data alone
     ref = load_model("--ref-model", args.ref_model or args.model, tokenizer, resize, longest=args.longest,
                      reads=samples)
     return frozen(ref, cfg, device)
