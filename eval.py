@@ -105,7 +105,8 @@ def reward_model_scores(model, tokenizer, rows, batch_size):
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         scores += M.score_texts(model, tokenizer, [r["prompt"] for r in chunk], [r["text"] for r in chunk],
-                                tokenizer.model_max_length, ended=[r["ended"] for r in chunk]).tolist()
+                                M.within_positions(model, tokenizer.model_max_length),
+                                ended=[r["ended"] for r in chunk]).tolist()
     return scores
 
 

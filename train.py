@@ -19,8 +19,8 @@ import torch.distributed as dist
 from transformers import GenerationConfig
 
 import minrlhf as M
-from minrlhf.cli import (OneLineArgumentParser, bounded, fail, non_negative, positive, positive_int,
-                         quiet_libraries)
+from minrlhf.cli import (OneLineArgumentParser, bounded, fail, lost_peer, non_negative, positive,
+                         positive_int, quiet_libraries)
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
@@ -403,8 +403,9 @@ def ppo_models(args, cfg, device, tokenizer, resize):
     else:
         rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
         rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
-        reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
-                                   max_length=args.max_length + args.max_new_tokens, device=device)
+        longest = M.within_positions(rm, args.max_length + args.max_new_tokens)
+        reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer, max_length=longest,
+                                   device=device)
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
     backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
     policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
@@ -497,8 +498,13 @@ def main(argv=None):
     cfg = deepspeed_config(args, world)
     torch.manual_seed(args.seed)  # identical initial weights (value / reward heads) on every rank
     tokenizer, resize = load_tokenizer("--model", args.model)
-    (train_ppo if args.stage in ONLINE else train_supervised)(args, cfg, device, tokenizer, resize)
-    dist.barrier()
+    try:
+        (train_ppo if args.stage in ONLINE else train_supervised)(args, cfg, device, tokenizer, resize)
+        dist.barrier()
+    except Exception as e:  # a rank killed, or failed on its own: the others' next collective cannot reach it
+        if not lost_peer(e):
+            raise
+        fail("another rank ended (its line, if it printed one, says why); this one stops too", this_rank=True)
 
 
 if __name__ == "__main__":

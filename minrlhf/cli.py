@@ -35,6 +35,12 @@ def fail_together(error):
         sys.exit(2)
 
 
+def lost_peer(error):
+    """Whether `error` is a collective's failure to reach a rank that has ended (it printed its own line, if
+    any): NCCL raises a DistError, gloo a RuntimeError saying the connection was closed or reset "by peer"."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "by peer" in str(error))
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, as every other error here (`fail`), not usage and message."""
 

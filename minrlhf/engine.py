@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .cli import fail
+from .cli import fail, lost_peer
 
 
 def init_distributed():
@@ -37,7 +37,7 @@ def exit_process(status):
     """Leave the process groups (DeepSpeed's own too), flush, and exit without the interpreter's teardown:
     deepspeed.initialize leaves a gloo group that no destroy call reaches, and its threads, torn down at
     exit in no fixed order, can abort a finished run ("terminate called without an active exception")."""
-    if dist.is_initialized():
+    if deepspeed.comm.is_initialized():  # not yet if a signal came while DeepSpeed set up its communication
         deepspeed.comm.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -110,6 +110,8 @@ def build_engine(model, cfg, total_steps, config_path, params=None):
     try:
         engine = deepspeed.initialize(model=model, model_parameters=params, config=cfg, lr_scheduler=decay)[0]
     except Exception as e:  # DeepSpeed validates the config here
+        if lost_peer(e):  # ... and its collectives meet a rank that has ended
+            raise
         fail(f"--deepspeed_config {config_path}: {type(e).__name__}: {str(e).splitlines()[0]}")
     if not hasattr(engine.optimizer, "overflow"):
         engine.optimizer.register_step_pre_hook(skip_nonfinite_step)

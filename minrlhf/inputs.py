@@ -190,7 +190,7 @@ class RewardFunction:
         """-> (scores, None), or (None, what was wrong)."""
         try:
             out = list(self.fn(prompts, responses))
-        except Exception as e:
+        except (Exception, SystemExit, KeyboardInterrupt) as e:  # the user's code may call sys.exit() too
             return None, f"{self.flag} {self.spec} raised {type(e).__name__}: {e}"
         if len(out) != len(prompts):
             return None, f"{self.flag} {self.spec} returned {len(out)} scores for {len(prompts)} responses"

@@ -42,6 +42,12 @@ def position_limit(model):
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
+def within_positions(model, length):
+    """`length`, or `model`'s positions if fewer: a reward model reads text decoded and encoded again, which
+    may come out longer than the tokens that were sampled (score_texts then keeps the last ones)."""
+    return min(length, position_limit(model) or length)
+
+
 def position_ids(attention_mask):
     """Positions that skip left padding, as generate() computes them, so that a forward over a
     left-padded batch gives the same log-probs as the rollout did. (B, T) -> (B, T)."""

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .cli import check_writable, fail, fail_together
+from .cli import check_writable, fail, fail_together, lost_peer
 from .lora import merged_state_dict
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
@@ -228,6 +228,8 @@ class Run:
                 self.critic.save_checkpoint(tmp, tag="critic", save_latest=False)
             torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
         except (OSError, RuntimeError) as e:
+            if lost_peer(e):  # another rank failed
+                raise
             fail(self.unwritable(e), this_rank=True)
         dist.barrier()
         fail_together(self.publish(tmp) if rank == 0 else None)
@@ -257,13 +259,14 @@ class Run:
             fail(f"--resume: the checkpoint is at step {tag[4:]}, past this run's last step {self.total} "
                  f"(--max-steps or --epochs)")
         try:  # a file deleted or cut short: DeepSpeed and torch raise all kinds of errors. DeepSpeed's load
-            # holds collectives, so the rank that fails says so and exits; the others, waiting for it, follow
+            # holds collectives, so the rank that fails says so and exits; the others stop at their next one
             _, state = self.engine.load_checkpoint(root, tag=tag)
             if self.critic:
                 self.critic.load_checkpoint(found[-1], tag="critic")
             rng = torch.load(os.path.join(found[-1], f"rng_rank{dist.get_rank()}.pt"), weights_only=False)
-            dist.barrier()
         except Exception as e:
+            if lost_peer(e):  # another rank failed: its checkpoint files, not necessarily this one's
+                raise
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             fail(f"--resume: cannot load {found[-1]} ({reason}); remove it to resume from the one before",
                  this_rank=True)

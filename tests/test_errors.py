@@ -24,6 +24,9 @@ def nan(prompts, responses):
     return [float("nan") for _ in responses]
 def inf(prompts, responses):
     return [0.0, float("inf")] + [0.0] * (len(responses) - 2)
+def leave(prompts, responses):
+    import sys
+    sys.exit("bye")
 """
 
 
@@ -214,6 +217,7 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "output is the model": (["--output", "{w}/model"], r"--output .*model is the --model folder, which the run "
                                                          r"would write over; choose another --output"),
     "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
+    "reward fn exits": (PPO + ["--reward-fn", "err_rewards:leave"], r"--reward-fn err_rewards:leave raised SystemExit: bye"),
     "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
     "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number > 0"),
 }

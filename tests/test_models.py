@@ -7,7 +7,8 @@ from transformers import AutoModelForSequenceClassification
 
 from minrlhf import (Critic, PolicyWithValueHead, collate_pairs, encode_pair, encode_preference, ensure_pad_token,
                      full_pair_scores, load_causal_lm, load_reward_model, logprobs_from_logits, pad, pair_scores,
-                     reply_logprobs, response_logprobs, response_positions, reward_scores, score_pairs, score_texts)
+                     reply_logprobs, response_logprobs, response_positions, reward_scores, score_pairs, score_texts,
+                     within_positions)
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
@@ -181,6 +182,20 @@ def test_score_texts_encodes_like_training(tmp_path):
     with torch.no_grad():
         expected = pair_scores(model, **collate_pairs([pair], tokenizer.pad_token_id)[0])[0]
         got = score_texts(model, tokenizer, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], 64)
+    torch.testing.assert_close(got, expected)
+
+
+def test_score_texts_keeps_the_last_tokens_within_the_positions(tmp_path):
+    """Decoded text may re-encode to more tokens than were sampled: within_positions (as train.py and eval.py
+    call it) keeps the last ones that fit GPT-2's learned positions (past them: an IndexError)."""
+    tokenizer = make_tokenizer()
+    model = load_reward_model(save_tiny("gpt2", tmp_path, config={"n_positions": 16}), tokenizer.pad_token_id).eval()
+    prompt, response = "the film was great and the food was great", " and I loved it, the service was great"
+    ids = sum(encode_pair(tokenizer, prompt, response), [])
+    assert len(ids) > 16
+    with torch.no_grad():
+        got = score_texts(model, tokenizer, [prompt], [response], within_positions(model, 64))
+        expected = reward_scores(model, torch.tensor([ids[-16:]]), torch.ones(1, 16, dtype=torch.long))
     torch.testing.assert_close(got, expected)
 
 

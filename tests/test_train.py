@@ -47,6 +47,13 @@ def random_judge(prompts, responses):  # a gold judge that draws from torch's ge
     import torch
     return torch.rand(len(responses)).tolist()
 
+def killed_on_rank1(prompts, responses):  # as the system kills a rank (out of memory) in iteration 2
+    import os, signal
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return count_e(prompts, responses)
+
 def fail_on_rank1(prompts, responses):
     import os
     if os.environ["RANK"] == "1":
@@ -521,7 +528,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_before(work, what):
 def test_a_write_or_load_error_on_one_rank_is_that_ranks_line_first(work):
     """One rank alone meets a full disk (rank 1 at step 3's checkpoint, rank 0 at the final model) or a damaged
     checkpoint (rank 1's ZeRO-3 shard gone): its own line comes first, and no rank hangs in DeepSpeed's
-    collectives or prints a traceback. (A rank whose peer is gone may add a line naming the lost connection.)"""
+    collectives or prints a traceback; the other rank adds at most a line that it stops too."""
     def launch(output, *flags, **env):
         cmd = [DEEPSPEED, "--num_gpus", "2", work / "disk_full.py", os.path.join(ROOT, "train.py"), "--model",
                work / "model", "--dataset", work / "pref.jsonl", "--output", work / output, "--stage", "sft",
@@ -529,7 +536,10 @@ def test_a_write_or_load_error_on_one_rank_is_that_ranks_line_first(work):
         proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV | env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        return re.findall(r"error: .*", proc.stderr)  # after a progress bar, maybe, on the same line
+        errors = re.findall(r"error: .*", proc.stderr)  # after a progress bar, maybe, on the same line
+        assert all(e.endswith(": another rank ended (its line, if it printed one, says why); this one stops too")
+                   for e in errors[1:]), errors
+        return errors
     errors = launch("rank1_disk", "--max-steps", 4, FULL_AT="checkpoint", FULL_RANK="1")
     assert errors[0] == (f"error: rank 1: --output {work / 'rank1_disk'}: cannot write checkpoints there ([Errno 28] "
                          f"No space left on device); the newest complete one is whole"), errors
@@ -654,6 +664,33 @@ def test_a_reward_error_on_one_rank_stops_every_rank_with_its_message(work):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: rank 1: --reward-fn rewards:fail_on_rank1 raised RuntimeError: rank one is broken" in proc.stderr
     assert "Traceback" not in proc.stderr and "error: rank 0" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_rank_killed_mid_run_ends_the_others_with_one_line_at_most(work):
+    """The killed rank prints nothing; the other's next collective cannot reach it: that rank says it stops
+    too (unless the launcher has stopped it first), without a traceback."""
+    cmd = [DEEPSPEED, "--num_gpus", "2", os.path.join(ROOT, "train.py"), "--model", work / "model", "--dataset",
+           work / "pref.jsonl", "--output", work / "killed", *PPO, "--max-steps", 3, "--reward-fn", "rewards:killed_on_rank1"]
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert set(re.findall(r"error: .*", proc.stderr)) <= {  # rank 0's, without a prefix
+        "error: another rank ended (its line, if it printed one, says why); this one stops too"}, proc.stderr[-3000:]
+
+
+def test_a_reward_model_reads_re_encoded_text_within_its_positions(work):
+    """Sampled tokens, decoded and encoded again for the reward model, may come out longer: with prompt and
+    response filling GPT-2's 32 learned positions, the reward model keeps the last 32 (past them: an IndexError)."""
+    save_tiny("gpt2", work / "gpt2_32", config={"n_positions": 32})
+    minrlhf.load_reward_model(str(work / "gpt2_32"), make_tokenizer().pad_token_id).save_pretrained(work / "gpt2_32_rm")
+    make_tokenizer().save_pretrained(work / "gpt2_32_rm")
+    prompt = "the film was great and the food was great and"
+    P = len(make_tokenizer()(prompt)["input_ids"])
+    assert P < 32  # with --max-new-tokens 32 - P the run's sequences fit: the check before training passes
+    (work / "prompts_32.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    log = train(work, "--stage", "ppo", "--model", work / "gpt2_32", "--reward-model", work / "gpt2_32_rm",
+                "--critic-model", "head", "--dataset", work / "prompts_32.jsonl", "--max-new-tokens", 32 - P,
+                "--rollout-batch-size", 1, "--batch-size", 1, "--temperature", 1.0, "--max-steps", 2, output="reencode")
+    assert len(log) == 2
 
 
 def test_no_reward_norm_ignores_statistics_from_a_resumed_checkpoint():
