@@ -233,6 +233,17 @@ def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
     return {k: v / max(means["weight"], 1e-12) for k, v in means.items() if k != "weight"}
 
 
+def token_weights(tokens, per_step):
+    """Weights of micro-batches of `tokens` valid tokens each, taken `per_step` at a time into an optimizer
+    step on every rank, so that the gradient DeepSpeed averages over a step's micro-batches and ranks is a
+    token-level mean over all of them (a mean of micro-batch means weighs the tokens of short rows more):
+    a micro-batch's tokens x micro-batches per step x ranks / the step's tokens on all ranks. -> list"""
+    steps = torch.tensor(tokens, dtype=torch.float64).view(-1, per_step)  # (steps, per_step)
+    totals = steps.sum(1)
+    dist.all_reduce(totals)  # each step's tokens on all ranks
+    return (steps * per_step * dist.get_world_size() / totals[:, None].clamp(min=1)).flatten().tolist()
+
+
 def train_supervised(args, cfg, device, tokenizer, resize):
     """Stages 1 and 2, and DPO: one loop, with sft_loss over prompt + response rows, or rm_loss or
     dpo_batch_loss over preference pairs."""
@@ -253,13 +264,15 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     order = batches(len(train), args.batch_size, args.seed, run.start * args.grad_accum)
     for step in range(run.start + 1, total + 1):
         stats = {"lr": engine.get_lr()[0]}  # the rate this step uses
-        for _ in range(args.grad_accum):
-            batch = M.to_device(collate([train[i] for i in next(order)], tokenizer.pad_token_id), device)
+        micro = [M.to_device(collate([train[i] for i in next(order)], tokenizer.pad_token_id), device)
+                 for _ in range(args.grad_accum)]
+        tokens = [(b["labels"][:, 1:] != -100).sum().item() if args.stage == "sft" else 1 for b in micro]
+        for batch, weight in zip(micro, token_weights(tokens, args.grad_accum)):  # pairs: 1 each, as many
             loss, micro_stats = loss_fn(engine, batch)
-            engine.backward(loss)
+            engine.backward(loss * weight)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             for k, v in micro_stats.items():
-                stats[k] = stats.get(k, 0.0) + v / args.grad_accum
+                stats[k] = stats.get(k, 0.0) + v * weight / args.grad_accum
         if evals and (step == total or (args.save_every and step % args.save_every == 0)):
             stats |= evaluate(engine, evals, loss_fn, collate, args, tokenizer.pad_token_id, device)
         if run.end_step(step, stats):
@@ -332,11 +345,14 @@ def shaped_scores(scores, ended, norm, args):
 
 def ppo_update(engine, critic, exp, kl_coef, args):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
-    every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own.
+    every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own. With --loss-agg
+    token each mini-batch's loss is a token-level mean over its micro-batches and ranks (`token_weights`).
     Returns the mean stats and phase times."""
     sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
-        for mb in torch.randperm(len(exp["ids"])).split(args.batch_size):
+        micro = torch.randperm(len(exp["ids"])).split(args.batch_size)
+        tokens = [exp["mask"][mb].sum().item() if args.loss_agg == "token" else 1 for mb in micro]
+        for mb, weight in zip(micro, token_weights(tokens, args.grad_accum)):
             mask = exp["mask"][mb]
             logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
                                                       exp["prompt_len"], args.temperature, critic)
@@ -358,16 +374,16 @@ def ppo_update(engine, critic, exp, kl_coef, args):
                 mb_stats["entropy"] = M.masked_mean(M.entropy_from_logits(logits), mask)
             del logits
             clock.lap("update/forward")
-            engine.backward(loss)
+            engine.backward(loss * weight)
             if critic is not None:  # its own loss, its own gradients
-                critic.backward(vf_loss)
+                critic.backward(vf_loss * weight)
             clock.lap("update/backward")
             engine.step()
             if critic is not None:
                 critic.step()
             clock.lap("update/optimizer")
             for k, v in mb_stats.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+                sums[k] = sums.get(k, 0.0) + v.item() * weight
             count += 1
     return {k: v / count for k, v in sums.items()} | clock.times
 

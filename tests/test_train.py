@@ -161,23 +161,29 @@ PPO = ["--stage", "ppo", "--reward-fn", "rewards:count_e", "--max-new-tokens", 8
 
 
 class FakeEngine(minrlhf.PolicyWithValueHead):
-    """What ppo_update asks of a DeepSpeed engine; `step` keeps the weights (and the gradients, for a look)."""
+    """What ppo_update asks of a DeepSpeed engine: as DeepSpeed, `backward` divides the loss by the micro-batches
+    per step (`accum`), `step` acts at the step's last; it keeps the weights (and the gradients, for a look)."""
+    accum, micro = 1, 0
 
     def backward(self, loss):
-        loss.backward()
+        (loss / self.accum).backward()
 
     def step(self):
-        self.grads = [p.grad.clone() for p in self.parameters()]
-        self.zero_grad()
+        self.micro += 1
+        if self.micro % self.accum == 0:
+            self.grads = [p.grad.clone() for p in self.parameters()]
+            self.zero_grad()
 
 
 @pytest.mark.parametrize("loss_agg", ["token", "sequence"])
 def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, loss_agg):
     """ppo_update on a fixed rollout with answers of unequal length: the policy loss and GRPO's k3 term are
-    aggregated as --loss-agg says, and --kl-coef weighs the KL term in the gradients."""
+    aggregated as --loss-agg says, and --kl-coef weighs the KL term in the gradients. Two micro-batches of
+    unequal tokens accumulated into one step give the gradient and stats of one micro-batch of them all."""
     from argparse import Namespace
     sys.path.insert(0, ROOT)
     import train
+    train.init_distributed()  # a world of one, for token_weights' all_reduce
     engine = FakeEngine(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)), value_head=False)
     P, ids = 3, torch.randint(3, 60, (4, 9))  # 3 prompt tokens, 6 response tokens
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
@@ -187,11 +193,18 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
     advantages = torch.randn(4, 6)
     exp = {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P, "logprobs": logprobs,
            "ref_logprobs": logprobs - 0.5, "advantages": advantages}
-    args = Namespace(stage="grpo", ppo_epochs=1, batch_size=4, temperature=1.0, cliprange=0.2, loss_agg=loss_agg)
+    args = Namespace(stage="grpo", ppo_epochs=1, batch_size=4, grad_accum=1, temperature=1.0, cliprange=0.2,
+                     loss_agg=loss_agg)
     stats, grads = [], []
     for kl_coef in (0.0, 1.0):
         stats.append(train.ppo_update(engine, None, exp, kl_coef, args))
         grads.append(engine.grads)
+    engine.accum = args.grad_accum = 2
+    args.batch_size = 2
+    torch.manual_seed(0)  # the micro-batches: rows (0, 1) and (3, 2), 12 and 5 tokens
+    split = train.ppo_update(engine, None, exp, 1.0, args)
+    assert all(split[k] == pytest.approx(v, rel=1e-5) for k, v in stats[1].items() if not k.startswith("time/"))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(engine.grads, grads[1]))
     expected_kl = minrlhf.aggregate(minrlhf.kl_k3(logprobs, logprobs - 0.5, mask), mask, loss_agg)
     for s in stats:  # ratio 1: the clipped surrogate is the mean of -A, the way loss_agg takes means
         assert s["ppo/loss/policy"] == pytest.approx(minrlhf.aggregate(-advantages, mask, loss_agg).item(), rel=1e-5)
@@ -701,6 +714,22 @@ def test_no_reward_norm_ignores_statistics_from_a_resumed_checkpoint():
     scores = torch.tensor([1.0, 3.0])
     norm = {"mean": 2.0, "std": 0.5}  # as restored from a run that normalised
     assert torch.equal(train.shaped_scores(scores, torch.tensor([True, True]), norm, args), scores)
+
+
+def test_an_sft_step_is_a_token_level_mean_over_micro_batches_and_ranks(work):
+    """--batch-size 1 x --grad-accum 2 on each of 2 ranks takes the step --batch-size 4 takes on one: every
+    label token weighs alike, however the rows (of unlike lengths) are split."""
+    rows = [{"prompt": f"{s} was", "response": " great" + " and I loved it, the food was great" * (i % 4)}
+            for i, s in enumerate(SUBJECTS * 2)]
+    (work / "sft_lengths.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--stage", "sft", "--dataset", work / "sft_lengths.jsonl", "--eval-fraction", 0, "--max-steps", 3,
+             "--lr", 1e-3]
+    whole = train(work, *flags, "--batch-size", 4, output="sft_whole")
+    split = train(work, *flags, "--batch-size", 1, "--grad-accum", 2, output="sft_split",
+                  launcher=[DEEPSPEED, "--num_gpus", "2"])
+    assert [m["loss"] for m in split] == pytest.approx([m["loss"] for m in whole], rel=1e-6)
+    a, b = (AutoModelForCausalLM.from_pretrained(work / out).state_dict() for out in ("sft_whole", "sft_split"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # a mean of micro-batch means: 4e-3 apart
 
 
 def test_sft_eval_loss_is_a_token_level_mean(work):
