@@ -267,7 +267,7 @@ def train_supervised(args, cfg, device, tokenizer, resize):
         micro = [M.to_device(collate([train[i] for i in next(order)], tokenizer.pad_token_id), device)
                  for _ in range(args.grad_accum)]
         tokens = [(b["labels"][:, 1:] != -100).sum().item() if args.stage == "sft" else 1 for b in micro]
-        for batch, weight in zip(micro, token_weights(tokens, args.grad_accum)):  # pairs: 1 each, as many
+        for batch, weight in zip(micro, token_weights(tokens, args.grad_accum)):  # rm, dpo: all 1 (pairs)
             loss, micro_stats = loss_fn(engine, batch)
             engine.backward(loss * weight)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
