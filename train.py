@@ -419,9 +419,9 @@ def ppo_models(args, cfg, device, tokenizer, resize):
     else:
         rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
         rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
-        longest = M.within_positions(rm, args.max_length + args.max_new_tokens)
-        reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer, max_length=longest,
-                                   device=device)
+        max_length = M.within_positions(rm, args.max_length + args.max_new_tokens)
+        reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
+                                   max_length=max_length, device=device)
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
     backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
     policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
