@@ -213,9 +213,16 @@ def dpo_batch_loss(policy, pairs, ref, beta):
                   "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item()}
 
 
+def loss_units(batch, stage):
+    """What a batch's loss is a mean over: an SFT batch's label tokens, or a batch of pairs' pairs."""
+    if stage == "sft":
+        return (batch["labels"][:, 1:] != -100).sum().item()
+    return sum(len(group["reply_ids"]) for group in batch) // 2  # each group: chosen and rejected rows
+
+
 def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
-    """Held-out stats as token-level means (an SFT batch weighs its label tokens, a batch of pairs its
-    pairs), over rows split evenly across ranks (ZeRO-3 needs equal forward counts)."""
+    """Held-out stats as token-level means (each batch weighed by its `loss_units`), over rows split evenly
+    across ranks (ZeRO-3 needs equal forward counts)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = examples[: len(examples) // world * world][rank::world]
     sums, weight = {}, 0
@@ -224,7 +231,7 @@ def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
         for i in range(0, len(mine), args.batch_size):
             rows = mine[i:i + args.batch_size]
             batch = M.to_device(collate(rows, pad_id), device)
-            n = (batch["labels"][:, 1:] != -100).sum().item() if args.stage == "sft" else len(rows)
+            n = loss_units(batch, args.stage)
             for k, v in loss_fn(engine, batch)[1].items():
                 sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v * n
             weight += n
@@ -233,14 +240,15 @@ def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
     return {k: v / max(means["weight"], 1e-12) for k, v in means.items() if k != "weight"}
 
 
-def token_weights(tokens, per_step):
-    """Weights of micro-batches of `tokens` valid tokens each, taken `per_step` at a time into an optimizer
-    step on every rank, so that the gradient DeepSpeed averages over a step's micro-batches and ranks is a
-    token-level mean over all of them (a mean of micro-batch means weighs the tokens of short rows more):
-    a micro-batch's tokens x micro-batches per step x ranks / the step's tokens on all ranks. -> list"""
-    steps = torch.tensor(tokens, dtype=torch.float64).view(-1, per_step)  # (steps, per_step)
+def token_weights(units, per_step):
+    """Weights of micro-batches of `units` tokens each (or pairs, sequences: what each loss is a mean over),
+    taken `per_step` at a time into an optimizer step on every rank, so that the gradient DeepSpeed averages
+    over a step's micro-batches and ranks is a token-level mean over all of them (a mean of micro-batch means
+    weighs the tokens of short rows more): a micro-batch's units x micro-batches per step x ranks / the
+    step's units on all ranks; 1 each where they are alike. -> list"""
+    steps = torch.tensor(units, dtype=torch.float64).view(-1, per_step)  # (steps, per_step)
     totals = steps.sum(1)
-    dist.all_reduce(totals)  # each step's tokens on all ranks
+    dist.all_reduce(totals)  # each step's units on all ranks
     return (steps * per_step * dist.get_world_size() / totals[:, None].clamp(min=1)).flatten().tolist()
 
 
@@ -266,8 +274,8 @@ def train_supervised(args, cfg, device, tokenizer, resize):
         stats = {"lr": engine.get_lr()[0]}  # the rate this step uses
         micro = [M.to_device(collate([train[i] for i in next(order)], tokenizer.pad_token_id), device)
                  for _ in range(args.grad_accum)]
-        tokens = [(b["labels"][:, 1:] != -100).sum().item() if args.stage == "sft" else 1 for b in micro]
-        for batch, weight in zip(micro, token_weights(tokens, args.grad_accum)):  # rm, dpo: all 1 (pairs)
+        units = [loss_units(batch, args.stage) for batch in micro]
+        for batch, weight in zip(micro, token_weights(units, args.grad_accum)):
             loss, micro_stats = loss_fn(engine, batch)
             engine.backward(loss * weight)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -351,8 +359,8 @@ def ppo_update(engine, critic, exp, kl_coef, args):
     sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
         micro = torch.randperm(len(exp["ids"])).split(args.batch_size)
-        tokens = [exp["mask"][mb].sum().item() if args.loss_agg == "token" else 1 for mb in micro]
-        for mb, weight in zip(micro, token_weights(tokens, args.grad_accum)):
+        units = [exp["mask"][mb].sum().item() if args.loss_agg == "token" else len(mb) for mb in micro]
+        for mb, weight in zip(micro, token_weights(units, args.grad_accum)):
             mask = exp["mask"][mb]
             logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
                                                       exp["prompt_len"], args.temperature, critic)
