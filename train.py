@@ -62,12 +62,7 @@ def parse_args(argv=None):
       help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
     a("--ref-model", help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
     a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
-    a("--lora-rank", type=bounded(int, 0), default=0,
-      help="LoRA rank r (Hu et al. 2021): train low-rank adapters and a new head only (0: every weight)")
-    a("--lora-alpha", type=positive, default=None,
-      help="LoRA alpha: the update is scaled by alpha / r (default 2r)")
-    a("--lora-targets", default="all-linear",
-      help="layers LoRA adapts: all-linear (attention and MLP projections), or names, e.g. q_proj,v_proj")
+    add_lora_flags(p.add_argument_group("LoRA").add_argument)
     a("--gradient-checkpointing", action="store_true",
       help="recompute each layer's activations in the backward pass: less memory, about 1/3 more compute")
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -83,6 +78,15 @@ def parse_args(argv=None):
     if args.stage in ONLINE:
         check_online_args(args)
     return args
+
+
+def add_lora_flags(g):
+    g("--lora-rank", type=bounded(int, 0), default=0,
+      help="LoRA rank r (Hu et al. 2021): train low-rank adapters and a new head only (0: every weight)")
+    g("--lora-alpha", type=positive, default=None,
+      help="LoRA alpha: the update is scaled by alpha / r (default 2r)")
+    g("--lora-targets", default="all-linear",
+      help="layers LoRA adapts: all-linear (attention and MLP projections), or names, e.g. q_proj,v_proj")
 
 
 def add_online_flags(g):
@@ -195,7 +199,8 @@ def sft_loss(model, batch):
 
 
 def rm_loss(reward_model, pairs):
-    """Score the chosen replies, score the rejected ones, pairwise ranking loss (InstructGPT eq. 1)."""
+    """Score the chosen replies and the rejected ones (in one forward, `score_pairs`), pairwise ranking loss
+    (InstructGPT eq. 1)."""
     chosen, rejected = M.score_pairs(reward_model, pairs)  # (B,) each
     loss = M.pairwise_ranking_loss(chosen, rejected)
     return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
@@ -221,8 +226,8 @@ def loss_units(batch, stage):
 
 
 def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
-    """Held-out stats as token-level means (each batch weighed by its `loss_units`), over rows split evenly
-    across ranks (ZeRO-3 needs equal forward counts)."""
+    """Held-out stats as means over label tokens (sft) or pairs (each batch weighed by its `loss_units`),
+    over rows split evenly across ranks (ZeRO-3 needs equal forward counts)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = examples[: len(examples) // world * world][rank::world]
     sums, weight = {}, 0
@@ -292,7 +297,7 @@ def train_supervised(args, cfg, device, tokenizer, resize):
 
 @torch.no_grad()
 def rollout(engine, batch, tokenizer):
-    """Sample one response per prompt (pure sampling, the policy's generation config). -> response ids
+    """Sample one response per row (pure sampling: the generation config of `ppo_models`). -> response ids
     (B, R) with every token after the first EOS set to pad, their mask (B, R), whether each row ended."""
     with gathered(engine):  # ZeRO-3: whole weights once for the whole generation
         seqs = engine.module.backbone.generate(
@@ -313,7 +318,7 @@ def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None):
     if critic is not None:
         values = critic(ids, mask)  # (B, T)
     if values is not None:
-        values = values[:, prompt_len - 1:-1].float()
+        values = values[:, prompt_len - 1:-1].float()  # (B, R): at the response positions, as the logits
     return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values
 
 
@@ -349,6 +354,30 @@ def shaped_scores(scores, ended, norm, args):
     if args.reward_norm and norm:
         scores = (scores - norm["mean"]) / norm["std"]
     return scores - args.missing_eos_penalty * (~ended).float()
+
+
+def ppo_advantages(exp, shaped, kl_coef, args):
+    """3. Per-token rewards -kl_coef * (log pi - log pi_ref), the score added on the last token; 4. GAE over
+    them with the critic's values, the advantages whitened over the rollout. -> advantages, returns (B, R)."""
+    mask = exp["mask"]
+    rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_coef)
+    if args.whiten_rewards:
+        rewards = M.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)
+    return M.masked_whiten(advantages, mask), returns
+
+
+def critic_free_advantages(exp, shaped, kl_coef, args):
+    """3-4. GRPO and RLOO: no critic; each sample's baseline comes from the other samples of its prompt.
+    RLOO puts the KL in the reward, summed over the sequence (Ahmadian et al. 2024); GRPO puts it in the
+    loss, per token (`ppo_update`). Both then take PPO's clipped surrogate, as TRL does; at ratio 1 (the
+    first mini-batch) it is REINFORCE. -> (B, R): every token of a sample gets the sample's advantage."""
+    if args.stage == "rloo":
+        kl = M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], exp["mask"])  # (B,)
+        advantages = M.rloo_advantages(shaped - kl_coef * kl, args.num_generations)
+    else:
+        advantages = M.group_advantages(shaped, args.num_generations, args.scale_rewards)
+    return advantages[:, None].expand_as(exp["mask"])
 
 
 def ppo_update(engine, critic, exp, kl_coef, args):
@@ -394,29 +423,6 @@ def ppo_update(engine, critic, exp, kl_coef, args):
                 sums[k] = sums.get(k, 0.0) + v.item() * weight
             count += 1
     return {k: v / count for k, v in sums.items()} | clock.times
-
-
-def ppo_advantages(exp, shaped, kl_coef, args):
-    """3. Per-token rewards -kl_coef * (log pi - log pi_ref), the score added on the last token; 4. GAE over
-    them with the critic's values, the advantages whitened over the rollout. -> advantages, returns (B, R)."""
-    mask = exp["mask"]
-    rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_coef)
-    if args.whiten_rewards:
-        rewards = M.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)
-    return M.masked_whiten(advantages, mask), returns
-
-
-def critic_free_advantages(exp, shaped, kl_coef, args):
-    """3-4. GRPO and RLOO: no critic; each sample's baseline comes from the other samples of its prompt.
-    RLOO puts the KL in the reward, summed over the sequence (Ahmadian et al. 2024); GRPO puts it in the
-    loss, per token (`ppo_update`). -> (B, R): every token of a sample gets the sample's advantage."""
-    if args.stage == "rloo":
-        kl = M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], exp["mask"])  # (B,)
-        advantages = M.rloo_advantages(shaped - kl_coef * kl, args.num_generations)
-    else:
-        advantages = M.group_advantages(shaped, args.num_generations, args.scale_rewards)
-    return advantages[:, None].expand_as(exp["mask"])
 
 
 def ppo_models(args, cfg, device, tokenizer, resize):
@@ -481,7 +487,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
             with torch.random.fork_rng():  # a judge that draws random numbers must not change the training
                 stats["gold"] = gold(batch["prompts"], texts).mean().item()
         shaped = shaped_scores(scores, ended, norm, args)
-        if critic is not None and norm and args.critic_model == args.reward_model:  # in normalised units
+        if critic is not None and norm and args.critic_model == args.reward_model:  # RM scores -> normalised
             critic.module.set_scale(norm["mean"], norm["std"])
         clock.lap("score")
         exp = make_experience(engine, ref, critic, batch, response, mask, args)

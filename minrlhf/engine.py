@@ -1,6 +1,5 @@
 """DeepSpeed plumbing for train.py: process group, config from the flags, trained and frozen engines.
 losses.py, models.py and data.py never import deepspeed; this module and run.py hold all of it."""
-import contextlib
 import functools
 import json
 import os
@@ -148,7 +147,5 @@ def frozen(model, cfg, device):
 
 def gathered(engine):
     """Whole weights for generate(), which calls the model once per token: under ZeRO-3 gather them once
-    around it instead of per forward."""
-    if not engine.zero_optimization_partition_weights():
-        return contextlib.nullcontext()
+    around it instead of per forward (with no partitioned parameter, DeepSpeed's context does nothing)."""
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))

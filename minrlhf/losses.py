@@ -55,7 +55,8 @@ def masked_whiten(values, mask, shift_mean=True):
 
 
 def pairwise_ranking_loss(chosen_rewards, rejected_rewards):
-    """-log sigmoid(r_chosen - r_rejected), mean over pairs: InstructGPT (Ouyang et al. 2022) eq. 1.
+    """-log sigmoid(r_chosen - r_rejected), mean over pairs: InstructGPT (Ouyang et al. 2022) eq. 1 with
+    K = 2 replies per prompt (with K > 2 it weighs each of a prompt's K choose 2 pairs 1 / C(K, 2)).
     logsigmoid is computed stably (softplus form), so a margin of +-400 neither overflows nor NaNs."""
     return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
 
@@ -90,7 +91,7 @@ def compute_gae(rewards, values, mask, gamma, lam):
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_agg="token"):
     """Clipped surrogate, Schulman et al. 2017, eq. 7, as a loss to minimise:
-    aggregate(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))). (B, R) x4 -> scalar."""
+    aggregate(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))). (B, R) x4 -> (loss, stats)."""
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)  # (B, R)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -118,9 +119,10 @@ def aggregate(values, mask, loss_agg="token"):
 
 def kl_k3(logprobs, ref_logprobs, mask):
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, Schulman 2020, "Approximating KL
-    divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased and >= 0, unlike log pi - log pi_ref
-    (k1). GRPO's KL term, Shao et al. 2024, eq. 4. (B, R) x3 -> (B, R), 0 on padding: masked before the
-    exp, whose overflow there would otherwise send inf * 0 = NaN into the gradients."""
+    divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased as log pi - log pi_ref (k1) is, but never
+    negative, and of lower variance. GRPO's KL term, Shao et al. 2024, eq. 4. (B, R) x3 -> (B, R), 0 on
+    padding: masked before the exp, whose overflow there would otherwise send inf * 0 = NaN into the
+    gradients."""
     log_r = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0)
     return torch.exp(log_r) - 1 - log_r
 
@@ -164,7 +166,8 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
 
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     """Per-token reward r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score on
-    the last valid token (Ziegler et al. 2019, eq. 2). (B,), (B, R) x3 -> (B, R)."""
+    the last valid token: Ziegler et al. 2019, eq. 2's sequence penalty split over the tokens, as their code
+    (lm-human-preferences) does; the sum is the same. (B,), (B, R) x3 -> (B, R)."""
     mask = mask.bool()
     rewards = torch.where(mask, -kl_coef * (logprobs - ref_logprobs), 0.0)
     last = (mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last valid token

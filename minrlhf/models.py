@@ -1,6 +1,7 @@
-"""Models: a causal LM with a value head (policy and critic on one backbone), and the reward model,
-a standard AutoModelForSequenceClassification (num_labels=1) so plain transformers loads what we save.
-Shapes: B batch, T sequence length, V vocab, H hidden size.
+"""Models: a causal LM with a value head (policy and critic on one backbone), the reward model, a standard
+AutoModelForSequenceClassification (num_labels=1) so plain transformers loads what we save, and PPO's critic
+as a network of its own, started from the reward model (`Critic`, the default).
+Shapes: B batch, P prompt length, R response or reply length, T = P + R, V vocab, H hidden size.
 """
 import math
 
@@ -54,9 +55,20 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def response_positions(input_ids, prompt_len):
+    """The positions whose outputs belong to the response tokens: P-1 .. T-2, (R,). The logits at position
+    t predict token t+1, and the value there is of the state before token t+1 is chosen:
+
+        token      p0   p1   p2 | r0   r1   r2        (P = 3, R = 3, T = 6)
+        position    0    1    2 |  3    4    5
+        predicts   p1   p2   r0 | r1   r2   --        so r_i's log-prob and value sit at P-1+i
+    """
+    return torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)
+
+
 def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature):
     """Log-probs, at the sampling temperature, of the response tokens of left-padded prompt + response
-    rows, from a plain causal LM (the reference model, or any policy outside training).
+    rows, from a plain causal LM (PPO's reference; DPO's policy and reference, via `reply_logprobs`).
     (B, T) -> (B, R). Only the positions that predict the response need the LM head, a large matmul at
     V = 50k-150k: `response_positions`."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -72,28 +84,16 @@ def reply_logprobs(model, groups):
     sums = []
     for group in groups:
         P = group["prompt_ids"].shape[1]
-        ids = torch.cat([group["prompt_ids"].repeat_interleave(2, 0), group["reply_ids"]], 1)  # (2G, T)
-        logprobs = response_logprobs(model, ids, group["attention_mask"], P, 1.0)  # (2G, R)
+        ids = torch.cat([group["prompt_ids"].repeat_interleave(2, 0), group["reply_ids"]], 1)  # (2B, T)
+        logprobs = response_logprobs(model, ids, group["attention_mask"], P, 1.0)  # (2B, R)
         sums.append(torch.where(group["attention_mask"][:, P:].bool(), logprobs, 0.0).sum(1))
-    chosen, rejected = torch.cat(sums).view(-1, 2).unbind(1)  # rows: chosen 0, rejected 0, chosen 1, ...
-    return chosen, rejected
-
-
-def response_positions(input_ids, prompt_len):
-    """The positions whose outputs belong to the response tokens: P-1 .. T-2, (R,). The logits at position
-    t predict token t+1, and the value there is of the state before token t+1 is chosen:
-
-        token      p0   p1   p2 | r0   r1   r2        (P = 3, R = 3, T = 6)
-        position    0    1    2 |  3    4    5
-        predicts   p1   p2   r0 | r1   r2   --        so r_i's log-prob and value sit at P-1+i
-    """
-    return torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)
+    return torch.cat(sums).view(-1, 2).unbind(1)  # rows chosen 0, rejected 0, chosen 1, ... -> two (B,)
 
 
 class PolicyWithValueHead(nn.Module):
-    """Policy and critic share one backbone: one forward gives next-token logits and per-token values.
-    The value head reads the last hidden state and starts at zero, so the critic starts neutral.
-    value_head=False: a policy alone (GRPO, RLOO), whose values are None."""
+    """Policy and critic on one backbone (--critic-model head): one forward gives next-token logits and
+    per-token values. The value head reads the last hidden state and starts at zero, so the critic starts
+    neutral. value_head=False: a policy alone (GRPO, RLOO; PPO with a `Critic`), whose values are None."""
 
     def __init__(self, backbone, value_head=True):
         super().__init__()
@@ -190,8 +190,7 @@ def score_pairs(reward_model, groups):
     Gradient checkpointing turns the KV cache off in training; there each pair is run in full."""
     cache_off = reward_model.training and torch.is_grad_enabled() and reward_model.is_activation_checkpointing
     score = full_pair_scores if cache_off else pair_scores
-    chosen, rejected = torch.cat([score(reward_model, **group) for group in groups]).unbind(1)
-    return chosen, rejected
+    return torch.cat([score(reward_model, **group) for group in groups]).unbind(1)  # chosen, rejected
 
 
 @torch.no_grad()
