@@ -22,17 +22,18 @@ from minrlhf.sampling import load_chat_model, sample
 
 
 def parse_args(argv=None):
-    p = OneLineArgumentParser(description="Evaluate a policy on held-out prompts.")
+    p = OneLineArgumentParser(description="Evaluate a policy on held-out prompts: the gold judge's score "
+                                          "(VADER), the reward model's, KL to --base, length.")
     p.add_argument("--policy", required=True, help="policy directory (e.g. saved by --stage ppo)")
     p.add_argument("--reward-model", help="reward model saved by --stage rm: also report its mean score")
     p.add_argument("--base", help="base model for the KL and the samples beside the policy's "
                                   "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=SENTIMENT_DATA["eval"], help="jsonl file of {prompt} rows")
     p.add_argument("--samples", type=positive_int, default=4, help="responses sampled per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed of the sampling")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer token cap, as in training")
     p.add_argument("--temperature", type=positive, default=0.7, help="sampling temperature, of log-probs too")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="prompts sampled (and scored) at once")
     p.add_argument("--show", type=bounded(int, 0), default=3,
                    help="prompts to show base and policy answers for")
     p.add_argument("--json", help="also write the figures to this file")

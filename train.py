@@ -187,7 +187,8 @@ def check_stage_flags(args, parser):
 # ---------------------------------------------------------------- stages 1 and 2 (SFT, reward model), and DPO
 
 def sft_loss(model, batch):
-    """Next-token cross-entropy on the response tokens; the prompt's labels are -100. (B, T) -> scalar."""
+    """Next-token cross-entropy on the response tokens; the prompt's labels are -100. Rows are right-padded:
+    the model's default positions are theirs. (B, T) -> (loss, stats)."""
     ids, labels = batch["input_ids"], batch["labels"][:, 1:]  # (B, T), (B, T-1): logits at t predict t+1
     all_but_last = torch.arange(ids.shape[1] - 1, device=ids.device)  # no token follows the last position
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False,
@@ -198,21 +199,21 @@ def sft_loss(model, batch):
     return loss, {"loss": loss.item()}
 
 
-def rm_loss(reward_model, pairs):
+def rm_loss(reward_model, groups):
     """Score the chosen replies and the rejected ones (in one forward, `score_pairs`), pairwise ranking loss
     (InstructGPT eq. 1)."""
-    chosen, rejected = M.score_pairs(reward_model, pairs)  # (B,) each
+    chosen, rejected = M.score_pairs(reward_model, groups)  # (B,) each; groups: `collate_pairs`
     loss = M.pairwise_ranking_loss(chosen, rejected)
     return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                   "margin": (chosen - rejected).mean().item()}
 
 
-def dpo_batch_loss(policy, pairs, ref, beta):
+def dpo_batch_loss(policy, groups, ref, beta):
     """DPO (Rafailov et al. 2023): the reward model's ranking loss, with each reply's reward implicit in the
     policy itself, beta * log pi/pi_ref. No reward model, no sampling: the preference pairs train it."""
-    chosen, rejected = M.reply_logprobs(policy, pairs)  # (B,) each, summed over the reply's tokens
+    chosen, rejected = M.reply_logprobs(policy, groups)  # (B,) each, summed over the reply's tokens
     with torch.no_grad():
-        ref_chosen, ref_rejected = M.reply_logprobs(ref, pairs)
+        ref_chosen, ref_rejected = M.reply_logprobs(ref, groups)
     loss, stats = M.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
     return loss, {"loss": loss.item(), "accuracy": stats["accuracy"].item(), "margin": stats["margin"].item(),
                   "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item()}
@@ -246,11 +247,10 @@ def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
 
 
 def token_weights(units, per_step):
-    """Weights of micro-batches of `units` tokens each (or pairs, sequences: what each loss is a mean over),
-    taken `per_step` at a time into an optimizer step on every rank, so that the gradient DeepSpeed averages
-    over a step's micro-batches and ranks is a token-level mean over all of them (a mean of micro-batch means
-    weighs the tokens of short rows more): a micro-batch's units x micro-batches per step x ranks / the
-    step's units on all ranks; 1 each where they are alike. -> list"""
+    """Loss weights that make a step's gradient a mean over the units (label tokens, pairs or sequences: what
+    each micro-batch's loss is a mean over) of all its `per_step` micro-batches on all ranks. DeepSpeed
+    averages the micro-batch losses, which weighs the units of a small micro-batch more; so each weighs its
+    units / the step's mean units per micro-batch (1 where they are alike). -> list"""
     steps = torch.tensor(units, dtype=torch.float64).view(-1, per_step)  # (steps, per_step)
     totals = steps.sum(1)
     dist.all_reduce(totals)  # each step's units on all ranks

@@ -256,6 +256,7 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
                                 r"answer; lower --max-new-tokens or shorten the prompts"),
     "prompts missing": (["--prompts", "{w}/nope.jsonl"], r"--prompts .*nope\.jsonl: no such file"),
     "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number > 0"),
+    "negative seed": (["--seed", "-1"], r"argument --seed: -1: expected a number >= 0 and <= 4294967295"),
     "json not writable": (["--json", "{w}/a_file/eval.json"], r"--json .*a_file/eval\.json: cannot write there "
                                                               r"\(Not a directory\)"),
     "json a directory": (["--json", "{w}"], r"--json .* is a directory; expected a file name"),
