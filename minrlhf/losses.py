@@ -56,7 +56,7 @@ def masked_whiten(values, mask, shift_mean=True):
 
 def pairwise_ranking_loss(chosen_rewards, rejected_rewards):
     """-log sigmoid(r_chosen - r_rejected), mean over pairs: InstructGPT (Ouyang et al. 2022) eq. 1 with
-    K = 2 replies per prompt (with K > 2 it weighs each of a prompt's K choose 2 pairs 1 / C(K, 2)).
+    K = 2 replies per prompt (with K > 2, InstructGPT weighs each of a prompt's C(K, 2) pairs 1/C(K, 2)).
     logsigmoid is computed stably (softplus form), so a margin of +-400 neither overflows nor NaNs."""
     return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
 
@@ -120,9 +120,9 @@ def aggregate(values, mask, loss_agg="token"):
 def kl_k3(logprobs, ref_logprobs, mask):
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, Schulman 2020, "Approximating KL
     divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased as log pi - log pi_ref (k1) is, but never
-    negative, and of lower variance. GRPO's KL term, Shao et al. 2024, eq. 4. (B, R) x3 -> (B, R), 0 on
-    padding: masked before the exp, whose overflow there would otherwise send inf * 0 = NaN into the
-    gradients."""
+    negative, and of lower variance for nearby policies. GRPO's KL term, Shao et al. 2024, eq. 4.
+    (B, R) x3 -> (B, R), 0 on padding: masked before the exp, whose overflow there would otherwise send
+    inf * 0 = NaN into the gradients."""
     log_r = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0)
     return torch.exp(log_r) - 1 - log_r
 

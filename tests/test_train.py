@@ -20,8 +20,9 @@ from tiny import make_tokenizer, save_tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 # torchrun gives the ranks the environment deepspeed's launcher gives them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
-# MASTER_PORT) after one import of torch instead of two of deepspeed: 3.5 s less per launch. The tests of a rank that
-# fails, and LoRA's on two ranks, launch with deepspeed's launcher, as the README does.
+# MASTER_PORT; and OMP_NUM_THREADS=1, the threads train.py gives each of 2 ranks on 2 cores) after one import of torch
+# instead of two of deepspeed: 3.5 s less per launch. The tests of a rank that fails, and LoRA's on two ranks, launch
+# with deepspeed's launcher, as the README does.
 TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 SUBJECTS = ["the film", "the food", "the movie", "the service", "this product", "the book", "the hotel", "the show"]
 # a clean launch: no rendezvous settings left in this process's environment by an in-process run
