@@ -313,12 +313,13 @@ def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None):
     """Temperature-scaled logits, log-probs and values of the response tokens (M.response_positions):
     (B, T) -> (B, R, V), (B, R), (B, R). The values are the separate critic's if one is given, else the value
     head's (None without one); the value at position t is of the state before token t+1."""
-    logits, values = policy(ids, mask, M.response_positions(ids, prompt_len))  # (B, R, V), (B, T)
+    positions = M.response_positions(ids, prompt_len)  # (R,)
+    logits, values = policy(ids, mask, positions)  # (B, R, V), (B, T)
     logits = logits.float() / temperature  # in float32, as generate() scales them (bf16 would round again)
     if critic is not None:
         values = critic(ids, mask)  # (B, T)
     if values is not None:
-        values = values[:, prompt_len - 1:-1].float()  # (B, R): at the response positions, as the logits
+        values = values[:, positions].float()  # (B, R)
     return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values
 
 
