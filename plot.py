@@ -28,8 +28,14 @@ def read_metrics(run_dir):
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         fail(f"{path}: {getattr(e, 'strerror', None) or e}; expected the metrics of a train.py run")
-    if not all(isinstance(row, dict) and "step" in row for row in rows):
-        fail(f"{path}: a line without a step; expected the metrics of a train.py run")
+    if not rows:
+        fail(f"{path}: no step logged yet")
+    for number, row in enumerate(rows, 1):
+        if not (isinstance(row, dict) and "step" in row):
+            fail(f"{path}: line {number}: a line without a step; expected the metrics of a train.py run")
+        if not all(isinstance(value, (int, float)) for value in row.values()):
+            fail(f"{path}: line {number}: a value that is not a number; expected the metrics of a train.py "
+                 f"run")
     return rows
 
 
@@ -58,9 +64,7 @@ def plot(rows, run_dir, out):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("PPO step")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save(fig, out)
 
 
 def compare(run_dirs, out):
@@ -84,8 +88,16 @@ def compare(run_dirs, out):
     ax.set_ylabel("gold score (VADER): held out (stars), rollouts (dots)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save(fig, out)
+
+
+def save(fig, out):
+    """The figure to `out`; one that cannot be written (a directory, a read-only run folder) is one line."""
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        fail(f"{out}: cannot write the plot there ({e.strerror or e}); pass --out")
     plt.close(fig)
 
 

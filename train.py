@@ -19,8 +19,8 @@ import torch.distributed as dist
 from transformers import GenerationConfig
 
 import minrlhf as M
-from minrlhf.cli import (OneLineArgumentParser, bounded, fail, lost_peer, non_negative, positive,
-                         positive_int, quiet_libraries)
+from minrlhf.cli import (OneLineArgumentParser, bounded, check_template, fail, lost_peer, non_negative,
+                         positive, positive_int, quiet_libraries, same_path)
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
@@ -169,6 +169,7 @@ def check_online_args(args):
 
 STAGE_FLAGS = {  # flags that only some stages read: given to another, an error rather than ignored
     "beta": ("dpo",), "ref_model": ("dpo", *ONLINE), "scale_rewards": ("grpo",),
+    "eval_fraction": ("sft", "rm", "dpo"),  # the online stages hold out no rows: eval.py scores their policy
     **dict.fromkeys(("reward_model", "reward_fn", "gold_fn", "max_new_tokens", "rollout_batch_size",
                      "num_generations", "ppo_epochs", "mini_batch_size", "loss_agg", "kl_coef", "target_kl",
                      "cliprange", "temperature", "reward_norm", "missing_eos_penalty"), ONLINE),
@@ -347,11 +348,13 @@ def shaped_scores(scores, ended, norm, args):
     """The scores PPO optimises: normalised to mean 0, std 1 under the initial policy (Ziegler et al. 2019,
     sec. 2), i.e. with the first rollout's statistics, which `norm` keeps (and checkpoints); then less
     --missing-eos-penalty where no EOS came, in those units (the "EOS trick", Huang et al. 2024: a response
-    that runs into the token cap scores low, whatever its text)."""
+    that runs into the token cap scores low, whatever its text). A first rollout whose scores all tie (a 0/1
+    reward, all 0) has no scale to give: the scores stay as they are until a rollout with spread sets it."""
     if args.reward_norm and not norm:
         m = mean_across_ranks({"mean": scores.mean().item(), "sq": scores.pow(2).mean().item()})
-        if all(map(math.isfinite, m.values())):  # else (--skip-nonfinite) the next rollout sets it
-            norm.update(mean=m["mean"], std=math.sqrt(max(m["sq"] - m["mean"] ** 2, 1e-12)))
+        std = math.sqrt(max(m["sq"] - m["mean"] ** 2, 0.0))
+        if math.isfinite(std) and std > 1e-6 * (1 + abs(m["mean"])):  # not E[s²] - E[s]²'s rounding error
+            norm.update(mean=m["mean"], std=std)
     if args.reward_norm and norm:
         scores = (scores - norm["mean"]) / norm["std"]
     return scores - args.missing_eos_penalty * (~ended).float()
@@ -426,13 +429,15 @@ def ppo_update(engine, critic, exp, kl_coef, args):
     return {k: v / count for k, v in sums.items()} | clock.times
 
 
-def ppo_models(args, cfg, device, tokenizer, resize):
+def ppo_models(args, cfg, device, tokenizer, resize, prompts):
     """The policy to train (with PPO's value head, or a separate critic to train), the frozen reference,
     the reward and the gold judge."""
     if args.reward_fn:
         reward = RewardFunction("--reward-fn", args.reward_fn, args.skip_nonfinite)
     else:
         rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
+        texts = [p["prompt"] for p in prompts]
+        check_template("--reward-model", args.reward_model, rm_tokenizer, texts, args.dataset)
         rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
         max_length = M.within_positions(rm, args.max_length + args.max_new_tokens)
         reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
@@ -465,7 +470,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     """Stage 3: each iteration samples a rollout and trains on it for --ppo-epochs, phases 1-5. GRPO and
     RLOO run the same loop with G samples per prompt, their baseline from the group instead of a critic."""
     prompts, _ = load_examples(args, tokenizer)
-    policy, critic, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize)
+    policy, critic, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize, prompts)
     per_iteration = args.rollout_batch_size * dist.get_world_size()
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations
@@ -488,8 +493,8 @@ def train_ppo(args, cfg, device, tokenizer, resize):
             with torch.random.fork_rng():  # a judge that draws random numbers must not change the training
                 stats["gold"] = gold(batch["prompts"], texts).mean().item()
         shaped = shaped_scores(scores, ended, norm, args)
-        if critic is not None and norm and args.critic_model == args.reward_model:  # RM scores -> normalised
-            critic.module.set_scale(norm["mean"], norm["std"])
+        if critic is not None and norm and same_path(args.critic_model, args.reward_model):
+            critic.module.set_scale(norm["mean"], norm["std"])  # the RM's scores -> the normalised ones
         clock.lap("score")
         exp = make_experience(engine, ref, critic, batch, response, mask, args)
         clock.lap("forward")

@@ -1,9 +1,10 @@
 """minrlhf: RLHF as InstructGPT did it (SFT, a pairwise reward model, PPO), then DPO, GRPO and RLOO, small
 enough to read.
 The pieces to copy: losses (the math), models (value head, reward model), data (rows to batches)."""
-from .data import (DataError, check_columns, collate_pairs, collate_prompts, collate_sft, encode_pair,
-                   encode_preference, encode_prompt, encode_rl_prompt, encode_sft, ensure_pad_token, is_chat,
-                   load_rows, pad, pad_with_mask, sequence_length, split_hh, to_device, tokenize)
+from .data import (DataError, check_columns, check_prompts, collate_pairs, collate_prompts, collate_sft,
+                   encode_pair, encode_preference, encode_prompt, encode_rl_prompt, encode_sft,
+                   ensure_pad_token, is_chat, load_rows, pad, pad_with_mask, sequence_length, split_hh,
+                   to_device, tokenize)
 from .losses import (KLController, aggregate, compute_gae, dpo_loss, entropy_from_logits, explained_variance,
                      first_eos_mask, group_advantages, kl_k3, kl_penalized_rewards, logprobs_from_logits,
                      masked_mean, masked_var, masked_whiten, pairwise_ranking_loss, ppo_policy_loss,

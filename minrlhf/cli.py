@@ -8,7 +8,14 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
+
+from .data import DataError, check_prompts
+
+
+# what loading a missing, damaged or mismatched model folder raises
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 def fail(message, this_rank=False):
@@ -20,6 +27,14 @@ def fail(message, this_rank=False):
         where = f"rank {rank}: " if rank else ""
         tqdm.write(f"error: {where}{message}", file=sys.stderr)  # tqdm.write clears a progress bar first
     sys.exit(2)
+
+
+def check_template(flag, path, tokenizer, prompts, source):
+    """One line unless the model's tokenizer can write every prompt of `source` (its chat template)."""
+    try:
+        check_prompts(tokenizer, prompts)
+    except DataError as e:
+        fail(f"{source}: {flag} {path}: {e}")
 
 
 def fail_together(error):
@@ -56,7 +71,7 @@ def bounded(kind, low, high=math.inf, above=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not ((value > low if above else value >= low) and value <= high):  # NaN fails too
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
             bounds = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"{text}: expected a number {bounds}")
         return value
@@ -79,6 +94,22 @@ def quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.logging.set_verbosity_error()
+
+
+def fail_to_load(flag, path, error, form="{}"):
+    """One line for a model folder that does not load: the error's first line, put in `form`. A train.py run
+    stopped before it wrote its final model (checkpoints only) is named as such."""
+    unfinished = os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isfile(
+        os.path.join(path, "config.json"))
+    if unfinished:
+        fail(f"{flag} {path}: a train.py run without its final model (checkpoints only); train.py --resume "
+             f"finishes it")
+    fail(f"{flag} {path}: {form.format(str(error).splitlines()[0])}")
+
+
+def same_path(path, other):
+    """Whether two paths (the second may be None), however spelled (./rm, rm/), name one file or folder."""
+    return other is not None and os.path.realpath(path) == os.path.realpath(other)
 
 
 def check_writable(flag, path, folder):

@@ -10,6 +10,7 @@ import os
 
 import datasets
 import torch
+from jinja2 import TemplateError
 
 HH_TURN = "\n\nAssistant:"
 ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they train: their rows are prompts
@@ -71,9 +72,11 @@ def _json_fault(path):
         if not line.strip():
             continue
         try:
-            json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"line {number + e.lineno - 1}: malformed JSON ({e.msg})"
+        if len(lines) > 1 and not isinstance(row, dict):
+            return f"line {number}: a JSON {type(row).__name__}; expected an object per line"
     return None
 
 
@@ -142,7 +145,7 @@ def encode_prompt(tokenizer, prompt):
     the tokenizer has one, ending where the assistant's reply begins. An empty prompt is the BOS token
     (EOS without one): generation, and the reward model's prompt pass, need at least one token."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        text = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if not isinstance(prompt, str):
         raise DataError(f"chat messages, but {tokenizer.name_or_path} has no chat template to write them")
@@ -158,16 +161,36 @@ def encode_pair(tokenizer, prompt, response, ended=True):
     if not ended:
         return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.chat_template:
-        head = tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            _as_messages(prompt) + [{"role": "assistant", "content": response}], tokenize=False)
+        head = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
+        full = chat_text(tokenizer, _as_messages(prompt) + [{"role": "assistant", "content": response}])
         if not full.startswith(head):
             raise DataError(f"{tokenizer.name_or_path}: chat template output does not extend the prompt")
-        response = full[len(head):]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id not in response_ids:
-        response_ids.append(tokenizer.eos_token_id)
-    return prompt_ids, response_ids
+        response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+        closed = tokenizer.eos_token_id in response_ids  # the template's end of turn: EOS, maybe then "\n"
+    else:  # an EOS inside the text does not end it
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        closed = response_ids[-1:] == [tokenizer.eos_token_id]
+    return prompt_ids, response_ids + ([] if closed else [tokenizer.eos_token_id])
+
+
+def check_prompts(tokenizer, prompts):
+    """Raise a DataError if the tokenizer cannot write one of the prompts (its chat template refuses it, or
+    chat messages without a template): found before sampling, for a reward model's tokenizer too."""
+    for prompt in prompts:
+        try:
+            encode_pair(tokenizer, prompt, "")
+        except DataError as e:
+            raise DataError(f"{e}; the prompt: {str(prompt)[:80]!r}") from None
+
+
+def chat_text(tokenizer, messages, add_generation_prompt=False):
+    """The chat template's text. A template that refuses the messages (a system turn, roles that do not
+    alternate) is a DataError."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise DataError(f"{tokenizer.name_or_path}'s chat template refuses these messages ({e})") from None
 
 
 def is_chat(value):
@@ -190,14 +213,17 @@ def _text(row, column):
 
 
 def _sft_pair(row):
-    if row.get("messages") is not None:
+    if row.get("messages") is not None:  # a file may mix {messages}, {text} and {prompt, response} rows
         *prompt, last = _text(row, "messages")
         if last["role"] != "assistant":  # the reply to learn is the assistant's
             raise DataError(f"the last of 'messages' is a {last['role']} message; expected the assistant's")
         return (prompt or ""), last["content"]
     if row.get("text") is not None:
         return "", _text(row, "text")
-    return _text(row, "prompt"), _text(row, "response" if row.get("response") is not None else "chosen")
+    if "prompt" not in row:  # a {messages} or {text} file, this row's field null
+        column, expected = ("messages", "chat messages") if "messages" in row else ("text", "text")
+        raise DataError(f"column {column!r} is None; expected {expected}")
+    return _text(row, "prompt"), _text(row, "response" if "response" in row else "chosen")
 
 
 def encode_sft(row, tokenizer, max_length):

@@ -27,9 +27,16 @@ def init_distributed():
     on_cpu = accelerator.device_name() == "cpu"
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:  # N ranks x all cores each would oversubscribe ~60x
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    deepspeed.init_distributed(dist_backend=process_group_backend(accelerator.device_name(),
+                                                                  accelerator.communication_backend_name()))
     device = torch.device(accelerator.device_name(int(os.environ["LOCAL_RANK"])))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def process_group_backend(device, backend):
+    """gloo on CPU. On an accelerator, its own backend (NCCL on CUDA) for the model's tensors and gloo beside
+    it for the run's small CPU tensors (stop flags, loss units, stats): NCCL alone cannot reduce those."""
+    return "gloo" if device == "cpu" else f"cpu:gloo,{device}:{backend}"
 
 
 def exit_process(status):
@@ -78,10 +85,11 @@ def read_config(path):
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         fail(f"--deepspeed_config {path}: {e}")
-    filled = ("zero_optimization", "optimizer")  # the sections the flags fill in
-    if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k, {}), dict) for k in filled)):
-        fail(f"--deepspeed_config {path}: expected a JSON object, with objects for zero_optimization and "
-             f"optimizer")
+    sections = ("zero_optimization", "optimizer", "bf16", "fp16")  # those the flags fill in or train.py reads
+    if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k, {}), dict) for k in sections)
+            and isinstance(cfg.get("optimizer", {}).get("params", {}), dict)):
+        fail(f"--deepspeed_config {path}: expected a JSON object, with objects for {', '.join(sections)} and "
+             f"optimizer.params")
     if "scheduler" in cfg:  # DeepSpeed would run it instead of train.py's, silently
         fail(f"--deepspeed_config {path}: a scheduler section; leave it out, train.py's lr decays linearly "
              f"to 0")

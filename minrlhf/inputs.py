@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from .cli import fail, fail_together
+from .cli import LOAD_ERRORS, fail, fail_to_load, fail_together
 from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, sequence_length, tokenize
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
@@ -44,7 +44,7 @@ def load_tokenizer(flag, path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        fail(f"{flag} {path}: no tokenizer ({str(e).splitlines()[0]})")
+        fail_to_load(flag, path, e, "no tokenizer ({})")
     try:
         return tokenizer, ensure_pad_token(tokenizer)
     except DataError as e:
@@ -60,9 +60,9 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=No
             model = load_causal_lm(path)
         else:
             model = load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm")
-    except (OSError, ValueError, KeyError) as e:
-        fail(f"{flag} {path}: cannot load as a {'causal LM' if kind == 'causal' else 'reward model'} "
-             f"({str(e).splitlines()[0]})")
+    except LOAD_ERRORS as e:
+        as_what = "a causal LM" if kind == "causal" else "a reward model"
+        fail_to_load(flag, path, e, f"cannot load as {as_what} ({{}})")
     if resize:
         model.resize_token_embeddings(len(tokenizer))
     reads = reads or len(tokenizer)
@@ -72,7 +72,7 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=No
     limit = position_limit(model)
     if limit and longest > limit:
         fail(f"{flag} {path}: {limit} positions, fewer than the {longest} tokens of the run's longest "
-             f"sequence; lower --max-length")
+             f"sequence; lower --max-length (or, for the stages that sample, --max-new-tokens)")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -148,16 +148,16 @@ def load_examples(args, tokenizer):
         examples, dropped = tokenize(rows, args.stage, tokenizer, args.max_length)
     except (DataError, UnicodeDecodeError) as e:  # the latter: text that is not UTF-8, read lazily
         fail(f"{args.dataset}: {e}")
+    why = f"an empty reply, no response token within --max-length {args.max_length} or a pair's replies alike"
     if dropped and dist.get_rank() == 0:
-        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: an empty reply, no response token "
-              f"within --max-length, or a pair's replies alike")
+        print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: {why}")
     online = args.stage in ONLINE  # prompts to sample from, no held-out rows
     n_eval = 0 if online else int(len(examples) * args.eval_fraction)
     train = examples[: len(examples) - n_eval]
     batch = (args.rollout_batch_size if online else args.batch_size) * dist.get_world_size()
     if len(train) < batch:  # else an epoch holds no batch
-        fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped by --max-length "
-             f"{args.max_length}); need at least one batch of {batch}"
+        fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped: {why}); need at least "
+             f"one batch of {batch}"
              + (" (--rollout-batch-size x ranks)" if online else f"; --eval-fraction holds out {n_eval}"))
     args.longest = max(map(sequence_length, examples)) + (args.max_new_tokens if online else 0)  # tokens
     return train, examples[len(train):]
@@ -173,7 +173,7 @@ class RewardFunction:
         sys.path.insert(0, os.getcwd())
         try:
             self.fn = getattr(importlib.import_module(module), name)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a module that runs argparse or sys.exit() when imported
             fail(f"{flag} {spec}: cannot import ({type(e).__name__}: {e}); expected MODULE:FUNCTION")
         if not callable(self.fn):
             fail(f"{flag} {spec}: not callable")
@@ -188,14 +188,18 @@ class RewardFunction:
 
     def checked_call(self, prompts, responses):
         """-> (scores, None), or (None, what was wrong)."""
+        name = f"{self.flag} {self.spec}"
         try:
-            out = list(self.fn(prompts, responses))
+            returned = self.fn(prompts, responses)
+            out = list(returned) if hasattr(returned, "__iter__") else None  # a generator runs here
         except (Exception, SystemExit, KeyboardInterrupt) as e:  # the user's code may call sys.exit() too
-            return None, f"{self.flag} {self.spec} raised {type(e).__name__}: {e}"
+            return None, f"{name} raised {type(e).__name__}: {e}"
+        if out is None:  # e.g. a missing `return`
+            return None, f"{name} returned {returned!r}; expected a list of {len(prompts)} numbers"
         if len(out) != len(prompts):
-            return None, f"{self.flag} {self.spec} returned {len(out)} scores for {len(prompts)} responses"
+            return None, f"{name} returned {len(out)} scores for {len(prompts)} responses"
         for i, x in enumerate(out):
             number = isinstance(x, numbers.Real) and not isinstance(x, bool)
             if not number or not (self.allow_nonfinite or math.isfinite(x)):
-                return None, f"{self.flag} {self.spec}: score {i} is {x!r}; expected a finite number"
+                return None, f"{name}: score {i} is {x!r}; expected a finite number"
         return torch.tensor([float(x) for x in out]), None

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .cli import check_writable, fail, fail_together, lost_peer
+from .cli import check_writable, fail, fail_together, lost_peer, same_path
 from .lora import merged_state_dict
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
@@ -36,6 +36,9 @@ RESUME_MAY_CHANGE = {  # the flags that --resume may change: how long the run go
     "skip_nonfinite", "gradient_checkpointing", "gold_fn", "local_rank"}
 
 
+PATHS = ("model", "dataset", "ref_model", "reward_model", "critic_model", "deepspeed_config")
+
+
 def check_output(args):
     """Never train over another run (a different stage's, or checkpoints without --resume), never resume with
     other flags, and never find out after loading the models that --output cannot be written."""
@@ -43,7 +46,7 @@ def check_output(args):
         fail(f"--output {args.output} is a file; expected a directory")
     for name in ("model", "ref_model", "reward_model", "critic_model"):  # what it reads: never write there
         source = getattr(args, name, None)
-        if source and os.path.realpath(source) == os.path.realpath(args.output):
+        if source and same_path(source, args.output):
             fail(f"--output {args.output} is the --{name.replace('_', '-')} folder, which the run would "
                  f"write over; choose another --output")
     saved = saved_args(args.output)
@@ -86,8 +89,13 @@ def check_resume_flags(args, saved):
     """--resume goes on with the run its checkpoints came from, so every flag that shapes the model, its
     optimiser or the data order must be that run's: a checkpoint restores the lr, the KL coefficient and the
     position in the data as they were, and cannot load under another ZeRO stage, LoRA or number of ranks."""
+    if not saved:  # written before any checkpoint: without it, a checkpoint of another model looks damaged
+        fail(f"--resume: {os.path.join(args.output, 'args.json')} is missing or unreadable, so the "
+             f"checkpoints' flags are unknown")
     current = {**vars(args), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     for name, value in saved.items():
+        if name in PATHS and isinstance(value, str) and same_path(value, current.get(name)):
+            continue  # the same file or folder, however spelled
         if name not in RESUME_MAY_CHANGE and name in current and current[name] != value:
             flag = "the number of ranks" if name == "world_size" else f"--{name.replace('_', '-')}"
             fail(f"--resume: {flag} is {current[name]}, where the checkpoints' run had {value} "

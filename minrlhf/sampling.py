@@ -32,7 +32,7 @@ def sample(model, tokenizer, prompts, temperature, max_new_tokens, batch_size=32
                                                out[:, batch["input_ids"].shape[1]:].tolist()):
             ended = tokenizer.eos_token_id in response
             response = response[:response.index(tokenizer.eos_token_id) + 1] if ended else response
-            text = tokenizer.decode(response, skip_special_tokens=True).strip()
+            text = tokenizer.decode(response, skip_special_tokens=True)  # as train.py scores it
             rows.append({"prompt": prompt, "prompt_ids": ids[mask.bool()].tolist(), "response_ids": response,
                          "text": text, "ended": ended})
     return rows

@@ -12,7 +12,7 @@ import minrlhf.data as data
 from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_preference, encode_sft,
                      ensure_pad_token, load_rows, split_hh, tokenize)
 from minrlhf.data import check_columns
-from tiny import make_tokenizer
+from tiny import STRICT_TEMPLATE, make_tokenizer
 
 HH_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
 
@@ -204,6 +204,35 @@ def test_chat_messages_without_a_chat_template_are_a_data_error():
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     with pytest.raises(DataError, match="row 1: chat messages, but .* has no chat template to write them"):
         tokenize([row], "sft", make_tokenizer(), 64)
+
+
+def test_an_eos_inside_the_text_does_not_end_it():
+    tok = make_tokenizer()
+    ex = encode_sft({"prompt": "the film", "response": " was great<|endoftext|> and long"}, tok, 64)
+    assert ex["input_ids"].count(tok.eos_token_id) == 2 and ex["input_ids"][-1] == tok.eos_token_id
+    assert encode_sft({"prompt": "the film", "response": " was great<|endoftext|>"}, tok, 64)["input_ids"][-2:] != [
+        tok.eos_token_id] * 2  # one that ends it is the end: not doubled
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_data_error_naming_the_row():
+    """Gemma's and Mistral's templates raise on a system turn: one line, not jinja's traceback."""
+    tok = make_tokenizer(chat_template=True)
+    tok.chat_template = STRICT_TEMPLATE
+    system = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]
+    fine = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(DataError, match="row 2: .*chat template refuses these messages .System role not supported"):
+        tokenize([fine, {"messages": system + [{"role": "assistant", "content": "hello"}]}], "sft", tok, 64)
+    with pytest.raises(DataError, match="refuses these messages .*; the prompt: "):
+        data.check_prompts(tok, ["hi", system])
+    data.check_prompts(tok, ["hi", [{"role": "user", "content": "hi"}]])
+
+
+def test_a_null_field_is_named_by_its_own_column():
+    tok = make_tokenizer()
+    with pytest.raises(DataError, match="row 1: column 'response' is None; expected text"):
+        tokenize([{"prompt": "a", "response": None}], "sft", tok, 64)
+    with pytest.raises(DataError, match="row 1: column 'messages' is None"):
+        tokenize([{"messages": None}], "sft", tok, 64)
 
 
 def test_preference_pairs_share_prompt_and_keep_the_end():

@@ -1,6 +1,7 @@
 """Bad input: one clear line on stderr and exit status 2, before any training step."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import eval as eval_py
 import train
 from minrlhf import load_reward_model
-from tiny import make_tokenizer, save_tiny
+from tiny import STRICT_TEMPLATE, make_tokenizer, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,10 @@ def inf(prompts, responses):
 def leave(prompts, responses):
     import sys
     sys.exit("bye")
+def forgot(prompts, responses):
+    scores = [1.0 for _ in responses]
 """
+EXITS = "import sys\nsys.exit('usage: exits.py [-h]')\n"  # a script with argparse, imported
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +52,36 @@ def w(tmp_path_factory):
     chat = save_tiny("llama", d / "chat_model", chat_template=True)  # another tokenizer than the policy's
     load_reward_model(chat, make_tokenizer(chat_template=True).pad_token_id).save_pretrained(d / "chat_rm")
     make_tokenizer(chat_template=True).save_pretrained(d / "chat_rm")
+    strict = make_tokenizer(chat_template=True)  # Gemma's, Mistral's: no system turn
+    strict.chat_template = STRICT_TEMPLATE
+    shutil.copytree(chat, d / "strict_model")
+    strict.save_pretrained(d / "strict_model")
+    shutil.copytree(d / "rm", d / "strict_rm")
+    strict.save_pretrained(d / "strict_rm")  # a reward model whose template refuses the policy's prompts
+    shutil.copytree(d / "model", d / "cut_model")  # weights cut short: an interrupted copy
+    with open(d / "cut_model" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    shutil.copytree(d / "model", d / "other_config")  # a config.json that does not fit the weights
+    config = json.loads((d / "other_config" / "config.json").read_text())
+    (d / "other_config" / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
     no_eos = make_tokenizer()
     no_eos.eos_token = None
     no_eos.save_pretrained(d / "no_eos")
     rows = [{"prompt": "the film was", "chosen": " great", "rejected": " awful"}] * 8
     files = {"pref.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "rows.csv": "prompt\nhi\n",
              "bad.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n', "empty.jsonl": "",
-             "cols.jsonl": '{"question": "a", "answer": "b"}\n', "err_rewards.py": REWARDS,
+             "cols.jsonl": '{"question": "a", "answer": "b"}\n', "err_rewards.py": REWARDS, "exits.py": EXITS,
              "bad_ds.json": "{oops", "batch_ds.json": json.dumps({"train_micro_batch_size_per_gpu": 3}),
              "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}}),
-             "sched_ds.json": json.dumps({"scheduler": {"type": "WarmupLR"}}), "list_ds.json": "[]",
+             "sched_ds.json": json.dumps({"scheduler": {"type": "WarmupLR"}}), "list_ds.json": "[]", "bf16_ds.json": json.dumps({"bf16": True}),
+             "params_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": "x"}}),
              "lr_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 0.5}}}),
              "ten.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:2] * 5),
              "null.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:7] + [{**rows[0], "prompt": None}]),
-             "a_file": "not a directory", "num_prompt.jsonl": '{"prompt": "a"}\n{"prompt": 5}\n',
+             "null_response.jsonl": '{"prompt": "a", "response": " b"}\n{"prompt": "a", "response": null}\n',
+             "system.jsonl": json.dumps({"prompt": [{"role": "system", "content": "be kind"},
+                                                    {"role": "user", "content": "hi"}]}) + "\n",
+             "a_file": "not a directory", "list_line.jsonl": '{"prompt": "a"}\n["a", "b"]\n', "num_prompt.jsonl": '{"prompt": "a"}\n{"prompt": 5}\n',
              "chat_prompt.jsonl": json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n", "notgz.jsonl.gz": '{"prompt": "a"}\n',
              "long.jsonl": "".join(json.dumps({**r, "prompt": "the film was great " * 80}) + "\n" for r in rows)}
     for name, text in files.items():
@@ -69,7 +89,7 @@ def w(tmp_path_factory):
     (d / "latin1.jsonl").write_bytes('{"prompt": "café", "chosen": " a", "rejected": " b"}\n'.encode("latin-1") * 8)
     os.makedirs(d / "sft_run")
     (d / "sft_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
-    os.makedirs(d / "ckpt_run" / "checkpoints" / "step1")
+    os.makedirs(d / "ckpt_run" / "checkpoints" / "step1")  # also a run stopped before its final model
     for name, saved in {"resume_run": {"batch_size": 4}, "ranks_run": {"world_size": 2}}.items():
         os.makedirs(d / name / "checkpoints" / "step1")
         (d / name / "args.json").write_text(json.dumps({"stage": "sft", "max_steps": 1, **saved}))
@@ -85,7 +105,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
                         r"cols\.jsonl: --stage rm needs columns \{prompt, chosen, rejected\}; found \['question', 'answer'\]"),
     "empty data": (["--dataset", "{w}/empty.jsonl"], r"empty\.jsonl: the data set is empty"),
     "all rows too long": (["--max-length", 3],
-                          r"pref\.jsonl: 0 usable training rows \(8 dropped by --max-length 3\); need at least one batch"),
+                          r"pref\.jsonl: 0 usable training rows \(8 dropped: an empty reply, no response token within "
+                          r"--max-length 3 or a pair's replies alike\); need at least one batch"),
     "model missing": (["--model", "{w}/nope"], r"--model .*nope: no tokenizer"),
     "tokenizer without EOS": (["--model", "{w}/no_eos"], r"--model .*no_eos: unusable tokenizer \(.*has no EOS token\)"),
     "model not a causal LM": (["--model", "{w}/rm"], r"--model .*rm: cannot load as a causal LM \(not a causal LM "
@@ -162,7 +183,7 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "checkpoints without resume": (["--output", "{w}/ckpt_run"], r"ckpt_run already holds checkpoints; pass --resume"),
     "fewer prompts than a rollout": (PPO + ["--reward-fn", "err_rewards:boom", "--dataset", "{w}/ten.jsonl",
                                             "--rollout-batch-size", 16],
-                                     r"ten\.jsonl: 10 usable training rows \(0 dropped by --max-length 512\); need at "
+                                     r"ten\.jsonl: 10 usable training rows \(0 dropped: .*\); need at "
                                      r"least one batch of 16 \(--rollout-batch-size x ranks\)"),
     "null field": (["--dataset", "{w}/null.jsonl"], r"null\.jsonl: row 8: column 'prompt' is None; expected text"),
     "batch size 0": (["--batch-size", 0], r"argument --batch-size: 0: expected a number > 0"),
@@ -186,6 +207,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "resume, other batch": (["--output", "{w}/resume_run", "--resume", "--max-steps", 2, "--batch-size", 2],
                             r"--resume: --batch-size is 2, where the checkpoints' run had 4 \(.*resume_run/args\.json\); "
                             r"only how long it runs, logs and saves may change"),
+    "resume without args.json": (["--output", "{w}/ckpt_run", "--resume"],
+                                 r"--resume: .*ckpt_run/args\.json is missing or unreadable, so the checkpoints' "
+                                 r"flags are unknown"),
     "resume, other ranks": (["--output", "{w}/ranks_run", "--resume"],
                             r"--resume: the number of ranks is 1, where the checkpoints' run had 2"),
     "not gzip": (["--dataset", "{w}/notgz.jsonl.gz"], r"notgz\.jsonl\.gz: cannot read it as UTF-8 text \(Not a "
@@ -211,15 +235,46 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "ds scheduler": (["--deepspeed_config", "{w}/sched_ds.json"],
                      r"sched_ds\.json: a scheduler section; leave it out, train\.py's lr decays linearly to 0"),
     "ds not an object": (["--deepspeed_config", "{w}/list_ds.json"],
-                         r"list_ds\.json: expected a JSON object, with objects for zero_optimization and optimizer"),
+                         r"list_ds\.json: expected a JSON object, with objects for zero_optimization, optimizer, "
+                         r"bf16, fp16 and optimizer\.params"),
+    "ds bf16 not an object": (["--deepspeed_config", "{w}/bf16_ds.json", "--stage", "dpo"],
+                              r"bf16_ds\.json: expected a JSON object, with objects for zero_optimization"),
+    "ds params not an object": (["--deepspeed_config", "{w}/params_ds.json"],
+                                r"params_ds\.json: expected a JSON object, with objects for .* and optimizer\.params"),
     "ds lr": (["--deepspeed_config", "{w}/lr_ds.json"],
               r"lr_ds\.json: optimizer lr 0\.5 contradicts --lr 1e-05; leave it out, train\.py fills it"),
     "output is the model": (["--output", "{w}/model"], r"--output .*model is the --model folder, which the run "
                                                          r"would write over; choose another --output"),
     "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
     "reward fn exits": (PPO + ["--reward-fn", "err_rewards:leave"], r"--reward-fn err_rewards:leave raised SystemExit: bye"),
+    "reward fn without return": (PPO + ["--reward-fn", "err_rewards:forgot"],
+                                 r"--reward-fn err_rewards:forgot returned None; expected a list of 4 numbers"),
+    "reward fn module exits": (PPO + ["--reward-fn", "exits:f"],
+                               r"--reward-fn exits:f: cannot import \(SystemExit: usage: exits\.py \[-h\]\)"),
     "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
     "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number > 0"),
+    "a line not an object": (["--dataset", "{w}/list_line.jsonl"],
+                             r"list_line\.jsonl: line 2: a JSON list; expected an object per line"),
+    "inf": (["--epochs", "inf"], r"argument --epochs: inf: expected a number > 0"),
+    "eval fraction for ppo": (PPO + ["--reward-fn", "vader", "--eval-fraction", 0.5],
+                              r"--eval-fraction: --stage ppo does not use it \(a flag of sft, rm, dpo\)"),
+    "null response": (["--dataset", "{w}/null_response.jsonl"],
+                      r"null_response\.jsonl: row 2: column 'response' is None; expected text"),
+    "a template refusing a system turn": (["--model", "{w}/strict_model", "--dataset", "{w}/system.jsonl",
+                                           "--stage", "ppo", "--reward-fn", "vader", "--rollout-batch-size", 1,
+                                           "--batch-size", 1],
+                                          r"system\.jsonl: row 1: .*strict_model's chat template refuses these "
+                                          r"messages \(System role not supported\)"),
+    "a reward model's template refusing the prompts": (
+        ["--model", "{w}/chat_model", "--dataset", "{w}/system.jsonl", "--stage", "ppo", "--reward-model",
+         "{w}/strict_rm", "--critic-model", "head", "--rollout-batch-size", 1, "--batch-size", 1],
+        r"system\.jsonl: --reward-model .*strict_rm: .*strict_rm's chat template refuses these messages \(System "
+        r"role not supported\); the prompt: "),
+    "model an unfinished run": (["--model", "{w}/ckpt_run"], r"--model .*ckpt_run: a train\.py run without its final "
+                                                            r"model \(checkpoints only\); train\.py --resume finishes it"),
+    "config not the weights": (["--model", "{w}/other_config"], r"--model .*other_config: cannot load as a causal LM "
+                                                                r"\(You set `ignore_mismatched_sizes` to `False`"),
+    "weights cut short": (["--model", "{w}/cut_model"], r"--model .*cut_model: cannot load as a causal LM \("),
 }
 
 
@@ -249,8 +304,8 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
     "prompt a number": (["--prompts", "{w}/num_prompt.jsonl"], r"--prompts .*num_prompt\.jsonl: row 2: the prompt is 5; "
                                                                r"expected text or chat messages"),
     "chat prompts, no template": (["--prompts", "{w}/chat_prompt.jsonl"],
-                                  r"--prompts .*chat_prompt\.jsonl: chat messages, but --policy .*model has no chat "
-                                  r"template"),
+                                  r"--prompts .*chat_prompt\.jsonl: --policy .*model: chat messages, but .*model has "
+                                  r"no chat template to write them; the prompt: "),
     "base past its positions": (["--base", "{w}/short", "--max-new-tokens", "16"],
                                 r"--base .*short: 16 positions, fewer than the \d+ tokens of the longest prompt and "
                                 r"answer; lower --max-new-tokens or shorten the prompts"),
@@ -260,6 +315,15 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
     "json not writable": (["--json", "{w}/a_file/eval.json"], r"--json .*a_file/eval\.json: cannot write there "
                                                               r"\(Not a directory\)"),
     "json a directory": (["--json", "{w}"], r"--json .* is a directory; expected a file name"),
+    "a template refusing a system turn": (["--policy", "{w}/strict_model", "--base", "{w}/strict_model", "--prompts",
+                                           "{w}/system.jsonl"], r"--prompts .*system\.jsonl: --policy .*strict_model: "
+                                                                r".*chat template refuses these messages"),
+    "a reward model's template refusing the prompts": (
+        ["--policy", "{w}/chat_model", "--base", "{w}/chat_model", "--prompts", "{w}/system.jsonl", "--reward-model",
+         "{w}/strict_rm"], r"--prompts .*system\.jsonl: --reward-model .*strict_rm: .*refuses these messages"),
+    "policy an unfinished run": (["--policy", "{w}/ckpt_run"], r"--policy .*ckpt_run: a train\.py run without its "
+                                                               r"final model \(checkpoints only\)"),
+    "weights cut short": (["--policy", "{w}/cut_model"], r"--policy .*cut_model: Error while deserializing header"),
 }
 
 
@@ -303,7 +367,11 @@ PLOT_CASES = {  # plot.py: name -> (run folders, flags, the one line expected on
     "sft": (["sft"], [], r"sft: no reward, kl or gold logged; plot\.py draws the runs of --stage ppo, grpo or rloo"),
     "broken": (["broken"], [], r"broken/metrics\.jsonl: Expecting property name .*; expected the metrics of a "
                                r"train\.py run"),
-    "no step": (["no_step"], [], r"no_step/metrics\.jsonl: a line without a step"),
+    "no step": (["no_step"], [], r"no_step/metrics\.jsonl: line 1: a line without a step"),
+    "nothing logged yet": (["empty"], [], r"empty/metrics\.jsonl: no step logged yet"),
+    "a value not a number": (["text_value"], [], r"text_value/metrics\.jsonl: line 2: a value that is not a number"),
+    "default out a directory": (["png_dir"], [], r"png_dir/ppo\.png: cannot write the plot there \(Is a directory\); "
+                                                 r"pass --out"),
     "two sft runs": (["sft", "sft"], [], r"sft, .*sft: no gold logged and no eval\.json; nothing to compare"),
     "broken eval.json": (["sft", "bad_eval"], [], r"bad_eval/eval\.json: KeyError: 'kl'; expected the figures of "
                                                   r"eval\.py --json"),
@@ -316,11 +384,14 @@ PLOT_CASES = {  # plot.py: name -> (run folders, flags, the one line expected on
 def test_plot_bad_input_fails_with_one_line(name, tmp_path, capsys):
     import plot
     metrics = {"sft": '{"step": 1, "loss": 2.0}\n', "broken": '{"step": 1, oops\n', "no_step": '{"loss": 2.0}\n',
-               "bad_eval": '{"step": 1, "loss": 2.0}\n'}
+               "bad_eval": '{"step": 1, "loss": 2.0}\n', "empty": "",
+               "text_value": '{"step": 1, "reward": 1.0}\n{"step": 2, "reward": "1.0"}\n',
+               "png_dir": '{"step": 1, "reward": 1.0}\n'}
     for run, text in metrics.items():
         os.makedirs(tmp_path / run)
         (tmp_path / run / "metrics.jsonl").write_text(text)
     (tmp_path / "bad_eval" / "eval.json").write_text('{"gold": 0.5}')
+    os.makedirs(tmp_path / "png_dir" / "ppo.png")
     (tmp_path / "a_file").write_text("not a directory")
     runs, flags, message = PLOT_CASES[name]
     with pytest.raises(SystemExit) as exit_info:

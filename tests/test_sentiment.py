@@ -133,10 +133,13 @@ def test_sampled_rows_and_kl_to_self(tiny_chat):
     """Rows of different lengths: padding must not change a response's log-prob, so KL to itself is 0."""
     model, tokenizer = tiny_chat
     torch.manual_seed(0)
-    rows = sample(model, tokenizer, ["is it worth watching?", "the film was great"] * 2, 1.0, 12, batch_size=3)
-    assert [r["prompt"] for r in rows] == ["is it worth watching?", "the film was great"] * 2
+    rows = sample(model, tokenizer, ["is it worth watching?", "the film was great"] * 8, 1.0, 12, batch_size=3)
+    assert [r["prompt"] for r in rows] == ["is it worth watching?", "the film was great"] * 8
     assert all(r["ended"] == (r["response_ids"][-1] == tokenizer.eos_token_id) for r in rows)
-    together = eval_py.summed_logprobs(model, rows, 1.0, tokenizer.pad_token_id, batch_size=4)  # (4,)
+    decoded = tokenizer.batch_decode([r["response_ids"] for r in rows], skip_special_tokens=True)
+    assert any(text != text.strip() for text in decoded)  # some answers begin or end with a space
+    assert [r["text"] for r in rows] == decoded  # as train.py decodes a rollout to score it: spaces and all
+    together = eval_py.summed_logprobs(model, rows, 1.0, tokenizer.pad_token_id, batch_size=16)  # (16,)
     alone = torch.cat([eval_py.summed_logprobs(model, [r], 1.0, tokenizer.pad_token_id, 1) for r in rows])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
     assert (together < 0).all()

@@ -402,6 +402,22 @@ def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
     torch.testing.assert_close(shaped, torch.tensor([0.0, -1.5, 0.5]))  # in normalised units, whatever the scale
 
 
+def test_reward_norm_waits_for_a_rollout_whose_scores_differ(monkeypatch):
+    """A 0/1 reward that is 0 for the whole first rollout has no scale: dividing by its std (0) would blow the
+    next rollouts' scores up a million-fold and drown the KL penalty."""
+    sys.path.insert(0, ROOT)
+    import train
+    monkeypatch.setattr(train, "mean_across_ranks", dict)  # one rank: the mean is this rank's
+    args = train.parse_args(["--stage", "grpo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
+    norm, ended = {}, torch.tensor([True] * 4)
+    assert torch.equal(train.shaped_scores(torch.zeros(4), ended, norm, args), torch.zeros(4)) and norm == {}
+    assert torch.equal(train.shaped_scores(torch.full((4,), 5.0), ended, norm, args), torch.full((4,), 5.0))
+    shaped = train.shaped_scores(torch.tensor([0.0, 1.0, 1.0, 0.0]), ended, norm, args)
+    assert norm == {"mean": 0.5, "std": 0.5}
+    torch.testing.assert_close(shaped, torch.tensor([-1.0, 1.0, 1.0, -1.0]))
+    assert torch.equal(train.shaped_scores(torch.full((4,), 2.0), ended, norm, args), torch.full((4,), 3.0))  # kept
+
+
 def test_ppo_defaults_a_critic_from_the_reward_model_else_the_value_head():
     """InstructGPT's critic, from the reward model, where there is one, with the lambda and value lr that made it
     learn on the offline example; the value head (cheaper) with a reward function or when asked for."""
@@ -757,3 +773,34 @@ def test_sft_eval_loss_is_a_token_level_mean(work):
     batches = [losses[i:i + 2] for i in range(0, 8, 2)]  # what weighing each batch's mean by its rows gives:
     row_weighted = sum(sum(loss * n for loss, n in b) / sum(n for _, n in b) * len(b) for b in batches) / 8
     assert row_weighted != pytest.approx(token_mean, rel=1e-4)  # so the check above tells them apart
+
+
+CPU_ALL_REDUCE = """import sys, torch, torch.distributed as dist
+dist.init_process_group(sys.argv[1], init_method="file://" + sys.argv[2], rank=0, world_size=1)
+flag = torch.ones(1)  # a stop flag or a stat: a CPU tensor
+dist.all_reduce(flag)
+print(flag.item())
+"""
+
+
+@pytest.mark.parametrize("device, backend, works", [("cpu", "ccl", True), ("cuda", "gloo", True), (None, None, False)])
+def test_cpu_collectives_beside_an_accelerators_backend(tmp_path, device, backend, works):
+    """The run's small all-reduces are of CPU tensors. On an accelerator, NCCL alone cannot reduce them: the
+    process group must carry gloo beside it. ("cuda", "gloo") stands in for ("cuda", "nccl"), which cannot start
+    without a GPU; the last case is the accelerator's backend alone, as DeepSpeed's default picks it."""
+    from minrlhf.engine import process_group_backend
+    group = process_group_backend(device, backend) if device else "cuda:gloo"
+    done = subprocess.run([sys.executable, "-c", CPU_ALL_REDUCE, group, str(tmp_path / "rendezvous")],
+                          capture_output=True, text=True)
+    assert (done.returncode == 0 and done.stdout.strip() == "1.0") == works, done.stderr[-300:]
+
+
+def test_same_path_however_spelled(tmp_path, monkeypatch):
+    """The critic from --reward-model takes the scores' normalisation when both flags name one folder, however
+    written (`--critic-model ./runs/rm --reward-model runs/rm/`); --output may be none of the inputs; --resume
+    takes `--dataset ./d.jsonl` for the `d.jsonl` of args.json."""
+    from minrlhf.cli import same_path
+    (tmp_path / "rm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert same_path("./rm", "rm/") and same_path("rm", str(tmp_path / "rm")) and same_path("./d.jsonl", "d.jsonl")
+    assert not same_path("rm", "rm2") and not same_path("rm", None)

@@ -120,3 +120,10 @@ def save_tiny(family: str, path, seed: int = 0, config: dict | None = None, **to
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# a chat template that refuses a system turn, as Gemma's and Mistral's do
+STRICT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                   "{{ raise_exception('System role not supported') }}{% endif %}"
+                   "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
