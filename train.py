@@ -351,10 +351,10 @@ def shaped_scores(scores, ended, norm, args):
     that runs into the token cap scores low, whatever its text). A first rollout whose scores all tie (a 0/1
     reward, all 0) has no scale to give: the scores stay as they are until a rollout with spread sets it."""
     if args.reward_norm and not norm:
-        m = mean_across_ranks({"mean": scores.mean().item(), "sq": scores.pow(2).mean().item()})
-        std = math.sqrt(max(m["sq"] - m["mean"] ** 2, 0.0))
-        if math.isfinite(std) and std > 1e-6 * (1 + abs(m["mean"])):  # not E[s²] - E[s]²'s rounding error
-            norm.update(mean=m["mean"], std=std)
+        m = mean_across_ranks({"mean": scores.mean().item(), "sq": scores.pow(2).mean().item(),
+                               "spread": (scores.max() - scores.min()).item()})  # 0: every rank's scores tie
+        if m["spread"] > 0 and all(map(math.isfinite, m.values())):  # else the next rollout sets it
+            norm.update(mean=m["mean"], std=math.sqrt(max(m["sq"] - m["mean"] ** 2, 1e-12)))
     if args.reward_norm and norm:
         scores = (scores - norm["mean"]) / norm["std"]
     return scores - args.missing_eos_penalty * (~ended).float()

@@ -29,10 +29,10 @@ def fail(message, this_rank=False):
     sys.exit(2)
 
 
-def check_template(flag, path, tokenizer, prompts, source):
+def check_template(flag, path, tokenizer, prompts, source, replies=True):
     """One line unless the model's tokenizer can write every prompt of `source` (its chat template)."""
     try:
-        check_prompts(tokenizer, prompts)
+        check_prompts(tokenizer, prompts, replies)
     except DataError as e:
         fail(f"{source}: {flag} {path}: {e}")
 
@@ -71,7 +71,8 @@ def bounded(kind, low, high=math.inf, above=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+        finite = kind is int or math.isfinite(value)  # an int (even 10**400, past any float) is finite
+        if not (finite and (value > low if above else value >= low) and value <= high):
             bounds = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"{text}: expected a number {bounds}")
         return value
@@ -96,15 +97,15 @@ def quiet_libraries():
     huggingface_hub.utils.logging.set_verbosity_error()
 
 
-def fail_to_load(flag, path, error, form="{}"):
-    """One line for a model folder that does not load: the error's first line, put in `form`. A train.py run
-    stopped before it wrote its final model (checkpoints only) is named as such."""
+def fail_to_load(flag, path, reason):
+    """One line for a model folder that does not load, with `reason`; a train.py run stopped before it wrote
+    its final model (checkpoints only) is named as such."""
     unfinished = os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isfile(
         os.path.join(path, "config.json"))
     if unfinished:
         fail(f"{flag} {path}: a train.py run without its final model (checkpoints only); train.py --resume "
              f"finishes it")
-    fail(f"{flag} {path}: {form.format(str(error).splitlines()[0])}")
+    fail(f"{flag} {path}: {reason}")
 
 
 def same_path(path, other):

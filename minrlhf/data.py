@@ -67,7 +67,8 @@ def _json_fault(path):
             text = f.read()
     except (OSError, ValueError) as e:  # not gzip, or not UTF-8
         return f"cannot read it as UTF-8 text ({e})"
-    lines = text.splitlines() if path.removesuffix(".gz").endswith(".jsonl") else [text]
+    jsonl = path.removesuffix(".gz").endswith(".jsonl")
+    lines = text.splitlines() if jsonl else [text]
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -75,7 +76,7 @@ def _json_fault(path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"line {number + e.lineno - 1}: malformed JSON ({e.msg})"
-        if len(lines) > 1 and not isinstance(row, dict):
+        if jsonl and not isinstance(row, dict):
             return f"line {number}: a JSON {type(row).__name__}; expected an object per line"
     return None
 
@@ -160,25 +161,29 @@ def encode_pair(tokenizer, prompt, response, ended=True):
     prompt_ids = encode_prompt(tokenizer, prompt)
     if not ended:
         return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.chat_template:
-        head = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
-        full = chat_text(tokenizer, _as_messages(prompt) + [{"role": "assistant", "content": response}])
-        if not full.startswith(head):
-            raise DataError(f"{tokenizer.name_or_path}: chat template output does not extend the prompt")
-        response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
-        closed = tokenizer.eos_token_id in response_ids  # the template's end of turn: EOS, maybe then "\n"
-    else:  # an EOS inside the text does not end it
+    if not tokenizer.chat_template:
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        closed = response_ids[-1:] == [tokenizer.eos_token_id]
+        return prompt_ids, ending_with_eos(response_ids, tokenizer)
+    head = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
+    full = chat_text(tokenizer, _as_messages(prompt) + [{"role": "assistant", "content": response}])
+    if not full.startswith(head):
+        raise DataError(f"{tokenizer.name_or_path}: chat template output does not extend the prompt")
+    response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    closed = tokenizer.eos_token_id in response_ids  # the template's end of turn: EOS, maybe then "\n"
     return prompt_ids, response_ids + ([] if closed else [tokenizer.eos_token_id])
 
 
-def check_prompts(tokenizer, prompts):
+def ending_with_eos(ids, tokenizer):
+    """ids with EOS after them, unless they end with it already: an EOS inside the text does not end it."""
+    return ids if ids[-1:] == [tokenizer.eos_token_id] else ids + [tokenizer.eos_token_id]
+
+
+def check_prompts(tokenizer, prompts, replies=True):
     """Raise a DataError if the tokenizer cannot write one of the prompts (its chat template refuses it, or
-    chat messages without a template): found before sampling, for a reward model's tokenizer too."""
+    chat messages without a template), with a reply after it (a reward model's) or alone (a policy's)."""
     for prompt in prompts:
         try:
-            encode_pair(tokenizer, prompt, "")
+            encode_pair(tokenizer, prompt, "") if replies else encode_prompt(tokenizer, prompt)
         except DataError as e:
             raise DataError(f"{e}; the prompt: {str(prompt)[:80]!r}") from None
 
@@ -220,10 +225,10 @@ def _sft_pair(row):
         return (prompt or ""), last["content"]
     if row.get("text") is not None:
         return "", _text(row, "text")
-    if "prompt" not in row:  # a {messages} or {text} file, this row's field null
-        column, expected = ("messages", "chat messages") if "messages" in row else ("text", "text")
-        raise DataError(f"column {column!r} is None; expected {expected}")
-    return _text(row, "prompt"), _text(row, "response" if "response" in row else "chosen")
+    if "prompt" not in row:  # a {messages} or {text} file whose field is null in this row: _text raises
+        return "", _text(row, "messages" if "messages" in row else "text")
+    reply = "response" if row.get("response") is not None or "chosen" not in row else "chosen"
+    return _text(row, "prompt"), _text(row, reply)
 
 
 def encode_sft(row, tokenizer, max_length):
@@ -233,7 +238,7 @@ def encode_sft(row, tokenizer, max_length):
     if not response.strip():
         return None
     if prompt == "":  # plain text: every token is a label, no chat template
-        prompt_ids, response_ids = [], tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
+        prompt_ids, response_ids = [], ending_with_eos(tokenizer(response)["input_ids"], tokenizer)
     else:
         prompt_ids, response_ids = encode_pair(tokenizer, prompt, response)
     ids = (prompt_ids + response_ids)[:max_length]

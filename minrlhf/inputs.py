@@ -44,7 +44,7 @@ def load_tokenizer(flag, path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        fail_to_load(flag, path, e, "no tokenizer ({})")
+        fail_to_load(flag, path, f"no tokenizer ({str(e).splitlines()[0]})")
     try:
         return tokenizer, ensure_pad_token(tokenizer)
     except DataError as e:
@@ -62,7 +62,7 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=No
             model = load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm")
     except LOAD_ERRORS as e:
         as_what = "a causal LM" if kind == "causal" else "a reward model"
-        fail_to_load(flag, path, e, f"cannot load as {as_what} ({{}})")
+        fail_to_load(flag, path, f"cannot load as {as_what} ({str(e).splitlines()[0]})")
     if resize:
         model.resize_token_embeddings(len(tokenizer))
     reads = reads or len(tokenizer)

@@ -210,8 +210,28 @@ def test_an_eos_inside_the_text_does_not_end_it():
     tok = make_tokenizer()
     ex = encode_sft({"prompt": "the film", "response": " was great<|endoftext|> and long"}, tok, 64)
     assert ex["input_ids"].count(tok.eos_token_id) == 2 and ex["input_ids"][-1] == tok.eos_token_id
-    assert encode_sft({"prompt": "the film", "response": " was great<|endoftext|>"}, tok, 64)["input_ids"][-2:] != [
-        tok.eos_token_id] * 2  # one that ends it is the end: not doubled
+    for row in ({"prompt": "the film", "response": " was great<|endoftext|>"}, {"text": "the film<|endoftext|>"}):
+        ids = encode_sft(row, tok, 64)["input_ids"]
+        assert ids[-1] == tok.eos_token_id and ids[-2] != tok.eos_token_id  # one that ends it: not doubled
+
+
+def test_an_sft_file_may_mix_replies_and_preference_rows():
+    rows = [{"prompt": "a", "response": " b", "chosen": None, "rejected": None},
+            {"prompt": "a", "response": None, "chosen": " b", "rejected": " c"}]
+    first, second = tokenize(rows, "sft", make_tokenizer(), 64)[0]
+    assert first == second
+
+
+def test_a_policy_template_that_opens_its_reply_is_checked_without_one():
+    """DeepSeek-R1-Distill's generation prompt opens the reply (`<think>`), which the written reply does not
+    repeat: the policy only ever writes the prompt (sampling), a reward model the prompt and its reply."""
+    tok = make_tokenizer(chat_template=True)
+    tok.chat_template = tok.chat_template.replace("assistant\n' }}", "assistant\n<think>\n' }}")
+    assert "<think>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                add_generation_prompt=True)
+    data.check_prompts(tok, ["hi"], replies=False)
+    with pytest.raises(DataError, match="chat template output does not extend the prompt"):
+        data.check_prompts(tok, ["hi"])
 
 
 def test_a_chat_template_that_refuses_the_messages_is_a_data_error_naming_the_row():

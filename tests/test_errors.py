@@ -90,7 +90,8 @@ def w(tmp_path_factory):
     os.makedirs(d / "sft_run")
     (d / "sft_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
     os.makedirs(d / "ckpt_run" / "checkpoints" / "step1")  # also a run stopped before its final model
-    for name, saved in {"resume_run": {"batch_size": 4}, "ranks_run": {"world_size": 2}}.items():
+    for name, saved in {"resume_run": {"batch_size": 4}, "ranks_run": {"world_size": 2},
+                        "path_run": {"dataset": "pref.jsonl"}}.items():
         os.makedirs(d / name / "checkpoints" / "step1")
         (d / name / "args.json").write_text(json.dumps({"stage": "sft", "max_steps": 1, **saved}))
     return d
@@ -207,6 +208,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "resume, other batch": (["--output", "{w}/resume_run", "--resume", "--max-steps", 2, "--batch-size", 2],
                             r"--resume: --batch-size is 2, where the checkpoints' run had 4 \(.*resume_run/args\.json\); "
                             r"only how long it runs, logs and saves may change"),
+    "resume, the data spelled otherwise": (["--output", "{w}/path_run", "--resume", "--dataset", "./pref.jsonl"],
+                                           r"--resume: cannot load .*path_run/checkpoints/step1"),  # past the flags
     "resume without args.json": (["--output", "{w}/ckpt_run", "--resume"],
                                  r"--resume: .*ckpt_run/args\.json is missing or unreadable, so the checkpoints' "
                                  r"flags are unknown"),

@@ -410,8 +410,9 @@ def test_reward_norm_waits_for_a_rollout_whose_scores_differ(monkeypatch):
     monkeypatch.setattr(train, "mean_across_ranks", dict)  # one rank: the mean is this rank's
     args = train.parse_args(["--stage", "grpo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
     norm, ended = {}, torch.tensor([True] * 4)
-    assert torch.equal(train.shaped_scores(torch.zeros(4), ended, norm, args), torch.zeros(4)) and norm == {}
-    assert torch.equal(train.shaped_scores(torch.full((4,), 5.0), ended, norm, args), torch.full((4,), 5.0))
+    for tied in (0.0, 5.0, 0.1, 1 / 3):  # E[s²] - E[s]² in float32 is not 0 for the last two
+        assert torch.equal(train.shaped_scores(torch.full((4,), tied), ended, norm, args), torch.full((4,), tied))
+        assert norm == {}
     shaped = train.shaped_scores(torch.tensor([0.0, 1.0, 1.0, 0.0]), ended, norm, args)
     assert norm == {"mean": 0.5, "std": 0.5}
     torch.testing.assert_close(shaped, torch.tensor([-1.0, 1.0, 1.0, -1.0]))
