@@ -19,6 +19,7 @@ from minrlhf.sampling import sample, sample_n
 from tiny import make_causal_lm, make_tokenizer, save_tiny
 
 BEST_OF_N = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "best_of_n.py")
+RM_CUTOFFS = os.path.join(os.path.dirname(BEST_OF_N), "rm_cutoffs.py")
 STAGE_OF = {"sft": "sft", "rm": "rm", "ppo": "ppo", "eval": "ppo"}  # eval prompts are RL prompts
 
 
@@ -190,6 +191,25 @@ def test_best_of_n_ranks_by_one_score_and_averages_the_other():
     assert best_of_n.best_of(scores, gold, 2) == pytest.approx(1.5)
     assert best_of_n.best_of(scores, gold, 4) == pytest.approx((2.0 + 1.0) / 2)
     assert best_of_n.best_of(gold, gold, 4) == pytest.approx((4.0 + 1.0) / 2)
+
+
+def test_rm_cutoffs_scores_cut_off_answers_both_ways(tmp_path, capsys):
+    """bench/rm_cutoffs.py: with nothing cut off (a cap past every answer) both encodings are the same; with a cap
+    of 1 token every answer counts as cut off and is scored as generated, and the accuracy may change."""
+    rm_cutoffs = load_script(RM_CUTOFFS)
+    tokenizer = make_tokenizer(chat_template=True)
+    lm = save_tiny("llama", tmp_path / "lm", chat_template=True)
+    M.load_reward_model(lm, tokenizer.pad_token_id).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    rows = [{"prompt": f"review {i}", "chosen": " great film " * (i + 1), "rejected": " bad"} for i in range(10)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--reward-model", str(tmp_path / "rm"), "--pairs", str(tmp_path / "pairs.jsonl"), "--eval-fraction", "1"]
+    rm_cutoffs.main(flags + ["--cap", "1000"])
+    lines = capsys.readouterr().out.splitlines()[-3:]  # after any library banner
+    assert lines[0] == "10 held-out pairs; cut off: 0.00 of the chosen answers, 0.00 of the rejected, both in 0 pairs"
+    assert lines[1].split(": accuracy ")[1] == lines[2].split(": accuracy ")[1]
+    rm_cutoffs.main(flags + ["--cap", "1"])
+    assert capsys.readouterr().out.splitlines()[-3].endswith("1.00 of the rejected, both in 10 pairs")
 
 
 def test_regularised_optimum_reweights_each_prompts_answers():

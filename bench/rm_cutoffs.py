@@ -1,0 +1,61 @@
+"""Does the reward model rank cut-off answers the way PPO scores them?
+
+    python bench/rm_cutoffs.py --reward-model runs/rm
+
+The preference pairs (data/sentiment/rm_pairs.jsonl) hold base-model answers of at most 48 new tokens and do
+not say which were cut off at that cap, so `--stage rm` trains on every answer closed by the chat template
+(end of turn, EOS). PPO and eval.py score a cut-off answer as generated, without them. On the held-out pairs
+(the file's last --eval-fraction, as train.py holds them out) this prints the reward model's accuracy with
+every answer closed, as trained, and with the cut-off ones as generated. An answer counts as cut off when its
+text re-encodes to --cap tokens or more.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import minrlhf as M  # noqa: E402
+from eval import load_reward_model  # noqa: E402
+from minrlhf.defaults import SENTIMENT_DATA  # noqa: E402
+
+
+@torch.no_grad()
+def scores(model, tokenizer, rows, key, ended, batch_size=16):
+    """The reward model's score of each row's `key` answer, encoded as `ended` says: (N,)."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        out += M.score_texts(model, tokenizer, [r["prompt"] for r in chunk], [r[key] for r in chunk],
+                             tokenizer.model_max_length, ended=ended[i:i + batch_size]).tolist()
+    return torch.tensor(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reward-model", default="runs/rm", help="reward model saved by --stage rm")
+    p.add_argument("--pairs", default=SENTIMENT_DATA["rm"], help="the pairs it was trained on")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share, as in its training")
+    p.add_argument("--cap", type=int, default=48, help="the sampler's token cap")
+    args = p.parse_args(argv)
+    model, tokenizer = load_reward_model(args.reward_model)
+    with open(args.pairs) as f:
+        rows = [json.loads(line) for line in f]
+    rows = rows[len(rows) - int(len(rows) * args.eval_fraction):]
+    cut = {key: torch.tensor([len(tokenizer(r[key], add_special_tokens=False)["input_ids"]) >= args.cap
+                              for r in rows]) for key in ("chosen", "rejected")}
+    both = cut["chosen"] & cut["rejected"]
+    print(f"{len(rows)} held-out pairs; cut off: {cut['chosen'].float().mean():.2f} of the chosen answers, "
+          f"{cut['rejected'].float().mean():.2f} of the rejected, both in {int(both.sum())} pairs")
+    closed = torch.ones(len(rows), dtype=torch.bool)
+    for name, as_generated in (("every answer closed (as trained)", False), ("cut-offs as generated", True)):
+        ended = {key: (~cut[key] if as_generated else closed).tolist() for key in cut}
+        chosen, rejected = (scores(model, tokenizer, rows, key, ended[key]) for key in ("chosen", "rejected"))
+        right = (chosen > rejected).float()
+        print(f"{name}: accuracy {right.mean():.3f}; where both are cut off {right[both].mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
