@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 import minrlhf as M
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_template, check_writable, fail,
-                         fail_to_load, positive, positive_int, quiet_libraries)
+                         fail_to_load, positive_int, quiet_libraries, sampling_temperature)
 from minrlhf.sampling import load_chat_model, sample
 
 
@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=positive_int, default=4, help="responses sampled per prompt")
     p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed of the sampling")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer token cap, as in training")
-    p.add_argument("--temperature", type=positive, default=0.7, help="sampling temperature, of log-probs too")
+    p.add_argument("--temperature", type=sampling_temperature, default=0.7,
+                   help="sampling temperature, of log-probs too")
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts sampled (and scored) at once")
     p.add_argument("--show", type=bounded(int, 0), default=3,
                    help="prompts to show base and policy answers for")

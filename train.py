@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 
 import minrlhf as M
 from minrlhf.cli import (OneLineArgumentParser, bounded, check_template, fail, lost_peer, non_negative,
-                         positive, positive_int, quiet_libraries, same_path)
+                         positive, positive_int, quiet_libraries, same_path, sampling_temperature)
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
@@ -118,7 +118,8 @@ def add_online_flags(g):
     g("--gamma", type=bounded(float, 0, 1), default=1.0, help="ppo: discount")
     g("--lam", type=bounded(float, 0, 1), default=None,
       help="ppo: GAE lambda (default: a critic 0.95; the value head, which learns little, 1: Monte-Carlo)")
-    g("--temperature", type=positive, default=0.7, help="sampling temperature; log-probs use it too")
+    g("--temperature", type=sampling_temperature, default=0.7,
+      help="sampling temperature; log-probs use it too")
     g("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
       help="grpo: divide by the group's score std (--no-scale-rewards: Dr. GRPO, Liu et al. 2025)")
     g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,

@@ -81,6 +81,7 @@ def bounded(kind, low, high=math.inf, above=False):
 
 positive_int = bounded(int, 0, above=True)
 positive = bounded(float, 0, above=True)
+sampling_temperature = bounded(float, 1e-3)  # logits / T stay finite in fp32 (at 1e-42 they overflow)
 non_negative = bounded(float, 0)
 
 

@@ -255,7 +255,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "reward fn module exits": (PPO + ["--reward-fn", "exits:f"],
                                r"--reward-fn exits:f: cannot import \(SystemExit: usage: exits\.py \[-h\]\)"),
     "not a number": (["--batch-size", "x"], r"argument --batch-size: invalid int value: 'x'"),
-    "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number > 0"),
+    "nan": (["--temperature", "nan"], r"argument --temperature: nan: expected a number >= 0\.001"),
+    "temperature near 0": (PPO + ["--reward-fn", "vader", "--temperature", "1e-42"],
+                           r"argument --temperature: 1e-42: expected a number >= 0\.001"),
     "a line not an object": (["--dataset", "{w}/list_line.jsonl"],
                              r"list_line\.jsonl: line 2: a JSON list; expected an object per line"),
     "inf": (["--epochs", "inf"], r"argument --epochs: inf: expected a number > 0"),
@@ -314,6 +316,7 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
                                 r"answer; lower --max-new-tokens or shorten the prompts"),
     "prompts missing": (["--prompts", "{w}/nope.jsonl"], r"--prompts .*nope\.jsonl: no such file"),
     "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number > 0"),
+    "temperature near 0": (["--temperature", "1e-42"], r"argument --temperature: 1e-42: expected a number >= 0\.001"),
     "negative seed": (["--seed", "-1"], r"argument --seed: -1: expected a number >= 0 and <= 4294967295"),
     "json not writable": (["--json", "{w}/a_file/eval.json"], r"--json .*a_file/eval\.json: cannot write there "
                                                               r"\(Not a directory\)"),
