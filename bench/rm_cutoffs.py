@@ -17,20 +17,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import minrlhf as M  # noqa: E402
-from eval import load_reward_model  # noqa: E402
+from eval import load_reward_model, reward_model_scores  # noqa: E402
 from minrlhf.defaults import SENTIMENT_DATA  # noqa: E402
 
 
-@torch.no_grad()
-def scores(model, tokenizer, rows, key, ended, batch_size=16):
-    """The reward model's score of each row's `key` answer, encoded as `ended` says: (N,)."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        out += M.score_texts(model, tokenizer, [r["prompt"] for r in chunk], [r[key] for r in chunk],
-                             tokenizer.model_max_length, ended=ended[i:i + batch_size]).tolist()
-    return torch.tensor(out)
+def answers(rows, key, ended):
+    """The pairs' `key` answers as the rows eval.py's `reward_model_scores` takes: {prompt, text, ended}."""
+    return [{"prompt": r["prompt"], "text": r[key], "ended": e} for r, e in zip(rows, ended)]
 
 
 def main(argv=None):
@@ -52,8 +45,9 @@ def main(argv=None):
     closed = torch.ones(len(rows), dtype=torch.bool)
     for name, as_generated in (("every answer closed (as trained)", False), ("cut-offs as generated", True)):
         ended = {key: (~cut[key] if as_generated else closed).tolist() for key in cut}
-        chosen, rejected = (scores(model, tokenizer, rows, key, ended[key]) for key in ("chosen", "rejected"))
-        right = (chosen > rejected).float()
+        scored = {key: reward_model_scores(model, tokenizer, answers(rows, key, ended[key]), batch_size=16)
+                  for key in cut}
+        right = (torch.tensor(scored["chosen"]) > torch.tensor(scored["rejected"])).float()
         print(f"{name}: accuracy {right.mean():.3f}; where both are cut off {right[both].mean():.3f}")
 
 
