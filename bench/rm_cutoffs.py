@@ -2,12 +2,11 @@
 
     python bench/rm_cutoffs.py --reward-model runs/rm
 
-The preference pairs (data/sentiment/rm_pairs.jsonl) hold base-model answers of at most 48 new tokens and do
-not say which were cut off at that cap, so `--stage rm` trains on every answer closed by the chat template
-(end of turn, EOS). PPO and eval.py score a cut-off answer as generated, without them. On the held-out pairs
-(the file's last --eval-fraction, as train.py holds them out) this prints the reward model's accuracy with
-every answer closed, as trained, and with the cut-off ones as generated. An answer counts as cut off when its
-text re-encodes to --cap tokens or more.
+PPO and eval.py score an answer cut off at the token cap as generated, without the chat template's end of turn
+and EOS. The preference pairs (data/sentiment/rm_pairs.jsonl) mark such answers (`chosen_ended`,
+`rejected_ended` false) and `--stage rm` trains on them as generated; a file without the marks trains on every
+answer closed. On the held-out pairs (the file's last --eval-fraction, as train.py holds them out) this prints
+the reward model's accuracy both ways: every answer closed, and the cut-off ones as generated.
 """
 import argparse
 import json
@@ -31,19 +30,18 @@ def main(argv=None):
     p.add_argument("--reward-model", default="runs/rm", help="reward model saved by --stage rm")
     p.add_argument("--pairs", default=SENTIMENT_DATA["rm"], help="the pairs it was trained on")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share, as in its training")
-    p.add_argument("--cap", type=int, default=48, help="the sampler's token cap")
     args = p.parse_args(argv)
     model, tokenizer = load_reward_model(args.reward_model)
     with open(args.pairs) as f:
         rows = [json.loads(line) for line in f]
     rows = rows[len(rows) - int(len(rows) * args.eval_fraction):]
-    cut = {key: torch.tensor([len(tokenizer(r[key], add_special_tokens=False)["input_ids"]) >= args.cap
-                              for r in rows]) for key in ("chosen", "rejected")}
+    cut = {key: torch.tensor([r.get(f"{key}_ended") is False for r in rows])  # marked cut off
+           for key in ("chosen", "rejected")}
     both = cut["chosen"] & cut["rejected"]
     print(f"{len(rows)} held-out pairs; cut off: {cut['chosen'].float().mean():.2f} of the chosen answers, "
           f"{cut['rejected'].float().mean():.2f} of the rejected, both in {int(both.sum())} pairs")
     closed = torch.ones(len(rows), dtype=torch.bool)
-    for name, as_generated in (("every answer closed (as trained)", False), ("cut-offs as generated", True)):
+    for name, as_generated in (("every answer closed", False), ("cut-offs as generated", True)):
         ended = {key: (~cut[key] if as_generated else closed).tolist() for key in cut}
         scored = {key: reward_model_scores(model, tokenizer, answers(rows, key, ended[key]), batch_size=16)
                   for key in cut}

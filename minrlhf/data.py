@@ -217,6 +217,14 @@ def _text(row, column):
     raise DataError(f"column {column!r} is {value!r}; expected text")
 
 
+def _ended(row, reply):
+    """row[reply + "_ended"]: False for a reply cut off at a token limit; absent or null: True."""
+    value = row.get(f"{reply}_ended")
+    if value is None or isinstance(value, bool):
+        return value is not False
+    raise DataError(f"column '{reply}_ended' is {value!r}; expected true or false")
+
+
 def _sft_pair(row):
     if row.get("messages") is not None:  # a file may mix {messages}, {text} and {prompt, response} rows
         *prompt, last = _text(row, "messages")
@@ -248,16 +256,17 @@ def encode_sft(row, tokenizer, max_length):
 
 
 def encode_preference(row, tokenizer, max_length):
-    """{prompt, chosen, rejected} ids, each reply ending with EOS. The replies keep their last max_length - 1
-    tokens and the prompt its last tokens that fit beside the longer reply (one at least, so every pair
-    makes the same forward calls, as ZeRO-3 needs): both replies are judged in the same context, and the
-    ends, where the reward is read and the replies differ, are never cut. None for an empty reply, or replies
-    alike (as text, or once cut): no preference to learn, a loss of log 2 and no gradient."""
+    """{prompt, chosen, rejected} ids, each reply ending with EOS, or as generated if the row marks it cut off
+    at a token limit (`chosen_ended` or `rejected_ended` false): scored as PPO scores it. The replies keep
+    their last max_length - 1 tokens and the prompt its last tokens that fit beside the longer reply (one at
+    least, so every pair makes the same forward calls, as ZeRO-3 needs): both replies are judged in the same
+    context, and the ends, where the reward is read and the replies differ, are never cut. None for an empty
+    reply, or replies alike (as text, or once cut): no preference to learn, a loss of log 2, no gradient."""
     prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
     if not (chosen_text.strip() and rejected_text.strip()):
         return None
-    prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text)
-    rejected = encode_pair(tokenizer, prompt_text, rejected_text)[1]
+    prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text, _ended(row, "chosen"))
+    rejected = encode_pair(tokenizer, prompt_text, rejected_text, _ended(row, "rejected"))[1]
     chosen, rejected = chosen[1 - max_length:], rejected[1 - max_length:]
     if chosen == rejected:
         return None

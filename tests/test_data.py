@@ -277,6 +277,16 @@ def test_preference_pairs_share_prompt_and_keep_the_end():
     assert mask.sum(1).tolist() == lengths and mask[:2, : prompts.shape[1] - len(first["prompt"])].sum() == 0
 
 
+def test_a_reply_marked_cut_off_keeps_no_eos():
+    tok = make_tokenizer()
+    row = {**ROWS[0], "rejected_ended": False, "chosen_ended": None}  # null: ended, as when absent
+    ex = encode_preference(row, tok, 64)
+    assert ex["chosen"] == tok(ROWS[0]["chosen"])["input_ids"] + [tok.eos_token_id]
+    assert ex["rejected"] == tok(ROWS[0]["rejected"], add_special_tokens=False)["input_ids"]
+    with pytest.raises(DataError, match="row 2: column 'chosen_ended' is 'no'; expected true or false"):
+        tokenize([ROWS[0], {**ROWS[0], "chosen_ended": "no"}], "rm", tok, 64)
+
+
 def test_pairs_are_grouped_only_when_padding_costs_little():
     ex = lambda p, c, r: {"prompt": [5] * p, "chosen": [6] * c, "rejected": [7] * r}
     alike = [ex(250, 3, 2), ex(250, 2, 3), ex(248, 3, 3)]  # 1 of 771 tokens would be padding

@@ -174,14 +174,18 @@ def test_pad_token_added_when_only_eos_exists():
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
 
 
-def test_score_texts_encodes_like_training(tmp_path):
+@pytest.mark.parametrize("chosen_ended", [True, False])
+def test_score_texts_encodes_like_training(tmp_path, chosen_ended):
+    """A pair's reply marked cut off (`chosen_ended` false) is trained on as PPO scores a cut-off response."""
     tokenizer = make_tokenizer(chat_template=True)
     model = load_reward_model(save_tiny("llama", tmp_path, chat_template=True), tokenizer.pad_token_id).eval()
-    row = {"prompt": "is it good?", "chosen": " yes, absolutely.", "rejected": " no"}
+    row = {"prompt": "is it good?", "chosen": " yes, absolutely", "rejected": " no.", "chosen_ended": chosen_ended}
     pair = encode_preference(row, tokenizer, 64)
+    assert (tokenizer.eos_token_id in pair["chosen"]) == chosen_ended
     with torch.no_grad():
         expected = pair_scores(model, **collate_pairs([pair], tokenizer.pad_token_id)[0])[0]
-        got = score_texts(model, tokenizer, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], 64)
+        got = score_texts(model, tokenizer, [row["prompt"]] * 2, [row["chosen"], row["rejected"]], 64,
+                          ended=[chosen_ended, True])
     torch.testing.assert_close(got, expected)
 
 

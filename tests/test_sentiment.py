@@ -194,22 +194,26 @@ def test_best_of_n_ranks_by_one_score_and_averages_the_other():
 
 
 def test_rm_cutoffs_scores_cut_off_answers_both_ways(tmp_path, capsys):
-    """bench/rm_cutoffs.py: with nothing cut off (a cap past every answer) both encodings are the same; with a cap
-    of 1 token every answer counts as cut off and is scored as generated, and the accuracy may change."""
+    """bench/rm_cutoffs.py: with no answer marked cut off both encodings are the same; with every answer marked
+    cut off (`*_ended` false) they are scored as generated, and the accuracy may change."""
     rm_cutoffs = load_script(RM_CUTOFFS)
     tokenizer = make_tokenizer(chat_template=True)
     lm = save_tiny("llama", tmp_path / "lm", chat_template=True)
     M.load_reward_model(lm, tokenizer.pad_token_id).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     rows = [{"prompt": f"review {i}", "chosen": " great film " * (i + 1), "rejected": " bad"} for i in range(10)]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     flags = ["--reward-model", str(tmp_path / "rm"), "--pairs", str(tmp_path / "pairs.jsonl"), "--eval-fraction", "1"]
-    rm_cutoffs.main(flags + ["--cap", "1000"])
-    lines = capsys.readouterr().out.splitlines()[-3:]  # after any library banner
-    assert lines[0] == "10 held-out pairs; cut off: 0.00 of the chosen answers, 0.00 of the rejected, both in 0 pairs"
-    assert lines[1].split(": accuracy ")[1] == lines[2].split(": accuracy ")[1]
-    rm_cutoffs.main(flags + ["--cap", "1"])
-    assert capsys.readouterr().out.splitlines()[-3].endswith("1.00 of the rejected, both in 10 pairs")
+    for marks in ({}, {"chosen_ended": False, "rejected_ended": False}):
+        (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({**r, **marks}) + "\n" for r in rows))
+        rm_cutoffs.main(flags)
+        lines = capsys.readouterr().out.splitlines()[-3:]  # after any library banner
+        cut = "1.00" if marks else "0.00"
+        assert lines[0] == (f"10 held-out pairs; cut off: {cut} of the chosen answers, {cut} of the rejected, "
+                            f"both in {10 if marks else 0} pairs")
+        closed, as_generated = (line.split(": accuracy ")[1].split("; ") for line in lines[1:])
+        if not marks:
+            assert closed[0] == as_generated[0]
+    assert as_generated[1] == f"where both are cut off {as_generated[0]}"  # every pair is both cut off
 
 
 def test_regularised_optimum_reweights_each_prompts_answers():
