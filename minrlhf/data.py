@@ -226,29 +226,32 @@ def _ended(row, reply):
 
 
 def _sft_pair(row):
+    """(prompt, reply, whether the reply ended: False where its column's mark says cut off)."""
     if row.get("messages") is not None:  # a file may mix {messages}, {text} and {prompt, response} rows
         *prompt, last = _text(row, "messages")
         if last["role"] != "assistant":  # the reply to learn is the assistant's
             raise DataError(f"the last of 'messages' is a {last['role']} message; expected the assistant's")
-        return (prompt or ""), last["content"]
+        return (prompt or ""), last["content"], True
     if row.get("text") is not None:
-        return "", _text(row, "text")
+        return "", _text(row, "text"), True
     if "prompt" not in row:  # a {messages} or {text} file whose field is null in this row: _text raises
-        return "", _text(row, "messages" if "messages" in row else "text")
+        return "", _text(row, "messages" if "messages" in row else "text"), True
     reply = "response" if row.get("response") is not None or "chosen" not in row else "chosen"
-    return _text(row, "prompt"), _text(row, reply)
+    return _text(row, "prompt"), _text(row, reply), _ended(row, reply)
 
 
 def encode_sft(row, tokenizer, max_length):
     """{input_ids, labels}: prompt tokens labelled -100, truncated on the right to max_length; None for
-    an empty response or when truncation would leave no response token (the caller drops and counts it)."""
-    prompt, response = _sft_pair(row)
+    an empty response or when truncation would leave no response token (the caller drops and counts it).
+    A reply marked cut off (`response_ended` or `chosen_ended` false) gets no EOS: it did not end there."""
+    prompt, response, ended = _sft_pair(row)
     if not response.strip():
         return None
     if prompt == "":  # plain text: every token is a label, no chat template
-        prompt_ids, response_ids = [], ending_with_eos(tokenizer(response)["input_ids"], tokenizer)
+        response_ids = tokenizer(response)["input_ids"]
+        prompt_ids, response_ids = [], ending_with_eos(response_ids, tokenizer) if ended else response_ids
     else:
-        prompt_ids, response_ids = encode_pair(tokenizer, prompt, response)
+        prompt_ids, response_ids = encode_pair(tokenizer, prompt, response, ended)
     ids = (prompt_ids + response_ids)[:max_length]
     if len(ids) <= len(prompt_ids):
         return None

@@ -287,6 +287,15 @@ def test_a_reply_marked_cut_off_keeps_no_eos():
         tokenize([ROWS[0], {**ROWS[0], "chosen_ended": "no"}], "rm", tok, 64)
 
 
+@pytest.mark.parametrize("prompt", ["is it good?", ""])
+def test_sft_learns_no_eos_after_a_reply_marked_cut_off(prompt):
+    tok = make_tokenizer()
+    ends = [encode_sft(row, tok, 64)["input_ids"][-1] == tok.eos_token_id for row in (
+        {"prompt": prompt, "response": " yes it"}, {"prompt": prompt, "response": " yes it", "response_ended": False},
+        {**ROWS[0], "prompt": prompt, "chosen_ended": False}, {**ROWS[0], "prompt": prompt, "rejected_ended": False})]
+    assert ends == [True, False, False, True]
+
+
 def test_pairs_are_grouped_only_when_padding_costs_little():
     ex = lambda p, c, r: {"prompt": [5] * p, "chosen": [6] * c, "rejected": [7] * r}
     alike = [ex(250, 3, 2), ex(250, 2, 3), ex(248, 3, 3)]  # 1 of 771 tokens would be padding
