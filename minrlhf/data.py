@@ -221,7 +221,7 @@ def _ended(row, reply):
     """row[reply + "_ended"]: False for a reply cut off at a token limit; absent or null: True."""
     value = row.get(f"{reply}_ended")
     if value is None or isinstance(value, bool):
-        return value is not False
+        return True if value is None else value
     raise DataError(f"column '{reply}_ended' is {value!r}; expected true or false")
 
 
