@@ -220,9 +220,11 @@ def _text(row, column):
 def _ended(row, reply):
     """row[reply + "_ended"]: False for a reply cut off at a token limit; absent or null: True."""
     value = row.get(f"{reply}_ended")
-    if value is None or isinstance(value, bool):
-        return True if value is None else value
-    raise DataError(f"column '{reply}_ended' is {value!r}; expected true or false")
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise DataError(f"column '{reply}_ended' is {value!r}; expected true or false")
+    return value
 
 
 def _sft_pair(row):

@@ -30,6 +30,7 @@ def pairs(prompt, samples):
     """[({prompt, chosen, rejected, chosen_ended, rejected_ended}, chosen score, rejected score)]: i-th best
     against i-th worst. `*_ended` is False for an answer cut off at the token cap (no EOS)."""
     texts = [s["text"] for s in samples]
+    # ties in score break by text, as when the file held texts only; the index finds the sample's `ended`
     ranked = sorted(zip(vader([prompt] * len(texts), texts), texts, range(len(texts))), reverse=True)
     out = []
     for (hi, _, i), (lo, _, j) in zip(ranked[:PAIRS_PER_PROMPT], ranked[::-1]):
