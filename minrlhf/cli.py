@@ -8,14 +8,15 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .data import DataError, check_prompts
 
 
-# what loading a missing, damaged or mismatched model folder raises
-LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+# what loading a missing, damaged or mismatched model or tokenizer folder raises: OSError, ValueError, KeyError,
+# safetensors' and huggingface_hub's errors, the tokenizers library's bare Exception... Loading is library code
+# reading the folder, so any Exception is the folder's fault, and one line names it.
+LOAD_ERRORS = Exception
 
 
 def fail(message, this_rank=False):
@@ -99,13 +100,15 @@ def quiet_libraries():
 
 
 def fail_to_load(flag, path, reason):
-    """One line for a model folder that does not load, with `reason`; a train.py run stopped before it wrote
-    its final model (checkpoints only) is named as such."""
-    unfinished = os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isfile(
-        os.path.join(path, "config.json"))
-    if unfinished:
-        fail(f"{flag} {path}: a train.py run without its final model (checkpoints only); train.py --resume "
-             f"finishes it")
+    """One line for a model folder that does not load, with `reason`; two folders without a model's
+    config.json are named as what they are: a train.py run stopped before its final model, a PEFT adapter."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isdir(os.path.join(path, "checkpoints")):
+            fail(f"{flag} {path}: a train.py run without its final model (checkpoints only); train.py --resume "
+                 f"finishes it")
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            fail(f"{flag} {path}: a PEFT adapter, not a whole model; merge it into its base model (peft's "
+                 f"merge_and_unload(), then save_pretrained) and pass that folder")
     fail(f"{flag} {path}: {reason}")
 
 

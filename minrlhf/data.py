@@ -233,7 +233,10 @@ def _sft_pair(row):
         *prompt, last = _text(row, "messages")
         if last["role"] != "assistant":  # the reply to learn is the assistant's
             raise DataError(f"the last of 'messages' is a {last['role']} message; expected the assistant's")
-        return (prompt or ""), last["content"], True
+        if not prompt:  # transformers' templates write no empty conversation, so no prompt to end
+            raise DataError("'messages' holds the assistant's message alone; expected a turn before it "
+                            "(for plain text, a {text} row)")
+        return prompt, last["content"], True
     if row.get("text") is not None:
         return "", _text(row, "text"), True
     if "prompt" not in row:  # a {messages} or {text} file whose field is null in this row: _text raises

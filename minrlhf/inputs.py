@@ -43,7 +43,7 @@ def load_tokenizer(flag, path):
     """-> (tokenizer with a pad token distinct from EOS, True if that token was added: resize the model)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         fail_to_load(flag, path, f"no tokenizer ({str(e).splitlines()[0]})")
     try:
         return tokenizer, ensure_pad_token(tokenizer)

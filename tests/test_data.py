@@ -188,6 +188,8 @@ def test_empty_replies_are_dropped_and_counted():
     ("ppo", {"prompt": 3.5}, "row 2: column 'prompt' is 3.5; expected text"),
     ("sft", {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]},
      "row 2: the last of 'messages' is a user message; expected the assistant's"),
+    ("sft", {"messages": [{"role": "assistant", "content": "hello"}]},  # once learnt as plain text, untemplated
+     "row 2: 'messages' holds the assistant's message alone; expected a turn before it (for plain text, a {text} row)"),
     ("sft", {"messages": [{"content": "hi"}]},
      "row 2: column 'messages' is [{'content': 'hi'}]; expected a list of {role, content} messages"),
 ])

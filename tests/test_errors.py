@@ -64,6 +64,11 @@ def w(tmp_path_factory):
     shutil.copytree(d / "model", d / "other_config")  # a config.json that does not fit the weights
     config = json.loads((d / "other_config" / "config.json").read_text())
     (d / "other_config" / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    shutil.copytree(d / "model", d / "typed_config")  # a config value of the wrong type: huggingface_hub's error
+    (d / "typed_config" / "config.json").write_text(json.dumps({**config, "hidden_size": "wide"}))
+    shutil.copytree(d / "model", d / "bad_tokenizer")  # tokenizer.json of the wrong shape: a bare Exception
+    (d / "bad_tokenizer" / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [],
+                                                                    "model": {"type": "BPE", "vocab": 5}}))
     no_eos = make_tokenizer()
     no_eos.eos_token = None
     no_eos.save_pretrained(d / "no_eos")
@@ -90,6 +95,8 @@ def w(tmp_path_factory):
     os.makedirs(d / "sft_run")
     (d / "sft_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
     os.makedirs(d / "ckpt_run" / "checkpoints" / "step1")  # also a run stopped before its final model
+    make_tokenizer().save_pretrained(d / "adapter")  # a PEFT adapter folder: adapters and tokenizer, no model
+    (d / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     for name, saved in {"resume_run": {"batch_size": 4}, "ranks_run": {"world_size": 2},
                         "path_run": {"dataset": "pref.jsonl"}}.items():
         os.makedirs(d / name / "checkpoints" / "step1")
@@ -277,6 +284,12 @@ CASES = {  # name: (flags, the one line expected on stderr)
         r"role not supported\); the prompt: "),
     "model an unfinished run": (["--model", "{w}/ckpt_run"], r"--model .*ckpt_run: a train\.py run without its final "
                                                             r"model \(checkpoints only\); train\.py --resume finishes it"),
+    "model a PEFT adapter": (["--model", "{w}/adapter"], r"--model .*adapter: a PEFT adapter, not a whole model; merge "
+                                                         r"it into its base model .*and pass that folder"),
+    "config of the wrong type": (["--model", "{w}/typed_config"], r"--model .*typed_config: .*\(Validation error for "
+                                                                  r"field 'hidden_size'"),
+    "tokenizer damaged": (["--model", "{w}/bad_tokenizer"], r"--model .*bad_tokenizer: no tokenizer \(invalid type: "
+                                                           r"integer `5`, expected a map"),
     "config not the weights": (["--model", "{w}/other_config"], r"--model .*other_config: cannot load as a causal LM "
                                                                 r"\(You set `ignore_mismatched_sizes` to `False`"),
     "weights cut short": (["--model", "{w}/cut_model"], r"--model .*cut_model: cannot load as a causal LM \("),
@@ -329,6 +342,8 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
          "{w}/strict_rm"], r"--prompts .*system\.jsonl: --reward-model .*strict_rm: .*refuses these messages"),
     "policy an unfinished run": (["--policy", "{w}/ckpt_run"], r"--policy .*ckpt_run: a train\.py run without its "
                                                                r"final model \(checkpoints only\)"),
+    "policy a PEFT adapter": (["--policy", "{w}/adapter"], r"--policy .*adapter: a PEFT adapter, not a whole model"),
+    "policy tokenizer damaged": (["--policy", "{w}/bad_tokenizer"], r"--policy .*bad_tokenizer: invalid type"),
     "weights cut short": (["--policy", "{w}/cut_model"], r"--policy .*cut_model: Error while deserializing header"),
 }
 
