@@ -17,18 +17,22 @@ from transformers import AutoTokenizer
 import minrlhf as M
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_template, check_writable, fail,
-                         fail_to_load, positive_int, quiet_libraries, sampling_temperature)
+                         fail_to_load, nonempty, positive_int, quiet_libraries, same_path,
+                         sampling_temperature)
 from minrlhf.sampling import load_chat_model, sample
 
 
 def parse_args(argv=None):
     p = OneLineArgumentParser(description="Evaluate a policy on held-out prompts: the gold judge's score "
                                           "(VADER), the reward model's, KL to --base, length.")
-    p.add_argument("--policy", required=True, help="policy directory (e.g. saved by --stage ppo)")
-    p.add_argument("--reward-model", help="reward model saved by --stage rm: also report its mean score")
-    p.add_argument("--base", help="base model for the KL and the samples beside the policy's "
-                                  "(default: SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", default=SENTIMENT_DATA["eval"], help="jsonl file of {prompt} rows")
+    p.add_argument("--policy", type=nonempty, required=True,
+                   help="policy directory (e.g. saved by --stage ppo)")
+    p.add_argument("--reward-model", type=nonempty,
+                   help="reward model saved by --stage rm: also report its mean score")
+    p.add_argument("--base", type=nonempty, help="base model for the KL and the samples beside the policy's "
+                                                 "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", type=nonempty, default=SENTIMENT_DATA["eval"],
+                   help="jsonl file of {prompt} rows")
     p.add_argument("--samples", type=positive_int, default=4, help="responses sampled per prompt")
     p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed of the sampling")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer token cap, as in training")
@@ -37,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts sampled (and scored) at once")
     p.add_argument("--show", type=bounded(int, 0), default=3,
                    help="prompts to show base and policy answers for")
-    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--json", type=nonempty, help="also write the figures to this file")
     return p.parse_args(argv)
 
 
@@ -78,6 +82,13 @@ def loaded(flag, path, load):
         return load(path)
     except LOAD_ERRORS as e:
         fail_to_load(flag, path, str(e).splitlines()[0])
+
+
+def check_embeddings(flag, path, model, reads, whose):
+    """A model reads token ids below its embedding count: know it now, not by an IndexError after sampling."""
+    if M.vocab_size(model) < reads:
+        fail(f"{flag} {path}: {M.vocab_size(model)} token embeddings, fewer than the {reads} token ids it "
+             f"reads ({whose})")
 
 
 def check_positions(models, prompts, tokenizer, max_new_tokens):
@@ -134,6 +145,8 @@ def load_inputs(args):
     if args.json:
         if os.path.isdir(args.json):
             fail(f"--json {args.json} is a directory; expected a file name")
+        if same_path(args.json, args.prompts):
+            fail(f"--json {args.json} is the --prompts file, which it would write over; choose another file")
         check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
     prompts = load_prompts(args.prompts)
     policy, tokenizer = loaded("--policy", args.policy, load_chat_model)
@@ -146,12 +159,16 @@ def load_inputs(args):
     if base_tokenizer.get_vocab() != tokenizer.get_vocab():
         fail(f"--base {args.base}: a tokenizer other than --policy's, so the KL would compare log-probs of "
              f"other tokens; pass the model the policy was trained from")
+    check_embeddings("--policy", args.policy, policy, len(tokenizer), "its tokenizer has")
+    check_embeddings("--base", args.base, base, M.vocab_size(policy), "the policy can sample")
     models = {"--policy": (args.policy, policy), "--base": (args.base, base)}
     reward_model = None
     if args.reward_model:
         reward_model = loaded("--reward-model", args.reward_model, load_reward_model)
         check_template("--reward-model", args.reward_model, reward_model[1], prompts,
                        f"--prompts {args.prompts}")
+        check_embeddings("--reward-model", args.reward_model, reward_model[0], len(reward_model[1]),
+                         "its tokenizer has")
         models["--reward-model"] = (args.reward_model, reward_model[0])
     check_positions(models, prompts, tokenizer, args.max_new_tokens)
     return prompts, policy, tokenizer, base, reward_model

@@ -25,9 +25,15 @@ def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
+            lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    except (OSError, ValueError) as e:  # missing, a directory, not UTF-8
         fail(f"{path}: {getattr(e, 'strerror', None) or e}; expected the metrics of a train.py run")
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            fail(f"{path}: line {number}: malformed JSON ({e}); expected the metrics of a train.py run")
     if not rows:
         fail(f"{path}: no step logged yet")
     for number, row in enumerate(rows, 1):
@@ -75,7 +81,7 @@ def compare(run_dirs, out):
     for i, run_dir in enumerate(run_dirs):
         color, name = f"C{i}", os.path.basename(os.path.normpath(run_dir))
         rows = read_metrics(run_dir)
-        points = [(r["kl"], r["gold"]) for r in rows if "gold" in r]
+        points = [(r["kl"], r["gold"]) for r in rows if "gold" in r and "kl" in r]  # --skip-nonfinite: one
         if points:
             ax.plot(*zip(*points), ".", color=color, alpha=0.4)
         held_out = read_eval(run_dir)

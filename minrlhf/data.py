@@ -7,6 +7,7 @@ chosen) and RL (its prompt). Shapes: B batch, P prompt length, T sequence length
 import gzip
 import json
 import os
+import zlib
 
 import datasets
 import torch
@@ -65,7 +66,7 @@ def _json_fault(path):
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             text = f.read()
-    except (OSError, ValueError) as e:  # not gzip, or not UTF-8
+    except (OSError, ValueError, EOFError, zlib.error) as e:  # not gzip, gzip cut short or damaged, not UTF-8
         return f"cannot read it as UTF-8 text ({e})"
     jsonl = path.removesuffix(".gz").endswith(".jsonl")
     lines = text.splitlines() if jsonl else [text]
@@ -76,8 +77,9 @@ def _json_fault(path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"line {number + e.lineno - 1}: malformed JSON ({e.msg})"
-        if jsonl and not isinstance(row, dict):
-            return f"line {number}: a JSON {type(row).__name__}; expected an object per line"
+        if not isinstance(row, dict if jsonl else (dict, list)):
+            expected = "an object per line" if jsonl else "a list of objects"
+            return f"line {number}: a JSON {type(row).__name__}; expected {expected}"
     return None
 
 
@@ -97,9 +99,10 @@ def load_rows(source, split="train"):
         try:
             path = os.path.abspath(source)
             rows = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
-        except Exception as e:
+        except Exception as e:  # datasets: "An error occurred while generating the dataset"; its cause: why
             fault = _json_fault(source) if LOCAL_FORMATS[ext] == "json" else None
-            raise DataError(f"{source}: {fault or (str(e) or repr(e)).splitlines()[0]}") from None
+            cause = e.__cause__ or e
+            raise DataError(f"{source}: {fault or (str(cause) or repr(cause)).splitlines()[0]}") from None
     else:
         try:
             rows = datasets.load_dataset(source, split=split)
@@ -190,12 +193,15 @@ def check_prompts(tokenizer, prompts, replies=True):
 
 def chat_text(tokenizer, messages, add_generation_prompt=False):
     """The chat template's text. A template that refuses the messages (a system turn, roles that do not
-    alternate) is a DataError."""
+    alternate) or fails on them (a template is a program: any error) is a DataError."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
+    except TemplateError as e:  # the template's own raise_exception(): its message says why
         raise DataError(f"{tokenizer.name_or_path}'s chat template refuses these messages ({e})") from None
+    except Exception as e:
+        raise DataError(f"{tokenizer.name_or_path}'s chat template refuses these messages "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def is_chat(value):

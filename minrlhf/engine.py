@@ -63,6 +63,9 @@ def deepspeed_config(args, world_size):
     cfg.update(batch)
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage"] = zero.get("stage", 0) if args.zero_stage is None else args.zero_stage
+    if type(zero["stage"]) is not int or zero["stage"] not in range(4):  # read before DeepSpeed checks it
+        fail(f"--deepspeed_config {args.deepspeed_config}: zero_optimization.stage {zero['stage']!r}; "
+             f"expected 0, 1, 2 or 3")
     if args.offload and zero["stage"] == 0:
         fail("--offload moves ZeRO's partitions to the CPU: it needs --zero-stage 1, 2 or 3")
     if args.offload:
@@ -83,13 +86,16 @@ def read_config(path):
     try:
         with open(path) as f:
             cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # missing, not JSON, not UTF-8
         fail(f"--deepspeed_config {path}: {e}")
     sections = ("zero_optimization", "optimizer", "bf16", "fp16")  # those the flags fill in or train.py reads
     if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k, {}), dict) for k in sections)
             and isinstance(cfg.get("optimizer", {}).get("params", {}), dict)):
         fail(f"--deepspeed_config {path}: expected a JSON object, with objects for {', '.join(sections)} and "
              f"optimizer.params")
+    clip = cfg.get("gradient_clipping", 0.0)  # DeepSpeed reads it unchecked: a string fails at the first step
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+        fail(f"--deepspeed_config {path}: gradient_clipping {clip!r}; expected a number")
     if "scheduler" in cfg:  # DeepSpeed would run it instead of train.py's, silently
         fail(f"--deepspeed_config {path}: a scheduler section; leave it out, train.py's lr decays linearly "
              f"to 0")

@@ -2,10 +2,10 @@
 models, examples, reward functions.
 Every failure is one line naming the flag or file (`fail`), before any training starts."""
 import importlib
-import math
 import numbers
 import os
 import sys
+from collections.abc import Mapping, Set
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows,
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
 from .lora import BaseModel, LoRALinear, add_lora
-from .models import Critic, load_causal_lm, load_reward_model, position_limit
+from .models import Critic, load_causal_lm, load_reward_model, position_limit, vocab_size
 
 
 def offline_defaults(args):
@@ -75,10 +75,6 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=No
              f"sequence; lower --max-length (or, for the stages that sample, --max-new-tokens)")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def vocab_size(model):
-    return model.get_input_embeddings().num_embeddings
 
 
 def adapt(model, args, source=None):
@@ -194,12 +190,26 @@ class RewardFunction:
             out = list(returned) if hasattr(returned, "__iter__") else None  # a generator runs here
         except (Exception, SystemExit, KeyboardInterrupt) as e:  # the user's code may call sys.exit() too
             return None, f"{name} raised {type(e).__name__}: {e}"
-        if out is None:  # e.g. a missing `return`
-            return None, f"{name} returned {returned!r}; expected a list of {len(prompts)} numbers"
+        if out is None or isinstance(returned, (Mapping, Set)):  # None: no `return`; a dict lists its keys
+            return None, f"{name} returned {returned!r:.80}; expected a list of {len(prompts)} numbers"
         if len(out) != len(prompts):
             return None, f"{name} returned {len(out)} scores for {len(prompts)} responses"
-        for i, x in enumerate(out):
-            number = isinstance(x, numbers.Real) and not isinstance(x, bool)
-            if not number or not (self.allow_nonfinite or math.isfinite(x)):
-                return None, f"{name}: score {i} is {x!r}; expected a finite number"
-        return torch.tensor([float(x) for x in out]), None
+        scores = [as_score(x, self.allow_nonfinite) for x in out]
+        if None in scores:
+            i = scores.index(None)
+            return None, f"{name}: score {i} is {out[i]!r}; expected a finite number (float32: |x| < 3.4e38)"
+        return torch.tensor(scores), None
+
+
+def as_score(x, allow_nonfinite):
+    """x as a float, or None: not a real number (a bool, text), or past float32's range (the scores' dtype,
+    where it would be inf) unless non-finite scores are allowed. A tensor of one element is its number."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:  # an int or a Fraction past any float
+        return None
+    return value if allow_nonfinite or abs(value) <= torch.finfo(torch.float32).max else None

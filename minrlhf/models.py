@@ -43,6 +43,11 @@ def position_limit(model):
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
+def vocab_size(model):
+    """How many token ids `model` reads: its input embeddings' rows (past them: an IndexError in forward)."""
+    return model.get_input_embeddings().num_embeddings
+
+
 def within_positions(model, length):
     """`length`, or `model`'s positions if fewer: a reward model reads text decoded and encoded again, which
     may come out longer than the tokens that were sampled (score_texts then keeps the last ones)."""

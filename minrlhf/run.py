@@ -50,6 +50,9 @@ def check_output(args):
             fail(f"--output {args.output} is the --{name.replace('_', '-')} folder, which the run would "
                  f"write over; choose another --output")
     saved = saved_args(args.output)
+    if not saved and os.path.isfile(os.path.join(args.output, "config.json")):  # a model, not a run's
+        fail(f"--output {args.output} holds a model that no train.py run wrote, which the run would write "
+             f"over; choose another --output")
     if saved.get("stage", args.stage) != args.stage:
         fail(f"--output {args.output} holds a --stage {saved['stage']} run; choose another --output for "
              f"--stage {args.stage}")
@@ -160,7 +163,7 @@ class Run:
                          json.dumps({**vars(self.args), "world_size": dist.get_world_size()}, indent=1))
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
         if self.args.resume and os.path.exists(path):
-            with open(path) as f:
+            with open(path, errors="replace") as f:  # a garbled line's bytes, dropped like any garbled line
                 kept = [line for line in f if logged_step(line) <= self.start]
         write_atomically(path, "".join(kept))
         return open(path, "a")
@@ -337,9 +340,10 @@ def write_atomically(path, text):
 def logged_step(line):
     """The step of a metrics.jsonl line; infinity for a line cut short or garbled (dropped on resume)."""
     try:
-        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+        step = json.loads(line)["step"] if line.endswith("\n") else math.inf
     except (ValueError, KeyError, TypeError):
         return math.inf
+    return step if type(step) is int else math.inf  # a step of another type: garbled too
 
 
 def whole_state(engine):

@@ -1,7 +1,7 @@
-"""Batched sampling from a chat model outside training: the data scripts and eval.py. Pure sampling
-(no top-k, no nucleus) as in PPO's rollouts, so what is sampled here is what PPO would see."""
+"""Pure sampling (no top-k, no nucleus, no penalties): PPO's generation config, and batched sampling with it
+from a chat model outside training (the data scripts, eval.py), so what is sampled here is what PPO sees."""
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 from .data import collate_prompts, encode_prompt, ensure_pad_token
 from .models import load_causal_lm
@@ -16,18 +16,26 @@ def load_chat_model(path):
     return model.eval(), tokenizer
 
 
+def pure_sampling(tokenizer, temperature, max_new_tokens):
+    """PPO's generation config: pure sampling, no top-k, no nucleus, no penalties. It must replace the model's
+    own: generate() fills every field a config leaves unset from the model's (e.g. Qwen2.5's
+    repetition_penalty 1.05), which would sample from another distribution than the log-probs score."""
+    return GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
+                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts, temperature, max_new_tokens, batch_size=32):
-    """One response per prompt (repeat a prompt to get several), in order. Each row: {prompt,
-    prompt_ids, response_ids (through the first EOS), text, ended (True if EOS came)}."""
+    """One response per prompt (repeat a prompt to get several), in order, by `pure_sampling` (which becomes
+    the model's generation config). Each row: {prompt, prompt_ids, response_ids (through the first EOS), text,
+    ended (True if EOS came)}."""
+    model.generation_config = pure_sampling(tokenizer, temperature, max_new_tokens)
     rows = []
     for i in range(0, len(prompts), batch_size):
         batch = collate_prompts([{"prompt": p, "input_ids": encode_prompt(tokenizer, p)}
                                  for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for prompt, ids, mask, response in zip(batch["prompts"], batch["input_ids"], batch["attention_mask"],
                                                out[:, batch["input_ids"].shape[1]:].tolist()):
             ended = tokenizer.eos_token_id in response

@@ -92,7 +92,10 @@ def test_local_formats(tmp_path, suffix):
 
 def write(tmp_path, name, text):
     path = tmp_path / name
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     return str(path)
 
 
@@ -103,6 +106,11 @@ def write(tmp_path, name, text):
     ("rows.parquet.gz", "x", r"rows\.parquet\.gz: unknown file type; expected \.jsonl, \.json or \.parquet \(the "
                             r"first two optionally \.gz\)"),
     ("empty.jsonl", "", r"empty\.jsonl: the data set is empty"),
+    ("number.json", "5", r"number\.json: line 1: a JSON int; expected a list of objects"),
+    ("twice.jsonl", '{"prompt": "a", "prompt": "b"}\n', r"twice\.jsonl: JSON parse error: Column\(/prompt\) was "
+                                                      r"specified twice"),  # datasets' cause, not its wrapper's line
+    ("cut.jsonl.gz", gzip.compress(b'{"prompt": "a"}\n' * 100, mtime=0)[:30], r"cut\.jsonl\.gz: cannot read it as UTF-8 text "
+                                                                    r"\(Compressed file ended"),
 ])
 def test_bad_files(tmp_path, name, text, message):
     with pytest.raises(DataError, match=message):
@@ -247,6 +255,9 @@ def test_a_chat_template_that_refuses_the_messages_is_a_data_error_naming_the_ro
     with pytest.raises(DataError, match="refuses these messages .*; the prompt: "):
         data.check_prompts(tok, ["hi", system])
     data.check_prompts(tok, ["hi", [{"role": "user", "content": "hi"}]])
+    tok.chat_template = "{{ 1 / 0 }}"  # a template that fails with a Python error, not a TemplateError
+    with pytest.raises(DataError, match=r"chat template refuses these messages \(ZeroDivisionError: division by zero"):
+        data.check_prompts(tok, ["hi"])
 
 
 def test_a_null_field_is_named_by_its_own_column():

@@ -1,15 +1,19 @@
 """Bad input: one clear line on stderr and exit status 2, before any training step."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import eval as eval_py
 import train
 from minrlhf import load_reward_model
+from minrlhf.inputs import RewardFunction
 from tiny import STRICT_TEMPLATE, make_tokenizer, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +82,9 @@ def w(tmp_path_factory):
              "cols.jsonl": '{"question": "a", "answer": "b"}\n', "err_rewards.py": REWARDS, "exits.py": EXITS,
              "bad_ds.json": "{oops", "batch_ds.json": json.dumps({"train_micro_batch_size_per_gpu": 3}),
              "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}}),
-             "sched_ds.json": json.dumps({"scheduler": {"type": "WarmupLR"}}), "list_ds.json": "[]", "bf16_ds.json": json.dumps({"bf16": True}),
+             "sched_ds.json": json.dumps({"scheduler": {"type": "WarmupLR"}}),
+             "stage_ds.json": json.dumps({"zero_optimization": {"stage": "2"}}),
+             "clip_ds.json": json.dumps({"gradient_clipping": "1.0"}), "list_ds.json": "[]", "bf16_ds.json": json.dumps({"bf16": True}),
              "params_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": "x"}}),
              "lr_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 0.5}}}),
              "ten.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:2] * 5),
@@ -91,6 +97,7 @@ def w(tmp_path_factory):
              "long.jsonl": "".join(json.dumps({**r, "prompt": "the film was great " * 80}) + "\n" for r in rows)}
     for name, text in files.items():
         (d / name).write_text(text)
+    (d / "latin1_ds.json").write_bytes('{"steps_per_print": "café"}'.encode("latin-1"))
     (d / "latin1.jsonl").write_bytes('{"prompt": "café", "chosen": " a", "rejected": " b"}\n'.encode("latin-1") * 8)
     os.makedirs(d / "sft_run")
     (d / "sft_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
@@ -242,6 +249,11 @@ CASES = {  # name: (flags, the one line expected on stderr)
                               r".*rm has a loss and optimizer of its own \(--value-lr\)"),
     "offload without zero": (["--offload"], r"--offload moves ZeRO's partitions to the CPU: it needs --zero-stage 1, "
                                             r"2 or 3"),
+    "ds not UTF-8": (["--deepspeed_config", "{w}/latin1_ds.json"], r"latin1_ds\.json: 'utf-8' codec can't decode"),
+    "ds stage a string": (["--deepspeed_config", "{w}/stage_ds.json", "--stage", "dpo"],  # dpo reads it first
+                          r"stage_ds\.json: zero_optimization\.stage '2'; expected 0, 1, 2 or 3"),
+    "ds clipping a string": (["--deepspeed_config", "{w}/clip_ds.json"],
+                             r"clip_ds\.json: gradient_clipping '1\.0'; expected a number"),
     "ds scheduler": (["--deepspeed_config", "{w}/sched_ds.json"],
                      r"sched_ds\.json: a scheduler section; leave it out, train\.py's lr decays linearly to 0"),
     "ds not an object": (["--deepspeed_config", "{w}/list_ds.json"],
@@ -268,6 +280,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "a line not an object": (["--dataset", "{w}/list_line.jsonl"],
                              r"list_line\.jsonl: line 2: a JSON list; expected an object per line"),
     "inf": (["--epochs", "inf"], r"argument --epochs: inf: expected a number > 0"),
+    "empty dataset name": (["--dataset", ""], r"argument --dataset: '': expected a path or name"),  # not the default
+    "empty reward fn": (PPO + ["--reward-fn", ""], r"argument --reward-fn: '': expected a path or name"),
     "eval fraction for ppo": (PPO + ["--reward-fn", "vader", "--eval-fraction", 0.5],
                               r"--eval-fraction: --stage ppo does not use it \(a flag of sft, rm, dpo\)"),
     "null response": (["--dataset", "{w}/null_response.jsonl"],
@@ -284,6 +298,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
         r"role not supported\); the prompt: "),
     "model an unfinished run": (["--model", "{w}/ckpt_run"], r"--model .*ckpt_run: a train\.py run without its final "
                                                             r"model \(checkpoints only\); train\.py --resume finishes it"),
+    "model a file": (["--model", "{w}/pref.jsonl"], r"--model .*pref\.jsonl: a file; expected a model folder or a Hub name"),
+    "output a model": (["--output", "{w}/rm"], r"--output .*rm holds a model that no train\.py run wrote, which the "
+                                                  r"run would write over; choose another --output"),
     "model a PEFT adapter": (["--model", "{w}/adapter"], r"--model .*adapter: a PEFT adapter, not a whole model; merge "
                                                          r"it into its base model .*and pass that folder"),
     "config of the wrong type": (["--model", "{w}/typed_config"], r"--model .*typed_config: .*\(Validation error for "
@@ -328,6 +345,13 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
                                 r"--base .*short: 16 positions, fewer than the \d+ tokens of the longest prompt and "
                                 r"answer; lower --max-new-tokens or shorten the prompts"),
     "prompts missing": (["--prompts", "{w}/nope.jsonl"], r"--prompts .*nope\.jsonl: no such file"),
+    "json the prompts": (["--json", "{w}/pref.jsonl"], r"--json .*pref\.jsonl is the --prompts file, which it would "
+                                                       r"write over"),
+    "empty json name": (["--json", ""], r"argument --json: '': expected a path or name"),
+    "base narrower than the policy": (["--policy", "{w}/wide"], r"--base .*model: \d+ token embeddings, fewer than the "
+                                                               r"\d+ token ids it reads \(the policy can sample\)"),
+    "policy narrower than its tokenizer": (["--policy", "{w}/narrow", "--base", "{w}/narrow"],
+                                           r"--policy .*narrow: \d+ token embeddings, fewer than .*its tokenizer has"),
     "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number > 0"),
     "temperature near 0": (["--temperature", "1e-42"], r"argument --temperature: 1e-42: expected a number >= 0\.001"),
     "negative seed": (["--seed", "-1"], r"argument --seed: -1: expected a number >= 0 and <= 4294967295"),
@@ -374,6 +398,27 @@ def assert_one_error_line(exit_info, capsys, message):
     assert __import__("re").search(message, err[0]), err[0]
 
 
+def returning(out):
+    """A reward function that returns `out`."""
+    def fn(prompts, responses):
+        return out
+    return fn
+
+
+def test_reward_function_scores_are_checked_one_by_one():
+    """A reward function may return numbers of any kind, numpy's, or a tensor (of one-element tensors); not a
+    dict (whose list is its keys), an int past any float, or a float past float32's range (the scores' dtype)."""
+    reward = RewardFunction("--reward-fn", "vader")
+    for returned in ([0.5, 2], np.array([0.5, 2.0]), torch.tensor([0.5, 2.0]), [torch.tensor(0.5), np.int64(2)]):
+        reward.fn = returning(returned)
+        assert reward.checked_call(["a", "b"], ["x", "y"])[0].tolist() == [0.5, 2.0]
+    for returned, error in [({0: 0.9, 1: 0.9}, r"returned \{0: 0\.9, 1: 0\.9\}; expected a list of 2 numbers"),
+                            ([10**400, 0], r"score 0 is 1000.*; expected a finite number"),
+                            ([0, 1e39], r"score 1 is 1e\+39; expected a finite number \(float32: \|x\| < 3\.4e38\)")]:
+        reward.fn = returning(returned)
+        assert re.search(error, reward.checked_call(["a", "b"], ["x", "y"])[1])
+
+
 def test_quiet_libraries_silences_the_hub_clients_retry_warnings():
     """Offline, a --model name that is no local folder makes the Hub client log each retry on stderr."""
     code = ("from minrlhf.cli import quiet_libraries; quiet_libraries(); from huggingface_hub.utils import logging; "
@@ -386,8 +431,8 @@ PLOT_CASES = {  # plot.py: name -> (run folders, flags, the one line expected on
     "missing": (["missing"], [], r"missing/metrics\.jsonl: No such file or directory; expected the metrics of a "
                                  r"train\.py run"),
     "sft": (["sft"], [], r"sft: no reward, kl or gold logged; plot\.py draws the runs of --stage ppo, grpo or rloo"),
-    "broken": (["broken"], [], r"broken/metrics\.jsonl: Expecting property name .*; expected the metrics of a "
-                               r"train\.py run"),
+    "broken": (["broken"], [], r"broken/metrics\.jsonl: line 2: malformed JSON \(Expecting property name .*\); "
+                               r"expected the metrics of a train\.py run"),
     "no step": (["no_step"], [], r"no_step/metrics\.jsonl: line 1: a line without a step"),
     "nothing logged yet": (["empty"], [], r"empty/metrics\.jsonl: no step logged yet"),
     "a value not a number": (["text_value"], [], r"text_value/metrics\.jsonl: line 2: a value that is not a number"),
@@ -404,7 +449,7 @@ PLOT_CASES = {  # plot.py: name -> (run folders, flags, the one line expected on
 @pytest.mark.parametrize("name", list(PLOT_CASES))
 def test_plot_bad_input_fails_with_one_line(name, tmp_path, capsys):
     import plot
-    metrics = {"sft": '{"step": 1, "loss": 2.0}\n', "broken": '{"step": 1, oops\n', "no_step": '{"loss": 2.0}\n',
+    metrics = {"sft": '{"step": 1, "loss": 2.0}\n', "broken": '{"step": 1, "kl": 1.0}\n{"step": 2, oops\n', "no_step": '{"loss": 2.0}\n',
                "bad_eval": '{"step": 1, "loss": 2.0}\n', "empty": "",
                "text_value": '{"step": 1, "reward": 1.0}\n{"step": 2, "reward": "1.0"}\n',
                "png_dir": '{"step": 1, "reward": 1.0}\n'}

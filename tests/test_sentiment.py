@@ -115,7 +115,8 @@ def test_plot_compares_runs(tmp_path):
     for name, gold, held_out in (("ppo", 0.5, True), ("dpo", None, True), ("none", None, False)):
         os.makedirs(tmp_path / name)
         write_metrics(tmp_path / name / "metrics.jsonl",
-                      [{"step": s, "kl": s / 2, **({"gold": gold} if gold else {})} for s in range(1, 4)])
+                      [{"step": s, "kl": s / 2, **({"gold": gold} if gold else {})} for s in range(1, 4)]
+                      + [{"step": 4, "gold": 0.6}])  # --skip-nonfinite dropped this step's infinite kl
         if held_out:
             with open(tmp_path / name / "eval.json", "w") as f:
                 json.dump({"kl": 1.0 + (gold is None), "gold": 0.7}, f)
@@ -250,6 +251,19 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     assert args.missing_eos_penalty == 1.0  # answers that run into the token cap lose, in the offline example
     assert train.parse_args(["--stage", "sft"]).model == "BASE"  # SFT always starts from the base model
     assert RewardFunction("--reward-fn", "vader").fn is minrlhf.defaults.vader
+
+
+def test_sampling_ignores_the_models_own_generation_config(tiny_chat):
+    """eval.py and the data scripts sample as PPO does, whatever the checkpoint's generation_config.json asks
+    (Qwen2.5 ships repetition_penalty 1.05): the same seed, the same answers."""
+    from minrlhf.sampling import sample
+    model, tokenizer = tiny_chat
+    torch.manual_seed(0)
+    plain = sample(model, tokenizer, ["hi"] * 4, 1.0, 8)
+    model.generation_config.suppress_tokens = list(range(3, len(tokenizer)))
+    model.generation_config.repetition_penalty = 2.0
+    torch.manual_seed(0)
+    assert sample(model, tokenizer, ["hi"] * 4, 1.0, 8) == plain
 
 
 def test_eval_end_to_end_against_itself(tiny_chat, tmp_path, capsys):

@@ -156,7 +156,8 @@ def assert_resume_reproduces(work, flags, name):
     shutil.rmtree(work / f"{name}_cut" / "checkpoints" / "step4")  # as if killed after step 3
     cut_log = work / f"{name}_cut" / "metrics.jsonl"
     kept = "".join(line for line in cut_log.read_text().splitlines(True) if json.loads(line)["step"] <= 3)
-    cut_log.write_text(kept + '\n{"step": 4, "lo')  # and a blank line and one cut short, as a crash may leave
+    garbled = '{"step": "x"}\n{"step": null}\n'.encode() + b"\xff\xfe\n"  # steps not ints, bytes not UTF-8
+    cut_log.write_bytes(kept.encode() + garbled + b'\n{"step": 4, "lo')  # a blank line, one cut short by a crash
     resumed = train(work, *flags, "--resume", output=f"{name}_cut")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4] and measured(whole) == measured(resumed)
 
