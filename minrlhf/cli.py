@@ -38,6 +38,14 @@ def check_template(flag, path, tokenizer, prompts, source, replies=True):
         fail(f"{source}: {flag} {path}: {e}")
 
 
+def check_embeddings(flag, path, embeddings, reads, whose):
+    """One line unless a model's `embeddings` rows cover the `reads` token ids it reads (`whose`: the ids of
+    its tokenizer, or all the policy can sample); past them, an IndexError deep in the forward."""
+    if embeddings < reads:
+        fail(f"{flag} {path}: {embeddings} token embeddings, fewer than the {reads} token ids it reads "
+             f"({whose})")
+
+
 def fail_together(error):
     """An error that one rank alone may meet (in its own samples), or None; every rank calls this at the
     same point. If any rank has an error, it prints it with its rank and every rank exits 2 at once,

@@ -197,11 +197,9 @@ def chat_text(tokenizer, messages, add_generation_prompt=False):
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:  # the template's own raise_exception(): its message says why
-        raise DataError(f"{tokenizer.name_or_path}'s chat template refuses these messages ({e})") from None
-    except Exception as e:
-        raise DataError(f"{tokenizer.name_or_path}'s chat template refuses these messages "
-                        f"({type(e).__name__}: {e})") from None
+    except Exception as e:  # TemplateError: the template's own raise_exception(), whose message says why
+        why = str(e) if isinstance(e, TemplateError) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{tokenizer.name_or_path}'s chat template refuses these messages ({why})") from None
 
 
 def is_chat(value):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from .cli import LOAD_ERRORS, fail, fail_to_load, fail_together
+from .cli import LOAD_ERRORS, check_embeddings, fail, fail_to_load, fail_together
 from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, sequence_length, tokenize
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
@@ -66,9 +66,9 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=No
     if resize:
         model.resize_token_embeddings(len(tokenizer))
     reads = reads or len(tokenizer)
-    if vocab_size(model) < reads:  # e.g. a critic of another model family, a policy with spare embeddings
-        fail(f"{flag} {path}: {vocab_size(model)} token embeddings, fewer than the {reads} token ids it "
-             f"reads ({'the policy can sample' if reads > len(tokenizer) else 'its tokenizer has'})")
+    # e.g. a critic of another model family, a policy with spare embeddings
+    check_embeddings(flag, path, vocab_size(model), reads,
+                     "the policy can sample" if reads > len(tokenizer) else "its tokenizer has")
     limit = position_limit(model)
     if limit and longest > limit:
         fail(f"{flag} {path}: {limit} positions, fewer than the {longest} tokens of the run's longest "
