@@ -33,7 +33,7 @@ def parse_args(argv=None):
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", type=nonempty, default=SENTIMENT_DATA["eval"],
                    help="jsonl file of {prompt} rows")
-    p.add_argument("--samples", type=positive_int, default=4, help="responses sampled per prompt")
+    p.add_argument("--samples", type=bounded(int, 1, 1000), default=4, help="responses sampled per prompt")
     p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed of the sampling")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer token cap, as in training")
     p.add_argument("--temperature", type=sampling_temperature, default=0.7,

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import load_reward_model, reward_model_scores  # noqa: E402
+from minrlhf.data import reply_ended  # noqa: E402
 from minrlhf.defaults import SENTIMENT_DATA  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main(argv=None):
     with open(args.pairs) as f:
         rows = [json.loads(line) for line in f]
     rows = rows[len(rows) - int(len(rows) * args.eval_fraction):]
-    cut = {key: torch.tensor([r.get(f"{key}_ended") is False for r in rows])  # marked cut off
+    cut = {key: torch.tensor([not reply_ended(r, key) for r in rows])
            for key in ("chosen", "rejected")}
     both = cut["chosen"] & cut["rejected"]
     print(f"{len(rows)} held-out pairs; cut off: {cut['chosen'].float().mean():.2f} of the chosen answers, "

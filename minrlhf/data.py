@@ -10,6 +10,7 @@ import os
 import zlib
 
 import datasets
+import pyarrow.parquet
 import torch
 from jinja2 import TemplateError
 
@@ -83,6 +84,16 @@ def _json_fault(path):
     return None
 
 
+def _parquet_fault(path):
+    """'the data set is empty' for a parquet file of no rows (datasets says "BatchSize must be greater
+    than 0"), else None: its own reason stands."""
+    try:
+        empty = pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0
+    except Exception:  # not parquet: datasets' reason says so
+        return None
+    return "the data set is empty" if empty else None
+
+
 def load_rows(source, split="train"):
     """A `datasets.Dataset` of canonical rows from a local .jsonl/.json(.gz) or .parquet file
     or a Hub dataset: the seed's ones by name through their adapters, any other in canonical columns."""
@@ -100,7 +111,7 @@ def load_rows(source, split="train"):
             path = os.path.abspath(source)
             rows = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
         except Exception as e:  # datasets: "An error occurred while generating the dataset"; its cause: why
-            fault = _json_fault(source) if LOCAL_FORMATS[ext] == "json" else None
+            fault = (_json_fault if LOCAL_FORMATS[ext] == "json" else _parquet_fault)(source)
             cause = e.__cause__ or e
             raise DataError(f"{source}: {fault or (str(cause) or repr(cause)).splitlines()[0]}") from None
     else:
@@ -221,7 +232,7 @@ def _text(row, column):
     raise DataError(f"column {column!r} is {value!r}; expected text")
 
 
-def _ended(row, reply):
+def reply_ended(row, reply):
     """row[reply + "_ended"]: False for a reply cut off at a token limit; absent or null: True."""
     value = row.get(f"{reply}_ended")
     if value is None:
@@ -246,7 +257,7 @@ def _sft_pair(row):
     if "prompt" not in row:  # a {messages} or {text} file whose field is null in this row: _text raises
         return "", _text(row, "messages" if "messages" in row else "text"), True
     reply = "response" if row.get("response") is not None or "chosen" not in row else "chosen"
-    return _text(row, "prompt"), _text(row, reply), _ended(row, reply)
+    return _text(row, "prompt"), _text(row, reply), reply_ended(row, reply)
 
 
 def encode_sft(row, tokenizer, max_length):
@@ -277,8 +288,8 @@ def encode_preference(row, tokenizer, max_length):
     prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
     if not (chosen_text.strip() and rejected_text.strip()):
         return None
-    prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text, _ended(row, "chosen"))
-    rejected = encode_pair(tokenizer, prompt_text, rejected_text, _ended(row, "rejected"))[1]
+    prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text, reply_ended(row, "chosen"))
+    rejected = encode_pair(tokenizer, prompt_text, rejected_text, reply_ended(row, "rejected"))[1]
     chosen, rejected = chosen[1 - max_length:], rejected[1 - max_length:]
     if chosen == rejected:
         return None

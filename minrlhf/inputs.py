@@ -44,7 +44,7 @@ def load_tokenizer(flag, path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as e:
-        fail_to_load(flag, path, f"no tokenizer ({str(e).splitlines()[0]})")
+        fail_to_load(flag, path, f"cannot load its tokenizer ({str(e).splitlines()[0]})")
     try:
         return tokenizer, ensure_pad_token(tokenizer)
     except DataError as e:

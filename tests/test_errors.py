@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 
@@ -73,6 +75,8 @@ def w(tmp_path_factory):
     shutil.copytree(d / "model", d / "bad_tokenizer")  # tokenizer.json of the wrong shape: a bare Exception
     (d / "bad_tokenizer" / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [],
                                                                     "model": {"type": "BPE", "vocab": 5}}))
+    shutil.copytree(d / "model", d / "bad_config")
+    (d / "bad_config" / "config.json").write_text('{"model_type": "llama", oops')
     no_eos = make_tokenizer()
     no_eos.eos_token = None
     no_eos.save_pretrained(d / "no_eos")
@@ -97,6 +101,9 @@ def w(tmp_path_factory):
              "long.jsonl": "".join(json.dumps({**r, "prompt": "the film was great " * 80}) + "\n" for r in rows)}
     for name, text in files.items():
         (d / name).write_text(text)
+    pyarrow.parquet.write_table(pyarrow.table({c: pyarrow.array([], pyarrow.string()) for c in rows[0]}),
+                                d / "empty.parquet")
+    (d / "bad.parquet").write_text("not parquet")
     (d / "latin1_ds.json").write_bytes('{"steps_per_print": "café"}'.encode("latin-1"))
     (d / "latin1.jsonl").write_bytes('{"prompt": "café", "chosen": " a", "rejected": " b"}\n'.encode("latin-1") * 8)
     os.makedirs(d / "sft_run")
@@ -119,10 +126,12 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "missing columns": (["--dataset", "{w}/cols.jsonl", "--stage", "rm"],
                         r"cols\.jsonl: --stage rm needs columns \{prompt, chosen, rejected\}; found \['question', 'answer'\]"),
     "empty data": (["--dataset", "{w}/empty.jsonl"], r"empty\.jsonl: the data set is empty"),
+    "empty parquet": (["--dataset", "{w}/empty.parquet"], r"empty\.parquet: the data set is empty$"),
+    "not parquet": (["--dataset", "{w}/bad.parquet"], r"bad\.parquet: .*(magic|Parquet)"),
     "all rows too long": (["--max-length", 3],
                           r"pref\.jsonl: 0 usable training rows \(8 dropped: an empty reply, no response token within "
                           r"--max-length 3 or a pair's replies alike\); need at least one batch"),
-    "model missing": (["--model", "{w}/nope"], r"--model .*nope: no tokenizer"),
+    "model missing": (["--model", "{w}/nope"], r"--model .*nope: cannot load its tokenizer"),
     "tokenizer without EOS": (["--model", "{w}/no_eos"], r"--model .*no_eos: unusable tokenizer \(.*has no EOS token\)"),
     "model not a causal LM": (["--model", "{w}/rm"], r"--model .*rm: cannot load as a causal LM \(not a causal LM "
                                                      r"checkpoint, weights missing: lm_head\.weight\)"),
@@ -305,7 +314,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                                          r"it into its base model .*and pass that folder"),
     "config of the wrong type": (["--model", "{w}/typed_config"], r"--model .*typed_config: .*\(Validation error for "
                                                                   r"field 'hidden_size'"),
-    "tokenizer damaged": (["--model", "{w}/bad_tokenizer"], r"--model .*bad_tokenizer: no tokenizer \(invalid type: "
+    "config damaged": (["--model", "{w}/bad_config"], r"--model .*bad_config: cannot load its tokenizer \(It looks like "
+                                                      r"the config file at .*config\.json' is not a valid JSON file"),
+    "tokenizer damaged": (["--model", "{w}/bad_tokenizer"], r"--model .*bad_tokenizer: cannot load its tokenizer \(invalid type: "
                                                            r"integer `5`, expected a map"),
     "config not the weights": (["--model", "{w}/other_config"], r"--model .*other_config: cannot load as a causal LM "
                                                                 r"\(You set `ignore_mismatched_sizes` to `False`"),
@@ -352,7 +363,8 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
                                                                r"\d+ token ids it reads \(the policy can sample\)"),
     "policy narrower than its tokenizer": (["--policy", "{w}/narrow", "--base", "{w}/narrow"],
                                            r"--policy .*narrow: \d+ token embeddings, fewer than .*its tokenizer has"),
-    "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number > 0"),
+    "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number >= 1 and <= 1000"),
+    "samples past memory": (["--samples", str(10**12)], r"--samples: 1000000000000: expected a number >= 1 and <= 1000"),
     "temperature near 0": (["--temperature", "1e-42"], r"argument --temperature: 1e-42: expected a number >= 0\.001"),
     "negative seed": (["--seed", "-1"], r"argument --seed: -1: expected a number >= 0 and <= 4294967295"),
     "json not writable": (["--json", "{w}/a_file/eval.json"], r"--json .*a_file/eval\.json: cannot write there "
