@@ -86,7 +86,10 @@ def adapt(model, args, source=None):
         fail("--lora-alpha and --lora-targets shape LoRA adapters: pass --lora-rank R > 0 with them")
     if args.lora_rank:
         alpha = args.lora_alpha or 2 * args.lora_rank
-        add_lora(model, args.lora_rank, alpha, args.lora_targets)
+        try:
+            add_lora(model, args.lora_rank, alpha, args.lora_targets)
+        except ValueError as e:
+            fail(f"--lora-rank {args.lora_rank}: {e} in {source}; LoRA's update is low-rank")
         adapted = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
         absent = [t for t in args.lora_targets.split(",") if t not in adapted | {"all-linear"}]  # e.g. typos
         if not adapted or absent:

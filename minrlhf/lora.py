@@ -39,6 +39,10 @@ def add_lora(model, rank, alpha, targets="all-linear"):
     chosen = [(name, module) for name, module in model.base_model.named_modules()
               if isinstance(module, (nn.Linear, Conv1D))
               and (targets == "all-linear" or name.split(".")[-1] in names)]
+    widths = {name: min(module.weight.shape) for name, module in chosen}  # each layer's full rank
+    narrowest = min(widths, key=widths.get, default=None)
+    if narrowest and rank > widths[narrowest]:  # before any adapter is made: a rank of 10**9 does not fit
+        raise ValueError(f"rank {rank} is above {narrowest}'s full rank, min(in, out) = {widths[narrowest]}")
     for name, module in chosen:
         parent, _, child = name.rpartition(".")
         setattr(model.base_model.get_submodule(parent), child, LoRALinear(module, rank, alpha))

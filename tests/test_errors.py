@@ -176,7 +176,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "mini-batch not divisible": (PPO + ["--reward-fn", "err_rewards:boom", "--mini-batch-size", 6],
                                  r"--mini-batch-size 6 is not a multiple of --batch-size 4"),
     "num generations 0": (["--stage", "grpo", "--num-generations", 0], r"argument --num-generations: 0: expected a "
-                                                                         r"number > 0"),
+                                                                         r"number >= 1 and <= 1024"),
+    "num generations past memory": (["--stage", "grpo", "--num-generations", 10**9],  # was killed for memory
+                                    r"argument --num-generations: 1000000000: expected a number >= 1 and <= 1024"),
     "rloo of one sample": (["--stage", "rloo", "--num-generations", 1, "--reward-fn", "err_rewards:boom"],
                            r"--num-generations 1: --stage rloo needs at least 2 samples per prompt"),
     "grpo rollout not divisible": (["--stage", "grpo", "--reward-fn", "err_rewards:boom", "--rollout-batch-size", 3,
@@ -224,6 +226,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "lora targets, one absent": (["--lora-rank", 4, "--lora-targets", "q_proj, v_proj"],
                                  r"--lora-targets q_proj, v_proj: no nn\.Linear or Conv1D layer of that name in the "
                                  r"transformer body of --model .*model: ' v_proj'"),
+    "lora rank past the layers": (["--lora-rank", 10**9],  # was an allocation of 10**9 x 32 weights per layer
+                                  r"--lora-rank 1000000000: rank 1000000000 is above .*'s full rank, min\(in, out\) "
+                                  r"= 16 in --model .*; LoRA's update is low-rank"),
     "lora alpha without rank": (["--lora-alpha", 8], r"--lora-alpha and --lora-targets shape LoRA adapters: pass "
                                                      r"--lora-rank R > 0 with them"),
     "negative lora rank": (["--lora-rank=-1"], r"argument --lora-rank: -1: expected a number >= 0"),
