@@ -18,7 +18,7 @@ import minrlhf as M
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
                          check_writable, fail, fail_to_load, nonempty, positive_int, quiet_libraries,
-                         same_path, sampling_temperature)
+                         same_path, samples_per_prompt, sampling_temperature)
 from minrlhf.sampling import load_chat_model, sample
 
 
@@ -33,7 +33,7 @@ def parse_args(argv=None):
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", type=nonempty, default=SENTIMENT_DATA["eval"],
                    help="jsonl file of {prompt} rows")
-    p.add_argument("--samples", type=bounded(int, 1, 1000), default=4, help="responses sampled per prompt")
+    p.add_argument("--samples", type=samples_per_prompt, default=4, help="responses sampled per prompt")
     p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed of the sampling")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer token cap, as in training")
     p.add_argument("--temperature", type=sampling_temperature, default=0.7,

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 import minrlhf as M
 from minrlhf.cli import (OneLineArgumentParser, bounded, check_template, fail, lost_peer, non_negative,
-                         nonempty, positive, positive_int, quiet_libraries, same_path, sampling_temperature)
+                         nonempty, positive, positive_int, quiet_libraries, same_path, samples_per_prompt,
+                         sampling_temperature)
 from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             param_groups)
@@ -104,7 +105,7 @@ def add_online_flags(g):
     g("--max-new-tokens", type=positive_int, default=48, help="response length limit R")
     g("--rollout-batch-size", type=positive_int, default=None,
       help="prompts per rank per iteration (default: ppo 16; grpo, rloo 4, i.e. 16 responses as ppo)")
-    g("--num-generations", type=bounded(int, 1, 1024), default=None,
+    g("--num-generations", type=samples_per_prompt, default=None,
       help="G, responses sampled per prompt (grpo, rloo: default 4, at least 2; ppo: 1)")
     g("--ppo-epochs", type=positive_int, default=None,
       help="passes over each rollout (K, Schulman et al. 2017; default ppo 2, grpo and rloo 1)")

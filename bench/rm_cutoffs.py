@@ -5,7 +5,7 @@
 PPO and eval.py score an answer cut off at the token cap as generated, without the chat template's end of turn
 and EOS. The preference pairs (data/sentiment/rm_pairs.jsonl) mark such answers (`chosen_ended`,
 `rejected_ended` false) and `--stage rm` trains on them as generated; a file without the marks trains on every
-answer closed. On the held-out pairs (the file's last --eval-fraction, as train.py holds them out) this prints
+answer closed. On the held-out pairs (the last --eval-fraction of the pairs train.py kept, as it holds them out) this prints
 the reward model's accuracy both ways: every answer closed, and the cut-off ones as generated.
 """
 import argparse
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import load_reward_model, reward_model_scores  # noqa: E402
-from minrlhf.data import reply_ended  # noqa: E402
+from minrlhf.data import encode_preference, held_out, reply_ended  # noqa: E402
 from minrlhf.defaults import SENTIMENT_DATA  # noqa: E402
 
 
@@ -31,11 +31,13 @@ def main(argv=None):
     p.add_argument("--reward-model", default="runs/rm", help="reward model saved by --stage rm")
     p.add_argument("--pairs", default=SENTIMENT_DATA["rm"], help="the pairs it was trained on")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share, as in its training")
+    p.add_argument("--max-length", type=int, default=512, help="as in its training: which pairs it kept")
     args = p.parse_args(argv)
     model, tokenizer = load_reward_model(args.reward_model)
     with open(args.pairs) as f:
         rows = [json.loads(line) for line in f]
-    rows = rows[len(rows) - int(len(rows) * args.eval_fraction):]
+    kept = [r for r in rows if encode_preference(r, tokenizer, args.max_length) is not None]  # as train.py
+    rows = held_out(kept, args.eval_fraction)[1]
     cut = {key: torch.tensor([not reply_ended(r, key) for r in rows])
            for key in ("chosen", "rejected")}
     both = cut["chosen"] & cut["rejected"]

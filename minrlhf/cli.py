@@ -99,6 +99,7 @@ positive_int = bounded(int, 0, above=True)
 positive = bounded(float, 0, above=True)
 sampling_temperature = bounded(float, 1e-3)  # logits / T stay finite in fp32 (at 1e-42 they overflow)
 non_negative = bounded(float, 0)
+samples_per_prompt = bounded(int, 1, 1024)  # past this, prompts x samples outgrow memory (10**9: OOM-killed)
 
 
 def quiet_libraries():

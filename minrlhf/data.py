@@ -322,6 +322,12 @@ def tokenize(rows, stage, tokenizer, max_length):
     return kept, len(examples) - len(kept)
 
 
+def held_out(examples, fraction):
+    """-> (train, held out): the last `fraction` of the examples held out, the rest trained on."""
+    n = len(examples) - int(len(examples) * fraction)
+    return examples[:n], examples[n:]
+
+
 def sequence_length(example):
     """Tokens of an example's longest sequence: its prompt and longer reply (a pair), else its input_ids."""
     if "chosen" in example:

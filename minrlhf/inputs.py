@@ -12,7 +12,8 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from .cli import LOAD_ERRORS, check_embeddings, fail, fail_to_load, fail_together
-from .data import ONLINE, DataError, check_columns, ensure_pad_token, load_rows, sequence_length, tokenize
+from .data import (ONLINE, DataError, check_columns, ensure_pad_token, held_out, load_rows, sequence_length,
+                   tokenize)
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
 from .lora import BaseModel, LoRALinear, add_lora
@@ -151,15 +152,15 @@ def load_examples(args, tokenizer):
     if dropped and dist.get_rank() == 0:
         print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: {why}")
     online = args.stage in ONLINE  # prompts to sample from, no held-out rows
-    n_eval = 0 if online else int(len(examples) * args.eval_fraction)
-    train = examples[: len(examples) - n_eval]
-    batch = (args.rollout_batch_size if online else args.batch_size) * dist.get_world_size()
-    if len(train) < batch:  # else an epoch holds no batch
+    train, evals = held_out(examples, 0 if online else args.eval_fraction)
+    batch = (args.rollout_batch_size if online else args.batch_size * args.grad_accum) * dist.get_world_size()
+    if len(train) < batch:  # else an epoch holds no batch (or one optimizer step reads the rows many times)
         fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped: {why}); need at least "
-             f"one batch of {batch}"
-             + (" (--rollout-batch-size x ranks)" if online else f"; --eval-fraction holds out {n_eval}"))
+             f"one batch of {batch}" + (" (--rollout-batch-size x ranks)" if online else
+                                        f" (--batch-size x --grad-accum x ranks); --eval-fraction holds out "
+                                        f"{len(evals)}"))
     args.longest = max(map(sequence_length, examples)) + (args.max_new_tokens if online else 0)  # tokens
-    return train, examples[len(train):]
+    return train, evals
 
 
 class RewardFunction:

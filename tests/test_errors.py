@@ -213,6 +213,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                      r"least one batch of 16 \(--rollout-batch-size x ranks\)"),
     "null field": (["--dataset", "{w}/null.jsonl"], r"null\.jsonl: row 8: column 'prompt' is None; expected text"),
     "batch size 0": (["--batch-size", 0], r"argument --batch-size: 0: expected a number > 0"),
+    "grad accum past the data": (["--grad-accum", 10**12],  # was 10**12 micro-batches for one step
+                                 r"pref\.jsonl: \d+ usable training rows .*; need at least one batch of 4000000000000 "
+                                 r"\(--batch-size x --grad-accum x ranks\); --eval-fraction holds out \d+"),
     "negative lr": (["--lr=-1e-5"], r"argument --lr: -1e-5: expected a number > 0"),
     "negative epochs": (["--epochs=-1"], r"argument --epochs: -1: expected a number > 0"),
     "log every 0": (["--log-every", 0], r"argument --log-every: 0: expected a number > 0"),
@@ -368,8 +371,8 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
                                                                r"\d+ token ids it reads \(the policy can sample\)"),
     "policy narrower than its tokenizer": (["--policy", "{w}/narrow", "--base", "{w}/narrow"],
                                            r"--policy .*narrow: \d+ token embeddings, fewer than .*its tokenizer has"),
-    "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number >= 1 and <= 1000"),
-    "samples past memory": (["--samples", str(10**12)], r"--samples: 1000000000000: expected a number >= 1 and <= 1000"),
+    "no samples": (["--samples", "0"], r"argument --samples: 0: expected a number >= 1 and <= 1024"),
+    "samples past memory": (["--samples", str(10**12)], r"--samples: 1000000000000: expected a number >= 1 and <= 1024"),
     "temperature near 0": (["--temperature", "1e-42"], r"argument --temperature: 1e-42: expected a number >= 0\.001"),
     "negative seed": (["--seed", "-1"], r"argument --seed: -1: expected a number >= 0 and <= 4294967295"),
     "json not writable": (["--json", "{w}/a_file/eval.json"], r"--json .*a_file/eval\.json: cannot write there "
