@@ -22,8 +22,7 @@ from minrlhf.cli import (OneLineArgumentParser, bounded, check_template, fail, l
                          nonempty, positive, positive_int, quiet_libraries, same_path, samples_per_prompt,
                          sampling_temperature)
 from minrlhf.data import ONLINE
-from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
-                            param_groups)
+from minrlhf.engine import build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed
 from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model, load_tokenizer,
                             offline_defaults, reference)
 from minrlhf.run import Run, Stopwatch, batches, check_output, lock_output, mean_across_ranks
@@ -459,19 +458,6 @@ def ppo_models(args, cfg, device, tokenizer, resize, prompts):
     return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
 
 
-def ppo_engines(policy, critic, cfg, iterations, args):
-    """DeepSpeed engines of the policy (with its value head, if any) and of a separate critic, each with its
-    own AdamW, the lr decaying linearly to 0 over the updates of `iterations`."""
-    responses = args.rollout_batch_size * args.num_generations
-    updates = iterations * args.ppo_epochs * responses // (args.batch_size * args.grad_accum)
-    engine = build_engine(policy, cfg, updates, args.deepspeed_config,
-                          param_groups(policy, policy.value_head, args.value_lr))
-    if critic is not None:  # its own optimizer, under the same DeepSpeed config
-        critic = build_engine(critic, cfg, updates, args.deepspeed_config,
-                              param_groups(critic, critic, args.value_lr))
-    return engine, critic
-
-
 def train_ppo(args, cfg, device, tokenizer, resize):
     """Stage 3: each iteration samples a rollout and trains on it for --ppo-epochs, phases 1-5. GRPO and
     RLOO run the same loop with G samples per prompt, their baseline from the group instead of a critic."""
@@ -480,7 +466,10 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     per_iteration = args.rollout_batch_size * dist.get_world_size()
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations
-    engine, critic = ppo_engines(policy, critic, cfg, total, args)
+    updates = total * args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
+    engine = build_engine(policy, cfg, updates, args.deepspeed_config, policy.value_head, args.value_lr)
+    if critic is not None:  # its own AdamW, under the same DeepSpeed config
+        critic = build_engine(critic, cfg, updates, args.deepspeed_config, critic, args.value_lr)
     torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
     run = Run(args, engine, total, critic)
     kl_ctl = M.KLController(run.state.get("kl_coef", args.kl_coef), args.target_kl)

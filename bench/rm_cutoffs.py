@@ -5,8 +5,8 @@
 PPO and eval.py score an answer cut off at the token cap as generated, without the chat template's end of turn
 and EOS. The preference pairs (data/sentiment/rm_pairs.jsonl) mark such answers (`chosen_ended`,
 `rejected_ended` false) and `--stage rm` trains on them as generated; a file without the marks trains on every
-answer closed. On the held-out pairs (the last --eval-fraction of the pairs train.py kept, as it holds them out) this prints
-the reward model's accuracy both ways: every answer closed, and the cut-off ones as generated.
+answer closed. On the held-out pairs (the last --eval-fraction of the pairs train.py keeps, as it holds them
+out) this prints the reward model's accuracy both ways: every answer closed, and the cut-offs as generated.
 """
 import argparse
 import json

@@ -19,8 +19,7 @@ ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STAGE_COLUMNS = {  # each stage accepts any one of these column sets
     "sft": [("prompt", "response"), ("prompt", "chosen"), ("messages",), ("text",)],
-    "rm": [("prompt", "chosen", "rejected")],
-    "dpo": [("prompt", "chosen", "rejected")],
+    **dict.fromkeys(("rm", "dpo"), [("prompt", "chosen", "rejected")]),
     **dict.fromkeys(ONLINE, [("prompt",)]),
 }
 
@@ -173,11 +172,9 @@ def encode_pair(tokenizer, prompt, response, ended=True):
     the assistant turn exactly as the template writes it after the generation prompt. ended=False: a
     response cut off at the token limit, encoded as it was generated, with no end of turn and no EOS."""
     prompt_ids = encode_prompt(tokenizer, prompt)
-    if not ended:
-        return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"]
-    if not tokenizer.chat_template:
+    if not ended or not tokenizer.chat_template:  # as generated (cut off), or plain text
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        return prompt_ids, ending_with_eos(response_ids, tokenizer)
+        return prompt_ids, ending_with_eos(response_ids, tokenizer) if ended else response_ids
     head = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
     full = chat_text(tokenizer, _as_messages(prompt) + [{"role": "assistant", "content": response}])
     if not full.startswith(head):

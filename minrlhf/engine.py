@@ -114,10 +114,11 @@ def param_groups(model, part=None, lr=None):
     return [group for group in groups if group["params"]]
 
 
-def build_engine(model, cfg, total_steps, config_path, params=None):
+def build_engine(model, cfg, total_steps, config_path, part=None, lr=None):
     """Trainable model -> DeepSpeed engine with AdamW (from the config), its lr decaying linearly to 0 over
-    `total_steps`. `params`: optimizer groups (default: every trainable parameter at the config's lr)."""
-    params = params or param_groups(model)
+    `total_steps`; the parameters of `part` learn at `lr` (`param_groups`; default: all at the config's
+    lr)."""
+    params = param_groups(model, part, lr)
     decay = functools.partial(torch.optim.lr_scheduler.LambdaLR,
                               lr_lambda=functools.partial(linear_decay, total_steps=total_steps))
     try:

@@ -243,22 +243,19 @@ class Run:
                 raise
             fail(self.unwritable(e), this_rank=True)
         dist.barrier()
-        fail_together(self.publish(tmp) if rank == 0 else None)
-
-    def publish(self, tmp):
-        """Rank 0 renames the complete checkpoint stepN.tmp to stepN and removes all but the newest
-        --keep-checkpoints. -> None, or the error line."""
-        try:
-            os.replace(tmp, tmp.removesuffix(".tmp"))
-            for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
-                shutil.rmtree(old)
+        error = None
+        try:  # rank 0 renames stepN.tmp to stepN, complete, and removes all but the newest --keep-checkpoints
+            if rank == 0:
+                os.replace(tmp, tmp.removesuffix(".tmp"))
+                for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
+                    shutil.rmtree(old)
         except OSError as e:
-            return self.unwritable(e)
-        return None
+            error = self.unwritable(e)
+        fail_together(error)  # the other ranks wait for rank 0's renaming, and exit with it if it fails
 
     def unwritable(self, error):
-        return (f"--output {self.args.output}: cannot write checkpoints there ({error}); the newest complete "
-                f"one is whole")
+        kept = "the newest complete one is whole" if checkpoints(self.args.output) else "no complete one yet"
+        return f"--output {self.args.output}: cannot write checkpoints there ({error}); {kept}"
 
     def resume(self):
         """Load the newest complete checkpoint: model, optimizer, scheduler, RNG states -> (step, state)."""

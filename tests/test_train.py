@@ -544,21 +544,26 @@ def test_resume_refuses_fewer_steps_and_a_damaged_checkpoint(work):
                                    r"resume from the one before$", resume_fails(work, "damaged", "--max-steps", 4))
 
 
-@pytest.mark.parametrize("what", ["checkpoint", "final"])
+@pytest.mark.parametrize("what", ["checkpoint", "final", "first"])
 def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_before(work, what):
+    """The disk fills at step 3's checkpoint (after those of steps 1 and 2; "first": the run's only one, at its
+    end), or at the final model."""
     cmd = [sys.executable, work / "disk_full.py", os.path.join(ROOT, "train.py"), "--model", work / "model",
-           "--dataset", work / "pref.jsonl", "--output", work / f"full_{what}", "--stage", "sft", "--max-steps", 4,
-           "--save-every", 1, "--keep-checkpoints", 5]
-    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV | {"FULL_AT": what}, capture_output=True, text=True,
-                          timeout=600)
+           "--dataset", work / "pref.jsonl", "--output", work / f"full_{what}", "--stage", "sft",
+           *(["--max-steps", 3, "--save-every", 0] if what == "first" else ["--max-steps", 4, "--save-every", 1]),
+           "--keep-checkpoints", 5]
+    proc = subprocess.run(list(map(str, cmd)), cwd=work, env=ENV | {"FULL_AT": what.replace("first", "checkpoint")},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = {"checkpoint": "cannot write checkpoints there ([Errno 28] No space left on device); the newest complete "
                           "one is whole",
+            "first": "cannot write checkpoints there ([Errno 28] No space left on device); no complete one yet",
             "final": "cannot write the final model ([Errno 28] No space left on device); its last checkpoint holds "
                      "it, and --resume writes it"}[what]
     assert f"error: --output {work / f'full_{what}'}: {line}\n" in proc.stderr, proc.stderr[-2000:]
-    kept = ["step1", "step2"] if what == "checkpoint" else ["step1", "step2", "step3", "step4"]
-    assert sorted(os.listdir(work / f"full_{what}" / "checkpoints")) == kept + ["step3.tmp"] * (what == "checkpoint")
+    kept = {"checkpoint": ["step1", "step2", "step3.tmp"], "first": ["step3.tmp"],
+            "final": ["step1", "step2", "step3", "step4"]}[what]
+    assert sorted(os.listdir(work / f"full_{what}" / "checkpoints")) == kept
 
 
 def test_a_write_or_load_error_on_one_rank_is_that_ranks_line_first(work):
