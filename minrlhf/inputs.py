@@ -155,10 +155,10 @@ def load_examples(args, tokenizer):
     train, evals = held_out(examples, 0 if online else args.eval_fraction)
     batch = (args.rollout_batch_size if online else args.batch_size * args.grad_accum) * dist.get_world_size()
     if len(train) < batch:  # else an epoch holds no batch (or one optimizer step reads the rows many times)
+        size = "--rollout-batch-size x ranks" if online else "--batch-size x --grad-accum x ranks"
+        held = "" if online else f"; --eval-fraction holds out {len(evals)}"
         fail(f"{args.dataset}: {len(train)} usable training rows ({dropped} dropped: {why}); need at least "
-             f"one batch of {batch}" + (" (--rollout-batch-size x ranks)" if online else
-                                        f" (--batch-size x --grad-accum x ranks); --eval-fraction holds out "
-                                        f"{len(evals)}"))
+             f"one batch of {batch} ({size}){held}")
     args.longest = max(map(sequence_length, examples)) + (args.max_new_tokens if online else 0)  # tokens
     return train, evals
 
