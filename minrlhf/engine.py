@@ -116,8 +116,7 @@ def param_groups(model, part=None, lr=None):
 
 def build_engine(model, cfg, total_steps, config_path, part=None, lr=None):
     """Trainable model -> DeepSpeed engine with AdamW (from the config), its lr decaying linearly to 0 over
-    `total_steps`; the parameters of `part` learn at `lr` (`param_groups`; default: all at the config's
-    lr)."""
+    `total_steps`; `part`'s parameters learn at `lr`, the others at the config's (`param_groups`)."""
     params = param_groups(model, part, lr)
     decay = functools.partial(torch.optim.lr_scheduler.LambdaLR,
                               lr_lambda=functools.partial(linear_decay, total_steps=total_steps))
