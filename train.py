@@ -115,7 +115,8 @@ def add_online_flags(g):
     g("--kl-coef", type=non_negative, default=0.1,
       help="beta of the KL penalty (initial): per token in the reward (ppo), in the loss (grpo), per "
            "sequence in the reward (rloo)")
-    g("--target-kl", type=positive, default=None, help="adaptive KL target, nats (Ziegler et al. 2019)")
+    g("--target-kl", type=positive, default=None,
+      help="adaptive KL target, nats per response (Ziegler et al. 2019)")
     g("--cliprange", type=positive, default=0.2, help="policy ratio clip epsilon")
     g("--cliprange-value", type=positive, default=0.2, help="ppo: value clip around the rollout values")
     g("--vf-coef", type=non_negative, default=None,
@@ -199,9 +200,8 @@ def sft_loss(model, batch):
     """Next-token cross-entropy on the response tokens; the prompt's labels are -100. Rows are right-padded:
     the model's default positions are theirs. (B, T) -> (loss, stats)."""
     ids, labels = batch["input_ids"], batch["labels"][:, 1:]  # (B, T), (B, T-1): logits at t predict t+1
-    all_but_last = torch.arange(ids.shape[1] - 1, device=ids.device)  # no token follows the last position
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False,
-                   logits_to_keep=all_but_last).logits  # (B, T-1, V)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"],
+                   use_cache=False).logits[:, :-1]  # (B, T-1, V): no token follows the last position
     is_label = labels != -100
     logprobs = M.logprobs_from_logits(logits, torch.where(is_label, labels, 0))  # (B, T-1); 0: any valid id
     loss = -M.masked_mean(logprobs, is_label)
@@ -209,8 +209,8 @@ def sft_loss(model, batch):
 
 
 def rm_loss(reward_model, groups):
-    """Score the chosen replies and the rejected ones (in one forward, `score_pairs`), pairwise ranking loss
-    (InstructGPT eq. 1)."""
+    """Score each pair's chosen and rejected reply (`score_pairs`: both in one forward, after their shared
+    prompt), then the pairwise ranking loss (InstructGPT eq. 1)."""
     chosen, rejected = M.score_pairs(reward_model, groups)  # (B,) each; groups: `collate_pairs`
     loss = M.pairwise_ranking_loss(chosen, rejected)
     return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
@@ -255,11 +255,11 @@ def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
     return {k: v / max(means["weight"], 1e-12) for k, v in means.items() if k != "weight"}
 
 
-def token_weights(units, per_step):
+def loss_weights(units, per_step):
     """Loss weights that make a step's gradient a mean over the units (label tokens, pairs or sequences: what
     each micro-batch's loss is a mean over) of all its `per_step` micro-batches on all ranks. DeepSpeed
-    averages the micro-batch losses, which weighs the units of a small micro-batch more; so each weighs its
-    units / the step's mean units per micro-batch (1 where they are alike). -> list"""
+    averages the losses over a step's micro-batches and ranks, which weighs the units of a small micro-batch
+    more; so each weighs its units / the step's mean units per micro-batch (1 where all are alike). -> list"""
     steps = torch.tensor(units, dtype=torch.float64).view(-1, per_step)  # (steps, per_step)
     totals = steps.sum(1)
     dist.all_reduce(totals)  # each step's units on all ranks
@@ -271,7 +271,7 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     dpo_batch_loss over preference pairs."""
     world = dist.get_world_size()
     train, evals = load_examples(args, tokenizer)
-    kind = "rm" if args.stage == "rm" else "causal"
+    kind = "rm" if args.stage == "rm" else "causal"  # "rm": the backbone with a new score head
     model = adapt(load_model("--model", args.model, tokenizer, resize, kind, args.longest), args)
     loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
     if args.stage == "dpo":
@@ -283,13 +283,13 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     run = Run(args, engine, total)
     if args.stage != "sft" and engine.zero_optimization_partition_weights() and world > 1:
         collate = functools.partial(M.collate_pairs, slack=None)  # ZeRO-3: equal forward counts on all ranks
-    order = batches(len(train), args.batch_size, args.seed, run.start * args.grad_accum)
+    order = batches(len(train), args.batch_size, args.seed, run.start * args.grad_accum)  # micro-batches done
     for step in range(run.start + 1, total + 1):
         stats = {"lr": engine.get_lr()[0]}  # the rate this step uses
         micro = [M.to_device(collate([train[i] for i in next(order)], tokenizer.pad_token_id), device)
                  for _ in range(args.grad_accum)]
         units = [loss_units(batch, args.stage) for batch in micro]
-        for batch, weight in zip(micro, token_weights(units, args.grad_accum)):
+        for batch, weight in zip(micro, loss_weights(units, args.grad_accum)):
             loss, micro_stats = loss_fn(engine, batch)
             engine.backward(loss * weight)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -318,15 +318,15 @@ def rollout(engine, batch, tokenizer):
     return response.masked_fill(~mask, tokenizer.pad_token_id), mask.long(), ended
 
 
-def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None):
+def policy_forward(policy, ids, attention_mask, prompt_len, temperature, critic=None):
     """Temperature-scaled logits, log-probs and values of the response tokens (M.response_positions):
     (B, T) -> (B, R, V), (B, R), (B, R). The values are the separate critic's if one is given, else the value
     head's (None without one); the value at position t is of the state before token t+1."""
     positions = M.response_positions(ids, prompt_len)  # (R,)
-    logits, values = policy(ids, mask, positions)  # (B, R, V), (B, T)
+    logits, values = policy(ids, attention_mask, positions)  # (B, R, V), (B, T)
     logits = logits.float() / temperature  # in float32, as generate() scales them (bf16 would round again)
     if critic is not None:
-        values = critic(ids, mask)  # (B, T)
+        values = critic(ids, attention_mask)  # (B, T)
     if values is not None:
         values = values[:, positions].float()  # (B, R)
     return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values
@@ -335,16 +335,18 @@ def policy_forward(policy, ids, mask, prompt_len, temperature, critic=None):
 @torch.no_grad()
 def make_experience(engine, ref, critic, batch, response, mask, args):
     """The rollout as PPO trains on it: prompt + response ids and the policy's log-probs and values (PPO's)
-    and the reference's log-probs of each response token, computed once, in micro-batches."""
+    and the reference's log-probs of each response token, computed once, in micro-batches. -> dict: ids,
+    attention_mask (B, T); mask, logprobs, ref_logprobs, values (PPO only) (B, R); prompt_len P. train_ppo
+    adds the advantages (B, R), and PPO the returns (B, R)."""
     P = batch["input_ids"].shape[1]
     ids = torch.cat([batch["input_ids"], response], 1)  # (B, T)
     attention_mask = torch.cat([batch["attention_mask"], mask], 1)  # (B, T)
     logprobs, values, ref_logprobs = [], [], []
-    for i, m in zip(ids.split(args.batch_size), attention_mask.split(args.batch_size)):
-        _, policy_logprobs, policy_values = policy_forward(engine, i, m, P, args.temperature, critic)
+    for ids_i, mask_i in zip(ids.split(args.batch_size), attention_mask.split(args.batch_size)):  # (b, T)
+        _, policy_logprobs, policy_values = policy_forward(engine, ids_i, mask_i, P, args.temperature, critic)
         logprobs.append(policy_logprobs)
         values.append(policy_values)
-        ref_logprobs.append(M.response_logprobs(ref, i, m, P, args.temperature))
+        ref_logprobs.append(M.response_logprobs(ref, ids_i, mask_i, P, args.temperature))
     exp = {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P,
            "logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs)}
     if values[0] is not None:
@@ -357,7 +359,8 @@ def shaped_scores(scores, ended, norm, args):
     sec. 2), i.e. with the first rollout's statistics, which `norm` keeps (and checkpoints); then less
     --missing-eos-penalty where no EOS came, in those units (the "EOS trick", Huang et al. 2024: a response
     that runs into the token cap scores low, whatever its text). A first rollout whose scores all tie (a 0/1
-    reward, all 0) has no scale to give: the scores stay as they are until a rollout with spread sets it."""
+    reward, all 0) has no scale to give: the scores stay as they are until a rollout with spread fills `norm`
+    (in place)."""
     if args.reward_norm and not norm:
         m = mean_across_ranks({"mean": scores.mean().item(), "sq": scores.pow(2).mean().item(),
                                "spread": (scores.max() - scores.min()).item()})  # 0: every rank's scores tie
@@ -395,13 +398,13 @@ def critic_free_advantages(exp, shaped, kl_coef, args):
 def ppo_update(engine, critic, exp, kl_coef, args):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
     every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own. With --loss-agg
-    token each mini-batch's loss is a token-level mean over its micro-batches and ranks (`token_weights`).
+    token each mini-batch's loss is a token-level mean over its micro-batches and ranks (`loss_weights`).
     Returns the mean stats and phase times."""
     sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
         micro = torch.randperm(len(exp["ids"])).split(args.batch_size)
         units = [exp["mask"][mb].sum().item() if args.loss_agg == "token" else len(mb) for mb in micro]
-        for mb, weight in zip(micro, token_weights(units, args.grad_accum)):
+        for mb, weight in zip(micro, loss_weights(units, args.grad_accum)):
             mask = exp["mask"][mb]
             logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
                                                       exp["prompt_len"], args.temperature, critic)
@@ -427,7 +430,7 @@ def ppo_update(engine, critic, exp, kl_coef, args):
             if critic is not None:  # its own loss, its own gradients
                 critic.backward(vf_loss * weight)
             clock.lap("update/backward")
-            engine.step()
+            engine.step()  # the optimizer steps once per mini-batch, at the --grad-accum boundary
             if critic is not None:
                 critic.step()
             clock.lap("update/optimizer")
@@ -467,14 +470,15 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations
     updates = total * args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
-    engine = build_engine(policy, cfg, updates, args.deepspeed_config, policy.value_head, args.value_lr)
-    if critic is not None:  # its own AdamW, under the same DeepSpeed config
-        critic = build_engine(critic, cfg, updates, args.deepspeed_config, critic, args.value_lr)
+    engine = build_engine(policy, cfg, updates, args.deepspeed_config,  # the value head at --value-lr
+                          part=policy.value_head, lr=args.value_lr)
+    if critic is not None:  # its own AdamW, under the same DeepSpeed config, all of it at --value-lr
+        critic = build_engine(critic, cfg, updates, args.deepspeed_config, part=critic, lr=args.value_lr)
     torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
     run = Run(args, engine, total, critic)
     kl_ctl = M.KLController(run.state.get("kl_coef", args.kl_coef), args.target_kl)
     norm = dict(run.state.get("reward_norm", {}))  # the first rollout's score mean and std, once known
-    order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)
+    order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)  # one batch per iteration
     for step in range(run.start + 1, total + 1):
         rows = [prompts[i] for i in next(order) for _ in range(G)]  # G samples of a prompt: consecutive
         batch = M.to_device(M.collate_prompts(rows, tokenizer.pad_token_id), device)  # (B, P) left-padded
@@ -508,6 +512,8 @@ def train_ppo(args, cfg, device, tokenizer, resize):
 
 
 def rollout_stats(exp, scores, kl_coef, group_size):
+    """The rollout's log: the mean raw score (before normalising and the EOS penalty) as `reward`, the mean
+    KL to the reference per response (summed over its tokens, what --target-kl aims at) as `kl`."""
     mask = exp["mask"]
     stats = {"reward": scores.mean().item(), "kl": M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], mask)
              .mean().item(), "kl_coef": kl_coef, "response_length": mask.sum(1).float().mean().item()}

@@ -76,7 +76,9 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 def compute_gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation, Schulman et al. 2016, eq. 16:
     A_t = sum_l (gamma*lam)^l delta_{t+l},  delta_t = r_t + gamma*V_{t+1} - V_t.
-    The value after a row's last valid token is 0 (the episode ends there). (B, R) -> (B, R), (B, R)."""
+    The value after a row's last valid token is 0: the episode ends there, also where the token cap cut
+    it (no bootstrapping; the EOS penalty scores that). (B, R) x3 -> advantages, returns (advantages +
+    values), (B, R) each."""
     mask = mask.bool()
     rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
     advantages, last = torch.zeros_like(values), torch.zeros_like(values[:, 0])

@@ -189,7 +189,7 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
     from argparse import Namespace
     sys.path.insert(0, ROOT)
     import train
-    train.init_distributed()  # a world of one, for token_weights' all_reduce
+    train.init_distributed()  # a world of one, for loss_weights' all_reduce
     engine = FakeEngine(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)), value_head=False)
     P, ids = 3, torch.randint(3, 60, (4, 9))  # 3 prompt tokens, 6 response tokens
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
