@@ -342,7 +342,7 @@ def make_experience(engine, ref, critic, batch, response, mask, args):
     ids = torch.cat([batch["input_ids"], response], 1)  # (B, T)
     attention_mask = torch.cat([batch["attention_mask"], mask], 1)  # (B, T)
     logprobs, values, ref_logprobs = [], [], []
-    for ids_i, mask_i in zip(ids.split(args.batch_size), attention_mask.split(args.batch_size)):  # (b, T)
+    for ids_i, mask_i in zip(ids.split(args.batch_size), attention_mask.split(args.batch_size)):
         _, policy_logprobs, policy_values = policy_forward(engine, ids_i, mask_i, P, args.temperature, critic)
         logprobs.append(policy_logprobs)
         values.append(policy_values)
@@ -470,9 +470,9 @@ def train_ppo(args, cfg, device, tokenizer, resize):
     total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
     G = args.num_generations
     updates = total * args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
-    engine = build_engine(policy, cfg, updates, args.deepspeed_config,  # the value head at --value-lr
-                          part=policy.value_head, lr=args.value_lr)
-    if critic is not None:  # its own AdamW, under the same DeepSpeed config, all of it at --value-lr
+    engine = build_engine(policy, cfg, updates, args.deepspeed_config, part=policy.value_head,
+                          lr=args.value_lr)
+    if critic is not None:  # its own AdamW, under the same DeepSpeed config
         critic = build_engine(critic, cfg, updates, args.deepspeed_config, part=critic, lr=args.value_lr)
     torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
     run = Run(args, engine, total, critic)
