@@ -269,7 +269,6 @@ def loss_weights(units, per_step):
 def train_supervised(args, cfg, device, tokenizer, resize):
     """Stages 1 and 2, and DPO: one loop, with sft_loss over prompt + response rows, or rm_loss or
     dpo_batch_loss over preference pairs."""
-    world = dist.get_world_size()
     train, evals = load_examples(args, tokenizer)
     kind = "rm" if args.stage == "rm" else "causal"  # "rm": the backbone with a new score head
     model = adapt(load_model("--model", args.model, tokenizer, resize, kind, args.longest), args)
@@ -277,11 +276,10 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     if args.stage == "dpo":
         ref = reference(model, args, cfg, device, tokenizer, resize)
         loss_fn = functools.partial(dpo_batch_loss, ref=ref, beta=args.beta)
-    per_step = args.batch_size * args.grad_accum * world
-    total = args.max_steps or max(1, int(args.epochs * len(train)) // per_step)
+    total = args.max_steps or max(1, int(args.epochs * len(train)) // cfg["train_batch_size"])
     engine = build_engine(model, cfg, total, args.deepspeed_config)
     run = Run(args, engine, total)
-    if args.stage != "sft" and engine.zero_optimization_partition_weights() and world > 1:
+    if args.stage != "sft" and engine.zero_optimization_partition_weights() and dist.get_world_size() > 1:
         collate = functools.partial(M.collate_pairs, slack=None)  # ZeRO-3: equal forward counts on all ranks
     order = batches(len(train), args.batch_size, args.seed, run.start * args.grad_accum)  # micro-batches done
     for step in range(run.start + 1, total + 1):

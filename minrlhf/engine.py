@@ -1,6 +1,7 @@
 """DeepSpeed plumbing for train.py: process group, config from the flags, trained and frozen engines.
 losses.py, models.py and data.py never import deepspeed; this module and run.py hold all of it."""
 import functools
+import glob
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from torch.utils.cpp_extension import get_default_build_root
 
 from .cli import fail, lost_peer
 
@@ -27,10 +29,22 @@ def init_distributed():
     on_cpu = accelerator.device_name() == "cpu"
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:  # N ranks x all cores each would oversubscribe ~60x
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    if os.environ["LOCAL_RANK"] == "0":
+        warn_build_locks()
     deepspeed.init_distributed(dist_backend=process_group_backend(accelerator.device_name(),
                                                                   accelerator.communication_backend_name()))
     device = torch.device(accelerator.device_name(int(os.environ["LOCAL_RANK"])))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def warn_build_locks():
+    """torch builds DeepSpeed's ops (the first run's ~1 minute) under a lock file, and a process that finds
+    one waits without a word until it is gone; a build killed midway leaves its lock behind for ever. One line
+    for each lock now, so that a run waiting on a stale one says where."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    for lock in sorted(glob.glob(os.path.join(root, "**", "lock"), recursive=True)):
+        print(f"note: {lock} exists: another process is building that DeepSpeed op, or a build killed midway "
+              f"left it; if this run waits here and no build is running, remove the file", file=sys.stderr)
 
 
 def process_group_backend(device, backend):

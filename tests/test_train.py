@@ -811,3 +811,17 @@ def test_same_path_however_spelled(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert same_path("./rm", "rm/") and same_path("rm", str(tmp_path / "rm")) and same_path("./d.jsonl", "d.jsonl")
     assert not same_path("rm", "rm2") and not same_path("rm", None)
+
+
+def test_a_lock_left_by_a_killed_op_build_is_named(tmp_path, monkeypatch, capsys):
+    """torch waits silently on an op's build lock; a killed build leaves it behind: the run names it first."""
+    from minrlhf.engine import warn_build_locks
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "py311_cpu" / "cpu_adam").mkdir(parents=True)
+    warn_build_locks()
+    assert capsys.readouterr().err == ""
+    (tmp_path / "py311_cpu" / "cpu_adam" / "lock").touch()
+    warn_build_locks()
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {tmp_path / 'py311_cpu' / 'cpu_adam' / 'lock'} exists: another process is building that DeepSpeed "
+        f"op, or a build killed midway left it; if this run waits here and no build is running, remove the file"]
