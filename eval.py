@@ -1,5 +1,6 @@
-"""How good is a policy on held-out prompts? Gold score (VADER), reward-model score, KL to the base
-model, response length, and a few answers of the base model and the policy side by side.
+"""How good is a policy on held-out prompts? Gold score (VADER) and its gain over the base model's on the
+same prompts, reward-model score, KL to the base model, response length, each mean with its standard error
+where it is a gauge of a goal, and a few answers of the base model and the policy side by side.
 
     python eval.py --policy runs/ppo --reward-model runs/rm                       # after PPO
     python eval.py --policy "$(python -c 'import minrlhf.defaults as d; print(d.default_model())')"  # base
@@ -9,7 +10,9 @@ sampling temperature (as train.py's `kl`), on responses sampled from the policy;
 estimates the KL. Shapes: N responses, P prompt length, R response length.
 """
 import json
+import math
 import os
+from statistics import fmean
 
 import torch
 from transformers import AutoTokenizer
@@ -119,11 +122,23 @@ def reward_model_scores(model, tokenizer, rows, batch_size):
     return scores
 
 
-def summarize(rows, gold, kl, rm_mean=None):
-    """The figures, as a flat dict of means over all sampled responses."""
-    figures = {"gold": sum(gold) / len(gold), "kl": sum(kl) / len(kl),
-               "length": sum(len(r["response_ids"]) for r in rows) / len(rows),
-               "ended": sum(r["ended"] for r in rows) / len(rows), "responses": len(rows)}
+def standard_error(values, samples):
+    """The standard error of the mean of `values`, `samples` per prompt in prompt order, from the spread of
+    the prompts' means: a prompt's samples are not independent of each other. NaN for a single prompt."""
+    means = torch.tensor(values, dtype=torch.float64).view(-1, samples).mean(1)  # one per prompt
+    return (means.std() / math.sqrt(len(means))).item() if len(means) > 1 else math.nan
+
+
+def summarize(rows, gold, base_gold, kl, samples, rm_mean=None):
+    """The figures, as a flat dict of means over all sampled responses (`samples` per prompt): the gold score
+    of the policy's answers and of the base model's to the same prompts, the gain (paired by prompt, so the
+    prompts' own spread drops out of its standard error), KL, length, share ended, reward-model score."""
+    gains = [g - b for g, b in zip(gold, base_gold)]  # per prompt, their mean is the difference of the means
+    figures = {"gold": fmean(gold), "gold_se": standard_error(gold, samples), "base_gold": fmean(base_gold),
+               "gain": fmean(gains), "gain_se": standard_error(gains, samples),
+               "kl": fmean(kl), "kl_se": standard_error(kl, samples),
+               "length": fmean(len(r["response_ids"]) for r in rows),
+               "ended": fmean(r["ended"] for r in rows), "responses": len(rows)}
     return figures if rm_mean is None else {**figures, "reward_model": rm_mean}
 
 
@@ -171,22 +186,22 @@ def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
     prompts, policy, tokenizer, base, reward_model = load_inputs(args)
-    rows = seeded_sample(policy, tokenizer, [p for p in prompts for _ in range(args.samples)], args)
+    asked = [p for p in prompts for _ in range(args.samples)]  # --samples per prompt, in prompt order
+    rows, base_rows = (seeded_sample(model, tokenizer, asked, args) for model in (policy, base))
     kl = (summed_logprobs(policy, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)
           - summed_logprobs(base, rows, args.temperature, tokenizer.pad_token_id, args.batch_size)).tolist()
     rm_mean = None
     if args.reward_model:
         rm_scores = reward_model_scores(*reward_model, rows, args.batch_size)
         rm_mean = sum(rm_scores) / len(rm_scores)
-    figures = summarize(rows, vader([r["prompt"] for r in rows], [r["text"] for r in rows]), kl, rm_mean)
-    shown = prompts[:args.show]
-    base_rows = seeded_sample(base, tokenizer, shown, args)
-    print(side_by_side(shown, base_rows, rows[::args.samples][:args.show]) + "\n")
+    gold, base_gold = (vader(asked, [r["text"] for r in answers]) for answers in (rows, base_rows))
+    figures = summarize(rows, gold, base_gold, kl, args.samples, rm_mean)
+    first = slice(0, args.show * args.samples, args.samples)  # each of the first --show prompts' first answer
+    print(side_by_side(prompts[:args.show], base_rows[first], rows[first]) + "\n")
     print(" ".join(f"{k}={v:.4g}" for k, v in figures.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"policy": args.policy, "prompts": args.prompts, **figures}, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

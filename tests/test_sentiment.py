@@ -157,11 +157,23 @@ def test_sample_n_groups_by_prompt_and_repeats_with_its_seed(tiny_chat, tmp_path
 
 def test_summarize_and_side_by_side():
     rows = [{"response_ids": [1, 2, 3], "ended": True, "text": "good"}, {"response_ids": [4], "ended": False, "text": "x"}]
-    figures = eval_py.summarize(rows, [1.0, 0.0], [0.2, 0.4], rm_mean=1.5)
-    assert figures == pytest.approx({"gold": 0.5, "kl": 0.3, "length": 2.0, "ended": 0.5, "responses": 2,
+    figures = eval_py.summarize(rows, [1.0, 0.0], [0.5, 0.5], [0.2, 0.4], 1, rm_mean=1.5)
+    assert figures == pytest.approx({"gold": 0.5, "gold_se": 0.5, "base_gold": 0.5, "gain": 0.0, "gain_se": 0.5,
+                                     "kl": 0.3, "kl_se": 0.1, "length": 2.0, "ended": 0.5, "responses": 2,
                                      "reward_model": 1.5})
-    assert "reward_model" not in eval_py.summarize(rows, [1.0, 0.0], [0.2, 0.4])
+    assert "reward_model" not in eval_py.summarize(rows, [1.0, 0.0], [0.5, 0.5], [0.2, 0.4], 1)
+    paired = eval_py.summarize(rows, [1.0, 0.0], [0.8, -0.2], [0.2, 0.4], 1)  # both prompts gain 0.2
+    assert paired["gain"] == pytest.approx(0.2) and paired["gain_se"] == pytest.approx(0.0)
     assert "base:   'x'" in eval_py.side_by_side(["p"], rows[1:], rows[:1])
+
+
+def test_standard_error_comes_from_the_prompts_means():
+    """Two prompts of two samples: means 0.5 and 0, whose std (n - 1) is 0.3536, over sqrt(2) prompts: 0.25.
+    A prompt's samples are not independent draws: alike within each prompt, the error is that of 2 means."""
+    assert eval_py.standard_error([1.0, 0.0, 0.0, 0.0], 2) == pytest.approx(0.25)
+    assert eval_py.standard_error([0.2, 0.4, 0.2, 0.4], 2) == 0.0
+    assert eval_py.standard_error([1.0, 1.0, 0.0, 0.0], 2) == pytest.approx(0.5)  # 4 independent: 0.289
+    assert math.isnan(eval_py.standard_error([1.0, 0.0], 2))  # one prompt: no spread to measure
 
 
 def test_reward_model_scores_per_row_whatever_the_batch(tmp_path):
@@ -284,4 +296,6 @@ def test_eval_end_to_end_against_itself(tiny_chat, tmp_path, capsys):
     figures = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert figures["responses"] == 6 and figures["kl"] == 0.0 and 0 < figures["length"] <= 6
     assert -1 <= figures["gold"] <= 1 and math.isfinite(figures["reward_model"])
+    assert figures["kl_se"] == 0.0 and 0 <= figures["gold_se"] <= 1  # two prompts' means, 3 samples each
+    assert figures["gain"] == figures["gain_se"] == 0.0 and figures["base_gold"] == figures["gold"]  # same answers
     assert "PROMPT is it worth watching?" in capsys.readouterr().out
