@@ -1,6 +1,6 @@
 """How good is a policy on held-out prompts? Gold score (VADER) and its gain over the base model's on the
-same prompts, reward-model score, KL to the base model, response length, each mean with its standard error
-where it is a gauge of a goal, and a few answers of the base model and the policy side by side.
+same prompts, reward-model score, KL to the base model (gold, gain and KL with their standard errors),
+response length, and a few answers of the base model and the policy side by side.
 
     python eval.py --policy runs/ppo --reward-model runs/rm                       # after PPO
     python eval.py --policy "$(python -c 'import minrlhf.defaults as d; print(d.default_model())')"  # base
@@ -193,7 +193,7 @@ def main(argv=None):
     rm_mean = None
     if args.reward_model:
         rm_scores = reward_model_scores(*reward_model, rows, args.batch_size)
-        rm_mean = sum(rm_scores) / len(rm_scores)
+        rm_mean = fmean(rm_scores)
     gold, base_gold = (vader(asked, [r["text"] for r in answers]) for answers in (rows, base_rows))
     figures = summarize(rows, gold, base_gold, kl, args.samples, rm_mean)
     first = slice(0, args.show * args.samples, args.samples)  # each of the first --show prompts' first answer
@@ -202,6 +202,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"policy": args.policy, "prompts": args.prompts, **figures}, f, indent=1)
+
 
 if __name__ == "__main__":
     main()
