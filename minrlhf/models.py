@@ -14,11 +14,12 @@ from .losses import logprobs_from_logits
 
 
 def dropout_free_config(path, **overrides):
-    """The model's config with every dropout probability set to 0: in RL, dropout makes the log-probs
-    of the update disagree with those of the rollout, and it makes reward scores noisy."""
+    """The model's config with every dropout probability set to 0 (and OPT's layerdrop, which skips whole
+    layers): in RL, dropout makes the log-probs of the update disagree with those of the rollout, and it
+    makes reward scores noisy."""
     config = AutoConfig.from_pretrained(path, **overrides)
     for key, value in config.to_dict().items():
-        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+        if isinstance(value, float) and ("dropout" in key or key.endswith(("pdrop", "layerdrop"))):
             setattr(config, key, 0.0)
     return config
 

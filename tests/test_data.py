@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import minrlhf.data as data
-from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_preference, encode_sft,
-                     ensure_pad_token, load_rows, split_hh, tokenize)
+from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_preference, encode_rl_prompt,
+                     encode_sft, ensure_pad_token, load_rows, split_hh, tokenize)
 from minrlhf.data import check_columns
 from tiny import STRICT_TEMPLATE, make_tokenizer
 
@@ -164,6 +164,16 @@ def test_truncation_drops_rows_without_response_and_counts_them():
     examples, dropped = tokenize(rows, "sft", tok, 12)
     assert dropped == 1 and len(examples) == 1 and len(examples[0]["input_ids"]) == 12
     assert any(label != -100 for label in examples[0]["labels"])
+    exactly = len(tok("the film was great")["input_ids"])  # a prompt that fills max_length: no response token
+    assert tokenize([{"prompt": "the film was great", "response": " yes"}], "sft", tok, exactly) == ([], 1)
+
+
+def test_rl_prompts_keep_their_last_tokens():
+    """A prompt past max_length keeps its end, where the answer begins."""
+    tok = make_tokenizer()
+    prompt = "the film was great and the food was awful"
+    full = tok(prompt)["input_ids"]
+    assert encode_rl_prompt({"prompt": prompt}, tok, 3) == {"prompt": prompt, "input_ids": full[-3:]}
 
 
 def test_pairs_whose_replies_are_alike_are_dropped_and_counted():

@@ -113,6 +113,15 @@ def test_adapted_models_checkpoint_in_training(tmp_path, kind):
     assert model.training and len(calls) == 2  # the forward, and its recomputation in the backward
 
 
+@pytest.mark.parametrize("kind", ["causal", "rm"])
+def test_lora_trains_the_adapters_and_a_reward_models_score_head(tmp_path, kind):
+    """Under --lora-rank only the adapters train, and a reward model's (or critic's) score head, which is new."""
+    args = Namespace(lora_rank=4, lora_alpha=None, lora_targets="all-linear", gradient_checkpointing=False, model="m")
+    model = adapt(load_model("--model", save_tiny("llama", tmp_path), make_tokenizer(), False, kind), args)
+    trainable = {name.split(".")[-1] if "lora_" in name else name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B"} | ({"score.weight"} if kind == "rm" else set())
+
+
 def assert_same_numbers(plain, checkpointed, abs):
     """Two runs' metrics, less time and memory: the same keys and values, step by step."""
     assert len(plain) == len(checkpointed)

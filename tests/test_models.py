@@ -59,12 +59,11 @@ def test_generation_logprobs_match_forward(family_dir):
     torch.testing.assert_close(frozen, sampler, atol=1e-4, rtol=1e-4)
 
 
-def test_dropout_is_disabled(tmp_path):
-    path = save_tiny("gpt2", tmp_path)
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path)
-    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.5
-    config.save_pretrained(path)
+@pytest.mark.parametrize("family, dropouts", [("gpt2", ("resid_pdrop", "embd_pdrop", "attn_pdrop")),
+                                              ("opt", ("dropout", "attention_dropout", "layerdrop"))])
+def test_dropout_is_disabled(tmp_path, family, dropouts):
+    """Every random drop is off, OPT's layerdrop (whole layers skipped in training) too."""
+    path = save_tiny(family, tmp_path, config=dict.fromkeys(dropouts, 0.5))
     model = load_causal_lm(path).train()
     ids = torch.randint(0, 50, (2, 8))
     torch.testing.assert_close(model(ids).logits, model(ids).logits)

@@ -372,7 +372,8 @@ def test_ppo_with_the_reward_model_and_adaptive_kl(work):
 @pytest.mark.parametrize("whiten_rewards", [False, True])
 def test_whiten_rewards_whitens_what_gae_sums(whiten_rewards):
     """With values 0 and gamma = lam = 1 the returns are each token's reward-to-go, so their differences give
-    back the per-token rewards GAE summed: the KL-shaped ones, or those whitened (variance 1, mean kept)."""
+    back the per-token rewards GAE summed: the KL-shaped ones, or those whitened (variance 1, mean kept). The
+    advantages are whitened either way."""
     from argparse import Namespace
     sys.path.insert(0, ROOT)
     import train
@@ -381,7 +382,9 @@ def test_whiten_rewards_whitens_what_gae_sums(whiten_rewards):
     exp = {"mask": mask, "logprobs": logprobs, "ref_logprobs": logprobs - torch.rand(3, 4), "values": torch.zeros(3, 4)}
     shaped = torch.tensor([5.0, -3.0, 8.0])
     args = Namespace(whiten_rewards=whiten_rewards, gamma=1.0, lam=1.0)
-    _, returns = train.ppo_advantages(exp, shaped, 0.5, args)
+    advantages, returns = train.ppo_advantages(exp, shaped, 0.5, args)
+    assert minrlhf.masked_mean(advantages, mask).item() == pytest.approx(0.0, abs=1e-6)  # the advantages: whitened
+    assert minrlhf.masked_var(advantages, mask).item() == pytest.approx(1.0, rel=1e-4)
     summed = torch.where(mask.bool(), returns - torch.nn.functional.pad(returns[:, 1:], (0, 1)), 0.0)  # r_t
     rewards = minrlhf.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, 0.5)
     assert minrlhf.masked_mean(summed, mask).item() == pytest.approx(minrlhf.masked_mean(rewards, mask).item(), abs=1e-5)
