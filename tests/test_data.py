@@ -136,6 +136,13 @@ def test_sft_labels_mask_prompt_and_end_with_eos():
     assert tok.decode(ex["input_ids"][prompt_len:-1]) == " yes, absolutely."
 
 
+def test_shp_labels_say_which_comment_is_chosen():
+    """SHP's labels: 1, comment A preferred; 0, comment B."""
+    row = {**HUB_ROWS["stanfordnlp/SHP"], "labels": 0}
+    assert data.HUB_ADAPTERS["stanfordnlp/SHP"](row) == {**EXPECTED["stanfordnlp/SHP"], "chosen": "lol",
+                                                         "rejected": "Nine minutes."}
+
+
 def test_sft_eos_survives_when_pad_was_eos():
     tok = make_tokenizer(pad_is_eos=True)
     ensure_pad_token(tok)

@@ -40,22 +40,22 @@ def test_policy_logits_values_and_left_padding(family_dir):
 
 
 def test_generation_logprobs_match_forward(family_dir):
-    """The log-probs PPO recomputes equal the sampler's own, row by row, under left padding."""
+    """The log-probs PPO recomputes equal the sampler's own at its temperature, row by row, under left padding."""
     _, path = family_dir
     policy = PolicyWithValueHead(load_causal_lm(path)).eval()
     ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     torch.manual_seed(0)
     out = policy.backbone.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-                                   max_new_tokens=6, min_new_tokens=6, output_scores=True,
+                                   temperature=0.7, max_new_tokens=6, min_new_tokens=6, output_scores=True,
                                    return_dict_in_generate=True, pad_token_id=1, eos_token_id=None)
     response = out.sequences[:, 5:]
-    sampler = logprobs_from_logits(torch.stack(out.scores, 1), response)
+    sampler = logprobs_from_logits(torch.stack(out.scores, 1), response)  # its scores: the logits / 0.7
     full_mask = torch.cat([mask, torch.ones_like(response)], 1)
     with torch.no_grad():
         logits, _ = policy(out.sequences, full_mask, response_positions(out.sequences, 5))  # (B, R, V)
-        frozen = response_logprobs(policy.backbone, out.sequences, full_mask, 5, 1.0)  # as the reference model's
-    torch.testing.assert_close(logprobs_from_logits(logits, response), sampler, atol=1e-4, rtol=1e-4)
+        frozen = response_logprobs(policy.backbone, out.sequences, full_mask, 5, 0.7)  # as the reference model's
+    torch.testing.assert_close(logprobs_from_logits(logits / 0.7, response), sampler, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(frozen, sampler, atol=1e-4, rtol=1e-4)
 
 
@@ -171,6 +171,13 @@ def test_pad_token_added_when_only_eos_exists():
     tokenizer.unk_token = None
     assert ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
+
+
+def test_pad_token_reuses_a_distinct_special_token():
+    """A pad token that was EOS becomes another special token the tokenizer has (here BOS): nothing to resize."""
+    tokenizer = make_tokenizer(chat_template=True, pad_is_eos=True)  # EOS <|im_end|>, BOS <|endoftext|>
+    assert not ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token == tokenizer.bos_token and tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
 @pytest.mark.parametrize("chosen_ended", [True, False])
