@@ -64,6 +64,13 @@ def test_hh_split_keeps_replies_that_contain_turn_markers():
     assert split_hh(row) == {"prompt": "\n\nHuman: a\n\nAssistant:", "chosen": " b\n\nAssistant: c", "rejected": " d"}
 
 
+def test_hh_split_keeps_the_earlier_turns_in_the_prompt():
+    row = {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+           "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e"}
+    assert split_hh(row) == {"prompt": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", "chosen": " d",
+                             "rejected": " e"}
+
+
 @pytest.mark.skipif(not os.path.exists(HH_FILE), reason="shared HH-RLHF file absent")
 def test_hh_adapter_on_real_rows():
     with gzip.open(HH_FILE, "rt") as f:

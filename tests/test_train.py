@@ -315,7 +315,21 @@ def test_dpo_learns_the_preference_without_a_reward_model(work):
 
 
 def test_dpo_resume_reproduces_the_uninterrupted_run(work):
-    assert_resume_reproduces(work, ["--stage", "dpo", "--lr", 1e-3], "dpo")
+    """With micro-batches accumulated: the resumed run goes on from the micro-batch after the checkpoint's step."""
+    assert_resume_reproduces(work, ["--stage", "dpo", "--lr", 1e-3, "--batch-size", 2, "--grad-accum", 2], "dpo")
+
+
+def test_batches_reshuffle_each_epoch_and_resume_where_they_were():
+    sys.path.insert(0, ROOT)
+    import train
+    from minrlhf.run import batches
+    train.init_distributed()  # a world of one
+    order = batches(8, 2, seed=0)
+    first = [next(order) for _ in range(8)]  # two epochs of four batches
+    assert sorted(sum(first[:4], [])) == sorted(sum(first[4:], [])) == list(range(8))
+    assert first[:4] != first[4:]  # a new permutation each epoch
+    resumed = batches(8, 2, seed=0, start=5)
+    assert [next(resumed) for _ in range(3)] == first[5:]
 
 
 def test_ppo_raises_the_reward(work):
@@ -470,6 +484,15 @@ def test_ppo_defaults_a_critic_from_the_reward_model_else_the_value_head():
     args = train.parse_args([*base, "--reward-model", "rm_dir", "--lam", "0", "--value-lr", "1e-3"])
     assert (args.lam, args.value_lr) == (0.0, 1e-3)
     assert train.parse_args([*base, "--stage", "grpo", "--reward-fn", "m:f"]).critic_model is None
+
+
+def test_online_defaults_and_the_mini_batch():
+    """G = 4 samples per prompt for grpo and rloo (1 for ppo); --mini-batch-size sets --grad-accum."""
+    sys.path.insert(0, ROOT)
+    import train
+    base = ["--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"]
+    assert [train.parse_args([*base, "--stage", s]).num_generations for s in ("ppo", "grpo", "rloo")] == [1, 4, 4]
+    assert train.parse_args([*base, "--stage", "ppo", "--batch-size", "2", "--mini-batch-size", "8"]).grad_accum == 4
 
 
 ONLINE_PPO = ["--stage", "ppo", "--max-new-tokens", 8, "--rollout-batch-size", 16, "--batch-size", 8,
