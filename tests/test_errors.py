@@ -83,7 +83,8 @@ def w(tmp_path_factory):
     rows = [{"prompt": "the film was", "chosen": " great", "rejected": " awful"}] * 8
     files = {"pref.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "rows.csv": "prompt\nhi\n",
              "bad.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n', "empty.jsonl": "",
-             "cols.jsonl": '{"question": "a", "answer": "b"}\n', "half.jsonl": '{"prompt": "a", "chosen": "b"}\n', "err_rewards.py": REWARDS, "exits.py": EXITS,
+             "cols.jsonl": '{"question": "a", "answer": "b"}\n', "half.jsonl": '{"prompt": "a", "chosen": "b"}\n',
+             "err_rewards.py": REWARDS, "exits.py": EXITS,
              "bad_ds.json": "{oops", "batch_ds.json": json.dumps({"train_micro_batch_size_per_gpu": 3}),
              "accum_ds.json": json.dumps({"gradient_accumulation_steps": 3}),
              "total_ds.json": json.dumps({"train_batch_size": 7}),
