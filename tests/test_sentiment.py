@@ -15,7 +15,7 @@ import eval as eval_py
 import minrlhf as M
 import plot
 from minrlhf import defaults
-from minrlhf.sampling import sample, sample_n
+from minrlhf.sampling import pure_sampling, sample, sample_n
 from tiny import make_causal_lm, make_tokenizer, save_tiny
 
 BEST_OF_N = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "best_of_n.py")
@@ -129,6 +129,14 @@ def test_plot_compares_runs(tmp_path):
 def tiny_chat():
     tokenizer = make_tokenizer(chat_template=True)
     return make_causal_lm("llama", len(tokenizer), eos_token_id=tokenizer.eos_token_id).eval(), tokenizer
+
+
+def test_pure_sampling_filters_nothing():
+    """PPO samples from the policy's distribution at the temperature, as its log-probs score: no top-k, no nucleus, no
+    repetition penalty."""
+    config = pure_sampling(make_tokenizer(), 0.7, 8)
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 0, 1.0)
+    assert config.repetition_penalty in (None, 1.0)  # None: unset, no penalty (the model's own config is replaced)
 
 
 def test_sampled_rows_and_kl_to_self(tiny_chat):

@@ -252,6 +252,22 @@ def test_rollout_stats_rloo_advantages_and_policy_forward_by_hand(tmp_path):
     assert (logprobs - train.policy_forward(policy, ids, torch.ones_like(ids), 3, 1.0)[1]).abs().max() > 1e-3
 
 
+def test_rm_loss_is_the_ranking_loss_of_the_pairs_scores(tmp_path):
+    """rm_loss: the pairwise ranking loss of score_pairs' scores, its accuracy and margin their means over pairs."""
+    sys.path.insert(0, ROOT)
+    import train
+    tok = make_tokenizer()
+    model = minrlhf.load_reward_model(save_tiny("llama", tmp_path), tok.pad_token_id).eval()
+    rows = [{"prompt": f"{s} was", "chosen": " great", "rejected": f" awful, {s} was bad"} for s in SUBJECTS[:5]]
+    groups = minrlhf.collate_pairs([minrlhf.encode_preference(r, tok, 64) for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected = minrlhf.score_pairs(model, groups)
+        loss, stats = train.rm_loss(model, groups)
+    assert loss.item() == pytest.approx(minrlhf.pairwise_ranking_loss(chosen, rejected).item())
+    assert stats["margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
+    assert stats["accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+
+
 def test_sft_loss_is_transformers_own(tmp_path):
     """sft_loss (LM head on positions 0 .. T-2, prompt labels -100) is the loss transformers computes from labels."""
     sys.path.insert(0, ROOT)
@@ -269,7 +285,8 @@ def test_sft_loss_falls_and_saves_a_pipeline_model(work):
                 output="sft")
     assert [m["step"] for m in log] == list(range(1, 31))
     assert log[-1]["loss"] < 0.5 * log[0]["loss"] and "eval/loss" in log[-1] and "eval/loss" in log[9]
-    assert json.loads((work / "sft" / "args.json").read_text())["stage"] == "sft"
+    saved = json.loads((work / "sft" / "args.json").read_text())
+    assert (saved["stage"], saved["world_size"]) == ("sft", 1)
     assert sorted(os.listdir(work / "sft" / "checkpoints")) == ["step20", "step30"]  # --keep-checkpoints 2
     generate = pipeline("text-generation", model=str(work / "sft"), tokenizer=str(work / "sft"))
     out = generate("the book was", max_new_tokens=4, do_sample=False)[0]["generated_text"]
@@ -535,7 +552,14 @@ def test_value_lr_is_the_value_functions_own(work, critic):
 
 
 def test_critic_resume_reproduces_the_uninterrupted_run(work):
-    assert_resume_reproduces(work, CRITIC_PPO, "critic")
+    """With the adaptive KL coefficient, which the checkpoint carries; the critic from the reward model scores in
+    the units of the normalised scores (`Critic.set_scale`), which the checkpoint carries too."""
+    assert_resume_reproduces(work, [*CRITIC_PPO, "--target-kl", 0.01], "critic")
+    step = work / "critic_whole" / "checkpoints" / "step4"
+    norm = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["reward_norm"]
+    critic = checkpoint_weights(step / "critic")
+    assert (critic["shift"].item(), critic["scale"].item()) == pytest.approx((norm["mean"], norm["std"]))
+    assert norm["std"] != 1.0
 
 
 def test_zero3_generation_matches_plain(work):
@@ -573,6 +597,7 @@ def test_two_ranks_zero3(work, stage):
                 launcher=TWO_RANKS)
     steps = flags[flags.index("--max-steps") + 1]
     assert [m["step"] for m in log] == list(range(1, steps + 1))  # every step, logged once: by rank 0 alone
+    assert json.loads((work / f"{stage}_2ranks" / "args.json").read_text())["world_size"] == 2  # --resume checks it
     loader = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
     loader.from_pretrained(work / f"{stage}_2ranks")
 
