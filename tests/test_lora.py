@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from minrlhf import PolicyWithValueHead, load_causal_lm
-from minrlhf.inputs import adapt, load_model
+from minrlhf.inputs import adapt, load_model, reference
 from minrlhf.lora import BaseModel, LoRALinear, add_lora, adapters_disabled, merged_state_dict
 from test_train import (DEEPSPEED, PPO, ROOT, assert_resume_reproduces, checkpoint_weights, measured, train,  # noqa: F401
                         work)
@@ -60,6 +60,14 @@ def test_merged_deltas_have_rank_r_and_nothing_else_moves(family):
     assert len(changed) == wrapped
     for k in changed:
         assert torch.linalg.matrix_rank(merged[k] - original[k]).item() == 3, k
+
+
+def test_lora_reference_is_the_policy_with_its_adapters_off():
+    """One copy of the base weights, not two: the reference of the KL penalty and of DPO is the policy itself."""
+    model = make_causal_lm("llama", 300)
+    add_lora(model, 4, 8.0)
+    ref = reference(model, Namespace(lora_rank=4, ref_model=None), cfg=None, device=None, tokenizer=None, resize=None)
+    assert isinstance(ref, BaseModel) and ref.model is model
 
 
 def test_lora_targets_by_name_and_the_score_head_stays_out(tmp_path):
@@ -167,6 +175,18 @@ def test_lora_reward_model_and_dpo(work):
                 "--batch-size", 8, output="dpo_lora")
     assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the reference: the adapters switched off
     assert dpo[-1]["loss"] < 0.3 and set(changed_weights(work / "dpo_lora", work / "peaked").values()) == {4}
+
+
+def test_lora_ppo_with_a_critic_saves_it_merged(work):
+    """A critic from a reward model under --lora-rank trains its adapters and score head; saved in OUTPUT/critic as a
+    plain reward model, the adapters merged into its weights."""
+    train(work, *LORA_PPO, "--critic-model", "random_rm", "--max-steps", 2, output="ppo_lora_critic")
+    critic, info = AutoModelForSequenceClassification.from_pretrained(work / "ppo_lora_critic" / "critic",
+                                                                      output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights: a plain model
+    start = AutoModelForSequenceClassification.from_pretrained(work / "random_rm").state_dict()
+    moved = {k for k, w in critic.state_dict().items() if not torch.equal(w, start[k])}
+    assert "score.weight" in moved and any(k.endswith("q_proj.weight") for k in moved)  # head and merged adapters
 
 
 def test_gradient_checkpointing_changes_no_number(work):
