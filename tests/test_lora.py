@@ -126,7 +126,8 @@ def test_lora_trains_the_adapters_and_a_reward_models_score_head(tmp_path, kind)
     """Under --lora-rank only the adapters train, and a reward model's (or critic's) score head, which is new."""
     args = Namespace(lora_rank=4, lora_alpha=None, lora_targets="all-linear", gradient_checkpointing=False, model="m")
     model = adapt(load_model("--model", save_tiny("llama", tmp_path), make_tokenizer(), False, kind), args)
-    trainable = {name.split(".")[-1] if "lora_" in name else name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {name.split(".")[-1] if "lora_" in name else name
+                 for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B"} | ({"score.weight"} if kind == "rm" else set())
 
 

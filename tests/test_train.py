@@ -219,30 +219,43 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
     assert any(not torch.allclose(a, b) for a, b in zip(*grads))  # kl_coef 1 adds the k3 term's gradient
 
 
-def test_rollout_stats_rloo_advantages_and_policy_forward_by_hand(tmp_path):
-    """What the online stages log (the KL, the share of groups that tie, the critic's explained variance) and RLOO's
-    KL in the score against hand-computed values; the policy's log-probs at the sampling temperature, as the
-    reference's (which test_models checks against the sampler's own)."""
+RLOO_EXP = {"mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]), "logprobs": torch.zeros(4, 3),
+            "ref_logprobs": -torch.tensor([[0.1], [0.2], [0.3], [0.4]]).expand(4, 3)}  # sequence KLs 0.3, 0.4, 0.3, 1.2
+
+
+def test_rloo_takes_the_sequence_kl_from_the_score():
     from argparse import Namespace
     sys.path.insert(0, ROOT)
     import train
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
-    per_token_kl = torch.tensor([[0.1], [0.2], [0.3], [0.4]]).expand(4, 3)
-    exp = {"mask": mask, "logprobs": torch.zeros(4, 3), "ref_logprobs": -per_token_kl}
-    advantages = train.critic_free_advantages(exp, torch.zeros(4), 1.0, Namespace(stage="rloo", num_generations=2))
-    # sequence KLs 0.3, 0.4 | 0.3, 1.2 taken from the scores (0), then each less the other of its pair
+    advantages = train.critic_free_advantages(RLOO_EXP, torch.zeros(4), 1.0, Namespace(stage="rloo", num_generations=2))
+    # the KLs taken from the scores (0), then each less the other of its pair
     torch.testing.assert_close(advantages, torch.tensor([0.1, -0.1, 0.9, -0.9])[:, None].expand(4, 3))
-    assert train.rollout_stats({**exp, "advantages": advantages}, torch.zeros(4), 1.0, 2)["kl"] == pytest.approx(0.55)
+
+
+def test_rollout_stats_by_hand():
+    """What the online stages log against hand-computed values: the KL, the share of groups that tie, the critic's
+    explained variance."""
+    sys.path.insert(0, ROOT)
+    import train
+    exp, mask = {**RLOO_EXP, "advantages": torch.zeros(4, 3)}, RLOO_EXP["mask"]
+    assert train.rollout_stats(exp, torch.zeros(4), 1.0, 2)["kl"] == pytest.approx(0.55)
     six = {"mask": torch.ones(6, 2), "logprobs": torch.zeros(6, 2), "ref_logprobs": torch.zeros(6, 2),
            "advantages": torch.zeros(6, 2)}
     scores = torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 4.0])  # two of three groups tie
     assert train.rollout_stats(six, scores, 1.0, 2)["frac_reward_zero_std"] == pytest.approx(2 / 3)
     torch.manual_seed(0)
     values, returns = torch.randn(4, 3), 3 * torch.randn(4, 3)
-    stats = train.rollout_stats({**exp, "values": values, "returns": returns}, torch.zeros(4), 1.0, 1)
+    stats = train.rollout_stats({**RLOO_EXP, "values": values, "returns": returns}, torch.zeros(4), 1.0, 1)
     expected = 1 - minrlhf.masked_var(returns - values, mask) / minrlhf.masked_var(returns, mask)
     assert stats["ppo/val/explained_variance"] == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected - minrlhf.explained_variance(returns, values, mask)) > 0.1  # not symmetric in V and R
+
+
+def test_policy_forward_scores_at_the_sampling_temperature(tmp_path):
+    """The policy's log-probs at the sampling temperature, as the reference's (which test_models checks against
+    the sampler's own)."""
+    sys.path.insert(0, ROOT)
+    import train
     policy = minrlhf.PolicyWithValueHead(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)), value_head=False)
     ids = torch.randint(3, 60, (2, 7))
     with torch.no_grad():
