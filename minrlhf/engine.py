@@ -164,13 +164,18 @@ def skip_nonfinite_step(optimizer, args, kwargs):
 
 
 def frozen(model, cfg, device):
-    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3."""
+    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3. In bf16
+    as DeepSpeed casts the trained models: the weights, not the buffers (RoPE's inv_freq stays float32; cast,
+    it would give the reference other positions than the policy's)."""
     model.requires_grad_(False).eval()
-    if cfg["zero_optimization"]["stage"] < 3:
-        return model.to(device, torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else None)
-    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
-    return deepspeed.initialize(model=model, config={"zero_optimization": {"stage": 3},
-                                                     **{k: cfg[k] for k in keys if k in cfg}})[0]
+    if cfg["zero_optimization"]["stage"] == 3:
+        keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
+        return deepspeed.initialize(model=model, config={"zero_optimization": {"stage": 3},
+                                                         **{k: cfg[k] for k in keys if k in cfg}})[0]
+    if cfg.get("bf16", {}).get("enabled"):
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    return model.to(device)
 
 
 def gathered(engine):

