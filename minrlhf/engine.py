@@ -164,9 +164,9 @@ def skip_nonfinite_step(optimizer, args, kwargs):
 
 
 def frozen(model, cfg, device):
-    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3. In bf16
-    as DeepSpeed casts the trained models: the weights, not the buffers (RoPE's inv_freq stays float32; cast,
-    it would give the reference other positions than the policy's)."""
+    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3. bf16 casts
+    them as DeepSpeed casts the models it trains: the weights only. Buffers such as RoPE's inv_freq stay
+    float32, else the reference would encode positions otherwise than the policy."""
     model.requires_grad_(False).eval()
     if cfg["zero_optimization"]["stage"] == 3:
         keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")

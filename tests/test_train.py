@@ -565,9 +565,9 @@ def test_value_lr_is_the_value_functions_own(work, critic):
 
 
 def test_ppo_in_bf16_with_a_critic_and_a_reward_model(work):
-    """--bf16 (the README's x4 runs): the frozen reference and reward model are cast to bf16 as the policy is:
-    the weights, not the buffers (RoPE's inv_freq stays float32), as DeepSpeed casts the policy: before the first
-    update the policy's log-probs are the reference's to the bit (KL exactly 0). Policy and critic train in bf16."""
+    """--bf16 (the README's x4 runs): the frozen reference and reward model are cast as DeepSpeed casts the
+    policy, the weights but not the buffers (RoPE's inv_freq stays float32), so before the first update the
+    policy's log-probs are the reference's to the bit (KL exactly 0). Policy and critic train in bf16."""
     log = train(work, *CRITIC_PPO, "--max-steps", 2, "--bf16", output="ppo_bf16")
     assert log[0]["kl"] == 0.0
     assert all(math.isfinite(m["reward"]) and math.isfinite(m["ppo/loss/value"]) for m in log)
