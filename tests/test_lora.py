@@ -1,17 +1,17 @@
 """LoRA (minrlhf/lora.py) and gradient checkpointing: on every supported family against the plain model, then
 train.py end to end (every stage, ZeRO-3 on 2 ranks, resume)."""
 import math
-import sys
 from argparse import Namespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+import train as train_py
 from minrlhf import PolicyWithValueHead, load_causal_lm
 from minrlhf.inputs import adapt, load_model, reference
 from minrlhf.lora import BaseModel, LoRALinear, add_lora, adapters_disabled, merged_state_dict
-from test_train import (DEEPSPEED, PPO, ROOT, assert_resume_reproduces, checkpoint_weights, measured, train,  # noqa: F401
+from test_train import (DEEPSPEED, PPO, assert_resume_reproduces, checkpoint_weights, measured, train,  # noqa: F401
                         work)
 from tiny import FAMILIES, make_causal_lm, make_tokenizer, save_tiny
 
@@ -83,8 +83,6 @@ def test_lora_targets_by_name_and_the_score_head_stays_out(tmp_path):
 
 @pytest.mark.parametrize("lora", [0, 4])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(lora):
-    sys.path.insert(0, ROOT)
-    import train
     ids = torch.randint(3, 300, (2, 9))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     grads = []
@@ -98,7 +96,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(lora):
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
         assert model.is_activation_checkpointing == checkpointing
-        loss, _ = train.sft_loss(model, batch)
+        loss, _ = train_py.sft_loss(model, batch)
         loss.backward()
         grads.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (loss, plain), (loss_checkpointed, checkpointed) = grads

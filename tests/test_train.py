@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 import minrlhf
+import train as train_py  # train.py; `train` below runs it as a process
 from tiny import make_tokenizer, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,15 +188,13 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
     aggregated as --loss-agg says, and --kl-coef weighs the KL term in the gradients. Two micro-batches of
     unequal tokens accumulated into one step give the gradient and stats of one micro-batch of them all."""
     from argparse import Namespace
-    sys.path.insert(0, ROOT)
-    import train
-    train.init_distributed()  # a world of one, for loss_weights' all_reduce
+    train_py.init_distributed()  # a world of one, for loss_weights' all_reduce
     engine = FakeEngine(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)), value_head=False)
     P, ids = 3, torch.randint(3, 60, (4, 9))  # 3 prompt tokens, 6 response tokens
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
     attention_mask = torch.cat([torch.ones(4, P, dtype=torch.long), mask], 1)
     with torch.no_grad():
-        _, logprobs, _ = train.policy_forward(engine, ids, attention_mask, P, 1.0)
+        _, logprobs, _ = train_py.policy_forward(engine, ids, attention_mask, P, 1.0)
     advantages = torch.randn(4, 6)
     exp = {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P, "logprobs": logprobs,
            "ref_logprobs": logprobs - 0.5, "advantages": advantages}
@@ -203,12 +202,12 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
                      loss_agg=loss_agg)
     stats, grads = [], []
     for kl_coef in (0.0, 1.0):
-        stats.append(train.ppo_update(engine, None, exp, kl_coef, args))
+        stats.append(train_py.ppo_update(engine, None, exp, kl_coef, args))
         grads.append(engine.grads)
     engine.accum = args.grad_accum = 2
     args.batch_size = 2
     torch.manual_seed(0)  # the micro-batches: rows (0, 1) and (3, 2), 12 and 5 tokens
-    split = train.ppo_update(engine, None, exp, 1.0, args)
+    split = train_py.ppo_update(engine, None, exp, 1.0, args)
     assert all(split[k] == pytest.approx(v, rel=1e-5) for k, v in stats[1].items() if not k.startswith("time/"))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(engine.grads, grads[1]))
     expected_kl = minrlhf.aggregate(minrlhf.kl_k3(logprobs, logprobs - 0.5, mask), mask, loss_agg)
@@ -225,9 +224,7 @@ RLOO_EXP = {"mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]), 
 
 def test_rloo_takes_the_sequence_kl_from_the_score():
     from argparse import Namespace
-    sys.path.insert(0, ROOT)
-    import train
-    advantages = train.critic_free_advantages(RLOO_EXP, torch.zeros(4), 1.0, Namespace(stage="rloo", num_generations=2))
+    advantages = train_py.critic_free_advantages(RLOO_EXP, torch.zeros(4), 1.0, Namespace(stage="rloo", num_generations=2))
     # the KLs taken from the scores (0), then each less the other of its pair
     torch.testing.assert_close(advantages, torch.tensor([0.1, -0.1, 0.9, -0.9])[:, None].expand(4, 3))
 
@@ -235,17 +232,15 @@ def test_rloo_takes_the_sequence_kl_from_the_score():
 def test_rollout_stats_by_hand():
     """What the online stages log against hand-computed values: the KL, the share of groups that tie, the critic's
     explained variance."""
-    sys.path.insert(0, ROOT)
-    import train
     exp, mask = {**RLOO_EXP, "advantages": torch.zeros(4, 3)}, RLOO_EXP["mask"]
-    assert train.rollout_stats(exp, torch.zeros(4), 1.0, 2)["kl"] == pytest.approx(0.55)
+    assert train_py.rollout_stats(exp, torch.zeros(4), 1.0, 2)["kl"] == pytest.approx(0.55)
     six = {"mask": torch.ones(6, 2), "logprobs": torch.zeros(6, 2), "ref_logprobs": torch.zeros(6, 2),
            "advantages": torch.zeros(6, 2)}
     scores = torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 4.0])  # two of three groups tie
-    assert train.rollout_stats(six, scores, 1.0, 2)["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    assert train_py.rollout_stats(six, scores, 1.0, 2)["frac_reward_zero_std"] == pytest.approx(2 / 3)
     torch.manual_seed(0)
     values, returns = torch.randn(4, 3), 3 * torch.randn(4, 3)
-    stats = train.rollout_stats({**RLOO_EXP, "values": values, "returns": returns}, torch.zeros(4), 1.0, 1)
+    stats = train_py.rollout_stats({**RLOO_EXP, "values": values, "returns": returns}, torch.zeros(4), 1.0, 1)
     expected = 1 - minrlhf.masked_var(returns - values, mask) / minrlhf.masked_var(returns, mask)
     assert stats["ppo/val/explained_variance"] == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected - minrlhf.explained_variance(returns, values, mask)) > 0.1  # not symmetric in V and R
@@ -254,28 +249,24 @@ def test_rollout_stats_by_hand():
 def test_policy_forward_scores_at_the_sampling_temperature(tmp_path):
     """The policy's log-probs at the sampling temperature, as the reference's (which test_models checks against
     the sampler's own)."""
-    sys.path.insert(0, ROOT)
-    import train
     policy = minrlhf.PolicyWithValueHead(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)), value_head=False)
     ids = torch.randint(3, 60, (2, 7))
     with torch.no_grad():
-        logprobs = train.policy_forward(policy, ids, torch.ones_like(ids), 3, 0.7)[1]
+        logprobs = train_py.policy_forward(policy, ids, torch.ones_like(ids), 3, 0.7)[1]
         reference = minrlhf.response_logprobs(policy.backbone, ids, torch.ones_like(ids), 3, 0.7)
     torch.testing.assert_close(logprobs, reference)
-    assert (logprobs - train.policy_forward(policy, ids, torch.ones_like(ids), 3, 1.0)[1]).abs().max() > 1e-3
+    assert (logprobs - train_py.policy_forward(policy, ids, torch.ones_like(ids), 3, 1.0)[1]).abs().max() > 1e-3
 
 
 def test_rm_loss_is_the_ranking_loss_of_the_pairs_scores(tmp_path):
     """rm_loss: the pairwise ranking loss of score_pairs' scores, its accuracy and margin their means over pairs."""
-    sys.path.insert(0, ROOT)
-    import train
     tok = make_tokenizer()
     model = minrlhf.load_reward_model(save_tiny("llama", tmp_path), tok.pad_token_id).eval()
     rows = [{"prompt": f"{s} was", "chosen": " great", "rejected": f" awful, {s} was bad"} for s in SUBJECTS[:5]]
     groups = minrlhf.collate_pairs([minrlhf.encode_preference(r, tok, 64) for r in rows], tok.pad_token_id)
     with torch.no_grad():
         chosen, rejected = minrlhf.score_pairs(model, groups)
-        loss, stats = train.rm_loss(model, groups)
+        loss, stats = train_py.rm_loss(model, groups)
     assert loss.item() == pytest.approx(minrlhf.pairwise_ranking_loss(chosen, rejected).item())
     assert stats["margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
     assert stats["accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
@@ -283,13 +274,11 @@ def test_rm_loss_is_the_ranking_loss_of_the_pairs_scores(tmp_path):
 
 def test_sft_loss_is_transformers_own(tmp_path):
     """sft_loss (LM head on positions 0 .. T-2, prompt labels -100) is the loss transformers computes from labels."""
-    sys.path.insert(0, ROOT)
-    import train
     model = AutoModelForCausalLM.from_pretrained(save_tiny("llama", tmp_path))
     ids = torch.randint(3, 60, (2, 9))
     labels = ids.clone()
     labels[0, :4], labels[1, 7:] = -100, -100
-    loss, _ = train.sft_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    loss, _ = train_py.sft_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     torch.testing.assert_close(loss, model(input_ids=ids, labels=labels).loss)
 
 
@@ -350,10 +339,8 @@ def test_dpo_resume_reproduces_the_uninterrupted_run(work):
 
 
 def test_batches_reshuffle_each_epoch_and_resume_where_they_were():
-    sys.path.insert(0, ROOT)
-    import train
     from minrlhf.run import batches
-    train.init_distributed()  # a world of one
+    train_py.init_distributed()  # a world of one
     order = batches(8, 2, seed=0)
     first = [next(order) for _ in range(8)]  # two epochs of four batches
     assert sorted(sum(first[:4], [])) == sorted(sum(first[4:], [])) == list(range(8))
@@ -452,14 +439,12 @@ def test_whiten_rewards_whitens_what_gae_sums(whiten_rewards):
     back the per-token rewards GAE summed: the KL-shaped ones, or those whitened (variance 1, mean kept). The
     advantages are whitened either way."""
     from argparse import Namespace
-    sys.path.insert(0, ROOT)
-    import train
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
     logprobs = torch.randn(3, 4)
     exp = {"mask": mask, "logprobs": logprobs, "ref_logprobs": logprobs - torch.rand(3, 4), "values": torch.zeros(3, 4)}
     shaped = torch.tensor([5.0, -3.0, 8.0])
     args = Namespace(whiten_rewards=whiten_rewards, gamma=1.0, lam=1.0)
-    advantages, returns = train.ppo_advantages(exp, shaped, 0.5, args)
+    advantages, returns = train_py.ppo_advantages(exp, shaped, 0.5, args)
     assert minrlhf.masked_mean(advantages, mask).item() == pytest.approx(0.0, abs=1e-6)  # the advantages: whitened
     assert minrlhf.masked_var(advantages, mask).item() == pytest.approx(1.0, rel=1e-4)
     summed = torch.where(mask.bool(), returns - torch.nn.functional.pad(returns[:, 1:], (0, 1)), 0.0)  # r_t
@@ -473,12 +458,10 @@ def test_whiten_rewards_whitens_what_gae_sums(whiten_rewards):
 
 
 def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
-    sys.path.insert(0, ROOT)
-    import train
-    args = train.parse_args(["--stage", "ppo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
+    args = train_py.parse_args(["--stage", "ppo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
     assert args.missing_eos_penalty == 0.0  # not the offline example: off
     args.missing_eos_penalty = 1.5
-    shaped = train.shaped_scores(torch.tensor([3.0, 3.0, 7.0]), torch.tensor([True, False, False]),
+    shaped = train_py.shaped_scores(torch.tensor([3.0, 3.0, 7.0]), torch.tensor([True, False, False]),
                                  {"mean": 3.0, "std": 2.0}, args)
     torch.testing.assert_close(shaped, torch.tensor([0.0, -1.5, 0.5]))  # in normalised units, whatever the scale
 
@@ -486,43 +469,37 @@ def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
 def test_reward_norm_waits_for_a_rollout_whose_scores_differ(monkeypatch):
     """A 0/1 reward that is 0 for the whole first rollout has no scale: dividing by its std (0) would blow the
     next rollouts' scores up a million-fold and drown the KL penalty."""
-    sys.path.insert(0, ROOT)
-    import train
-    monkeypatch.setattr(train, "mean_across_ranks", dict)  # one rank: the mean is this rank's
-    args = train.parse_args(["--stage", "grpo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
+    monkeypatch.setattr(train_py, "mean_across_ranks", dict)  # one rank: the mean is this rank's
+    args = train_py.parse_args(["--stage", "grpo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
     norm, ended = {}, torch.tensor([True] * 4)
     for tied in (0.0, 5.0, 0.1, 1 / 3):  # E[s²] - E[s]² in float32 is not 0 for the last two
-        assert torch.equal(train.shaped_scores(torch.full((4,), tied), ended, norm, args), torch.full((4,), tied))
+        assert torch.equal(train_py.shaped_scores(torch.full((4,), tied), ended, norm, args), torch.full((4,), tied))
         assert norm == {}
-    shaped = train.shaped_scores(torch.tensor([0.0, 1.0, 1.0, 0.0]), ended, norm, args)
+    shaped = train_py.shaped_scores(torch.tensor([0.0, 1.0, 1.0, 0.0]), ended, norm, args)
     assert norm == {"mean": 0.5, "std": 0.5}
     torch.testing.assert_close(shaped, torch.tensor([-1.0, 1.0, 1.0, -1.0]))
-    assert torch.equal(train.shaped_scores(torch.full((4,), 2.0), ended, norm, args), torch.full((4,), 3.0))  # kept
+    assert torch.equal(train_py.shaped_scores(torch.full((4,), 2.0), ended, norm, args), torch.full((4,), 3.0))  # kept
 
 
 def test_ppo_defaults_a_critic_from_the_reward_model_else_the_value_head():
     """InstructGPT's critic, from the reward model, where there is one, with the lambda and value lr that made it
     learn on the offline example; the value head (cheaper) with a reward function or when asked for."""
-    sys.path.insert(0, ROOT)
-    import train
     base = ["--stage", "ppo", "--model", ROOT, "--dataset", "x.jsonl"]
-    args = train.parse_args([*base, "--reward-model", "rm_dir"])
+    args = train_py.parse_args([*base, "--reward-model", "rm_dir"])
     assert (args.critic_model, args.lam, args.value_lr, args.lr) == ("rm_dir", 0.95, 1e-4, 2e-5)
     for flags in (["--reward-fn", "m:f"], ["--reward-model", "rm_dir", "--critic-model", "head"]):
-        args = train.parse_args([*base, *flags])
+        args = train_py.parse_args([*base, *flags])
         assert (args.critic_model, args.lam, args.value_lr) == ("head", 1.0, None)  # None: the head learns at --lr
-    args = train.parse_args([*base, "--reward-model", "rm_dir", "--lam", "0", "--value-lr", "1e-3"])
+    args = train_py.parse_args([*base, "--reward-model", "rm_dir", "--lam", "0", "--value-lr", "1e-3"])
     assert (args.lam, args.value_lr) == (0.0, 1e-3)
-    assert train.parse_args([*base, "--stage", "grpo", "--reward-fn", "m:f"]).critic_model is None
+    assert train_py.parse_args([*base, "--stage", "grpo", "--reward-fn", "m:f"]).critic_model is None
 
 
 def test_online_defaults_and_the_mini_batch():
     """G = 4 samples per prompt for grpo and rloo (1 for ppo); --mini-batch-size sets --grad-accum."""
-    sys.path.insert(0, ROOT)
-    import train
     base = ["--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"]
-    assert [train.parse_args([*base, "--stage", s]).num_generations for s in ("ppo", "grpo", "rloo")] == [1, 4, 4]
-    assert train.parse_args([*base, "--stage", "ppo", "--batch-size", "2", "--mini-batch-size", "8"]).grad_accum == 4
+    assert [train_py.parse_args([*base, "--stage", s]).num_generations for s in ("ppo", "grpo", "rloo")] == [1, 4, 4]
+    assert train_py.parse_args([*base, "--stage", "ppo", "--batch-size", "2", "--mini-batch-size", "8"]).grad_accum == 4
 
 
 ONLINE_PPO = ["--stage", "ppo", "--max-new-tokens", 8, "--rollout-batch-size", 16, "--batch-size", 8,
@@ -850,13 +827,11 @@ def test_a_reward_model_reads_re_encoded_text_within_its_positions(work):
 
 
 def test_no_reward_norm_ignores_statistics_from_a_resumed_checkpoint():
-    sys.path.insert(0, ROOT)
-    import train
-    args = train.parse_args(["--stage", "ppo", "--model", "m", "--dataset", "d.jsonl", "--reward-fn", "x:y",
+    args = train_py.parse_args(["--stage", "ppo", "--model", "m", "--dataset", "d.jsonl", "--reward-fn", "x:y",
                              "--no-reward-norm"])
     scores = torch.tensor([1.0, 3.0])
     norm = {"mean": 2.0, "std": 0.5}  # as restored from a run that normalised
-    assert torch.equal(train.shaped_scores(scores, torch.tensor([True, True]), norm, args), scores)
+    assert torch.equal(train_py.shaped_scores(scores, torch.tensor([True, True]), norm, args), scores)
 
 
 def test_an_sft_step_is_a_token_level_mean_over_micro_batches_and_ranks(work):
