@@ -5,7 +5,7 @@
 
 Read the flags, then the stages: SFT, the reward model and DPO share one loop (`train_supervised`), PPO has
 its own (`train_ppo`, phases 1-5), which GRPO and RLOO share. DeepSpeed, checkpoints and logging are calls
-into minrlhf/engine.py and minrlhf/run.py (bad input: minrlhf/cli.py); the math is in minrlhf/losses.py.
+into minrlhf/engine.py and minrlhf/run.py (flag rules: minrlhf/inputs.py); the math is in minrlhf/losses.py.
 Shapes: B batch, P prompt length, R response length, T = P + R, V vocab, G samples per prompt.
 """
 import argparse
@@ -23,8 +23,8 @@ from minrlhf.cli import (OneLineArgumentParser, bounded, check_template, fail, l
                          sampling_temperature)
 from minrlhf.data import ONLINE
 from minrlhf.engine import build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed
-from minrlhf.inputs import (RewardFunction, adapt, load_critic, load_examples, load_model, load_tokenizer,
-                            offline_defaults, reference)
+from minrlhf.inputs import (RewardFunction, adapt, check_online_args, check_stage_flags, load_critic,
+                            load_examples, load_model, load_tokenizer, offline_defaults, reference)
 from minrlhf.run import Run, Stopwatch, batches, check_output, lock_output, mean_across_ranks
 from minrlhf.sampling import pure_sampling
 
@@ -139,59 +139,6 @@ def add_online_flags(g):
     g("--critic-model", type=nonempty,
       help="ppo: a critic of its own, initialised from this reward model (InstructGPT), or 'head': a value "
            "head on the policy's backbone (default: --reward-model, or 'head')")
-
-
-def check_online_args(args):
-    G = args.num_generations = args.num_generations or (1 if args.stage == "ppo" else 4)
-    args.ppo_epochs = args.ppo_epochs or (2 if args.stage == "ppo" else 1)
-    args.rollout_batch_size = args.rollout_batch_size or (16 if args.stage == "ppo" else 4)
-    if args.stage != "ppo" and G < 2:
-        fail(f"--num-generations {G}: --stage {args.stage} needs at least 2 samples per prompt (each one's "
-             f"baseline is the others)")
-    if args.mini_batch_size:
-        if args.grad_accum != 1 and args.grad_accum * args.batch_size != args.mini_batch_size:
-            fail(f"--grad-accum {args.grad_accum} x --batch-size {args.batch_size} contradicts "
-                 f"--mini-batch-size {args.mini_batch_size}, which sets --grad-accum; pass one of them")
-        if args.mini_batch_size % args.batch_size:
-            fail(f"--mini-batch-size {args.mini_batch_size} is not a multiple of --batch-size "
-                 f"{args.batch_size}")
-        args.grad_accum = args.mini_batch_size // args.batch_size
-    if args.rollout_batch_size * G % (args.batch_size * args.grad_accum):
-        times = f" x --num-generations {G}" if G > 1 else ""
-        fail(f"--rollout-batch-size {args.rollout_batch_size}{times} is not a multiple of the mini-batch "
-             f"(--batch-size x --grad-accum = {args.batch_size * args.grad_accum})")
-    if (args.reward_model is None) == (args.reward_fn is None):
-        fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
-    if args.target_kl and not args.kl_coef:
-        fail("--target-kl adapts --kl-coef by a factor at each iteration: it needs --kl-coef > 0")
-    args.missing_eos_penalty = args.missing_eos_penalty or 0.0
-    if args.stage == "ppo":  # the value function: a critic from the reward model (InstructGPT), or the head
-        args.critic_model = args.critic_model or args.reward_model or "head"
-        head = args.critic_model == "head"
-        if args.vf_coef is not None and not head:
-            fail(f"--vf-coef weighs the value head's loss in the policy's; the critic of --critic-model "
-                 f"{args.critic_model} has a loss and optimizer of its own (--value-lr)")
-        args.vf_coef = 0.1 if args.vf_coef is None else args.vf_coef
-        args.lam = (1.0 if head else 0.95) if args.lam is None else args.lam
-        args.value_lr = args.value_lr or (None if head else 1e-4)  # None: the head learns at --lr
-
-
-STAGE_FLAGS = {  # flags that only some stages read: given to another, an error rather than ignored
-    "beta": ("dpo",), "ref_model": ("dpo", *ONLINE), "scale_rewards": ("grpo",),
-    "eval_fraction": ("sft", "rm", "dpo"),  # the online stages hold out no rows: eval.py scores their policy
-    **dict.fromkeys(("reward_model", "reward_fn", "gold_fn", "max_new_tokens", "rollout_batch_size",
-                     "num_generations", "ppo_epochs", "mini_batch_size", "loss_agg", "kl_coef", "target_kl",
-                     "cliprange", "temperature", "reward_norm", "missing_eos_penalty"), ONLINE),
-    **dict.fromkeys(("critic_model", "value_lr", "vf_coef", "cliprange_value", "gamma", "lam",
-                     "whiten_rewards"), ("ppo",)),  # the critic's and GAE's
-}
-
-
-def check_stage_flags(args, parser):
-    for name, stages in STAGE_FLAGS.items():
-        if args.stage not in stages and getattr(args, name) != parser.get_default(name):
-            fail(f"--{name.replace('_', '-')}: --stage {args.stage} does not use it (a flag of "
-                 f"{', '.join(stages)})")
 
 
 # ---------------------------------------------------------------- stages 1 and 2 (SFT, reward model), and DPO

@@ -1,5 +1,5 @@
-"""What the flags name, loaded and checked for train.py: the offline example for absent flags, tokenizer,
-models, examples, reward functions.
+"""What the flags name, loaded and checked for train.py: the offline example and the per-stage defaults for
+absent flags, the flags each stage reads, tokenizer, models, examples, reward functions.
 Every failure is one line naming the flag or file (`fail`), before any training starts."""
 import importlib
 import numbers
@@ -34,6 +34,61 @@ def offline_defaults(args):
     args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
     if args.stage in ONLINE and not (args.reward_model or args.reward_fn) and finished("runs/rm"):
         args.reward_model = "runs/rm"
+
+
+def check_online_args(args):
+    """The online stages' flags: the per-stage defaults filled in (see their help), contradictions refused."""
+    G = args.num_generations = args.num_generations or (1 if args.stage == "ppo" else 4)
+    args.ppo_epochs = args.ppo_epochs or (2 if args.stage == "ppo" else 1)
+    args.rollout_batch_size = args.rollout_batch_size or (16 if args.stage == "ppo" else 4)
+    if args.stage != "ppo" and G < 2:
+        fail(f"--num-generations {G}: --stage {args.stage} needs at least 2 samples per prompt (each one's "
+             f"baseline is the others)")
+    if args.mini_batch_size:
+        if args.grad_accum != 1 and args.grad_accum * args.batch_size != args.mini_batch_size:
+            fail(f"--grad-accum {args.grad_accum} x --batch-size {args.batch_size} contradicts "
+                 f"--mini-batch-size {args.mini_batch_size}, which sets --grad-accum; pass one of them")
+        if args.mini_batch_size % args.batch_size:
+            fail(f"--mini-batch-size {args.mini_batch_size} is not a multiple of --batch-size "
+                 f"{args.batch_size}")
+        args.grad_accum = args.mini_batch_size // args.batch_size
+    if args.rollout_batch_size * G % (args.batch_size * args.grad_accum):
+        times = f" x --num-generations {G}" if G > 1 else ""
+        fail(f"--rollout-batch-size {args.rollout_batch_size}{times} is not a multiple of the mini-batch "
+             f"(--batch-size x --grad-accum = {args.batch_size * args.grad_accum})")
+    if (args.reward_model is None) == (args.reward_fn is None):
+        fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
+    if args.target_kl and not args.kl_coef:
+        fail("--target-kl adapts --kl-coef by a factor at each iteration: it needs --kl-coef > 0")
+    args.missing_eos_penalty = args.missing_eos_penalty or 0.0
+    if args.stage == "ppo":  # the value function: a critic from the reward model (InstructGPT), or the head
+        args.critic_model = args.critic_model or args.reward_model or "head"
+        head = args.critic_model == "head"
+        if args.vf_coef is not None and not head:
+            fail(f"--vf-coef weighs the value head's loss in the policy's; the critic of --critic-model "
+                 f"{args.critic_model} has a loss and optimizer of its own (--value-lr)")
+        args.vf_coef = 0.1 if args.vf_coef is None else args.vf_coef
+        args.lam = (1.0 if head else 0.95) if args.lam is None else args.lam
+        args.value_lr = args.value_lr or (None if head else 1e-4)  # None: the head learns at --lr
+
+
+STAGE_FLAGS = {  # flags that only some stages read: given to another, an error rather than ignored
+    "beta": ("dpo",), "ref_model": ("dpo", *ONLINE), "scale_rewards": ("grpo",),
+    "eval_fraction": ("sft", "rm", "dpo"),  # the online stages hold out no rows: eval.py scores their policy
+    **dict.fromkeys(("reward_model", "reward_fn", "gold_fn", "max_new_tokens", "rollout_batch_size",
+                     "num_generations", "ppo_epochs", "mini_batch_size", "loss_agg", "kl_coef", "target_kl",
+                     "cliprange", "temperature", "reward_norm", "missing_eos_penalty"), ONLINE),
+    **dict.fromkeys(("critic_model", "value_lr", "vf_coef", "cliprange_value", "gamma", "lam",
+                     "whiten_rewards"), ("ppo",)),  # the critic's and GAE's
+}
+
+
+def check_stage_flags(args, parser):
+    """A flag given to a stage that does not read it is an error, not silently ignored."""
+    for name, stages in STAGE_FLAGS.items():
+        if args.stage not in stages and getattr(args, name) != parser.get_default(name):
+            fail(f"--{name.replace('_', '-')}: --stage {args.stage} does not use it (a flag of "
+                 f"{', '.join(stages)})")
 
 
 def finished(run_dir):
