@@ -1,0 +1,70 @@
+"""merge.py: the task-vector merge by hand, end to end on tiny saved policies, and its one-line errors."""
+import pytest
+import torch
+
+import merge
+from minrlhf import load_causal_lm
+from test_errors import assert_one_error_line
+from tiny import save_tiny
+
+
+def test_merge_task_vectors_by_hand():
+    base = {"w": torch.tensor([1.0, 2.0]), "half": torch.tensor([1.0], dtype=torch.bfloat16),
+            "ids": torch.tensor([0, 1])}
+    policies = [{"w": torch.tensor([3.0, 2.0]), "half": torch.tensor([2.0], dtype=torch.bfloat16),
+                 "ids": torch.tensor([5, 5])},
+                {"w": torch.tensor([1.0, 6.0]), "half": torch.tensor([2.0], dtype=torch.bfloat16),
+                 "ids": torch.tensor([7, 7])}]  # mean change of w: [1, 2]
+    for scale, w in {1.0: [2.0, 4.0], 1.5: [2.5, 5.0], 0.0: [1.0, 2.0]}.items():
+        merged = merge.merge_task_vectors(base, policies, scale)
+        assert torch.equal(merged["w"], torch.tensor(w)), scale
+        assert merged["half"].dtype == torch.bfloat16 and merged["half"].item() == 1.0 + scale
+        assert torch.equal(merged["ids"], base["ids"])  # not floating point: the base's
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("merge")
+    for name, seed in {"base": 0, "a": 1, "b": 2}.items():  # three models of one architecture and tokenizer
+        save_tiny("llama", d / name, seed=seed)
+    save_tiny("llama", d / "wide", config={"hidden_size": 64})
+    save_tiny("llama", d / "chat", chat_template=True)
+    return d
+
+
+def test_merge_py_writes_the_scaled_mean_change(saved, tmp_path):
+    merge.main(["--base", str(saved / "base"), "--policies", str(saved / "a"), str(saved / "b"),
+                "--scale", "1.5", "--output", str(tmp_path / "merged")])
+    base, a, b, merged = (load_causal_lm(str(p)).state_dict()
+                          for p in (saved / "base", saved / "a", saved / "b", tmp_path / "merged"))
+    for key, weight in base.items():
+        expected = weight.double() + 1.5 * ((a[key].double() + b[key].double()) / 2 - weight.double())
+        torch.testing.assert_close(merged[key], expected.float(), rtol=0, atol=1e-6)
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    merge.main(["--base", str(saved / "base"), "--policies", str(saved / "a"),
+                "--output", str(tmp_path / "one")])
+    one = load_causal_lm(str(tmp_path / "one")).state_dict()
+    assert all(torch.equal(one[key], a[key]) for key in a)  # one policy at scale 1: that policy
+
+
+CASES = {  # name: (flags, the one line expected on stderr)
+    "another architecture": (["--policies", "{d}/wide"],
+                             r"--policies .*wide: model\.embed_tokens\.weight: shape \(\d+, 64\), "
+                             r"where --base .*base has \(\d+, 32\)"),
+    "another tokenizer": (["--policies", "{d}/chat"],
+                          r"--policies .*chat: a tokenizer other than --base .*base's"),
+    "missing policy": (["--policies", "{d}/nope"], r"--policies .*nope: cannot load as a causal LM"),
+    "output not empty": (["--output", "{d}/a"], r"--output .*a: not empty; choose a new folder"),
+    "negative scale": (["--scale", "-1"], r"argument --scale: -1: expected a number >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_merge_py_bad_input_fails_with_one_line(name, saved, tmp_path, capsys):
+    flags, message = CASES[name]
+    argv = {"--base": "{d}/base", "--policies": "{d}/a", "--output": str(tmp_path / "out")}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        argv[flag] = value
+    with pytest.raises(SystemExit) as exit_info:
+        merge.main([s.format(d=saved) for pair in argv.items() for s in pair])
+    assert_one_error_line(exit_info, capsys, message)
