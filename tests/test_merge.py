@@ -1,6 +1,7 @@
 """merge.py: the task-vector merge by hand, end to end on tiny saved policies, and its one-line errors."""
 import pytest
 import torch
+from transformers import PreTrainedModel
 
 import merge
 from minrlhf import load_causal_lm
@@ -57,6 +58,16 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "output not empty": (["--output", "{d}/a"], r"--output .*a: not empty; choose a new folder"),
     "negative scale": (["--scale", "-1"], r"argument --scale: -1: expected a number >= 0"),
 }
+
+
+def test_merge_py_a_failed_write_is_one_line(saved, tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        merge.main(["--base", str(saved / "base"), "--policies", str(saved / "a"), "--output", str(tmp_path)])
+    assert_one_error_line(exit_info, capsys,
+                          r"--output .*: cannot write the merged policy there \(\[Errno 28\]")
 
 
 @pytest.mark.parametrize("name", list(CASES))
