@@ -28,8 +28,8 @@ def merge_task_vectors(base, policies, scale):
         if not weight.is_floating_point():
             merged[key] = weight
             continue
-        mean = sum(policy[key].double() for policy in policies) / len(policies)
-        merged[key] = (weight.double() + scale * (mean - weight.double())).to(weight.dtype)
+        change = sum(policy[key].double() - weight.double() for policy in policies) / len(policies)
+        merged[key] = (weight.double() + scale * change).to(weight.dtype)
     return merged
 
 
