@@ -28,8 +28,9 @@ def merge_task_vectors(base, policies, scale):
         if not weight.is_floating_point():
             merged[key] = weight
             continue
-        change = sum(policy[key].double() - weight.double() for policy in policies) / len(policies)
-        merged[key] = (weight.double() + scale * change).to(weight.dtype)
+        exact = weight.double()
+        change = sum(policy[key].double() - exact for policy in policies) / len(policies)
+        merged[key] = (exact + scale * change).to(weight.dtype)
     return merged
 
 
