@@ -15,14 +15,14 @@ import os
 from statistics import fmean
 
 import torch
-from transformers import AutoTokenizer
 
-import minrlhf as M
+import minrlhf as M  # before transformers: Hub offline mode where the Hub does not resolve (minrlhf/offline.py)
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
                          check_writable, fail, fail_to_load, nonempty, positive_int, quiet_libraries,
                          same_path, samples_per_prompt, sampling_temperature)
 from minrlhf.sampling import load_chat_model, sample
+from transformers import AutoTokenizer  # after minrlhf (above)
 
 
 def parse_args(argv=None):

@@ -12,11 +12,11 @@ faster than the scale squared (measured: scale 1.2, 1.8x the plain average's KL;
 import os
 
 import torch
-from transformers import AutoTokenizer
 
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load, nonempty,
                          non_negative, quiet_libraries)
 from minrlhf.models import load_causal_lm
+from transformers import AutoTokenizer  # after minrlhf: Hub offline mode where the Hub does not resolve
 
 
 def merge_task_vectors(base, policies, scale):

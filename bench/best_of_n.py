@@ -56,7 +56,9 @@ def answers(args, prompts):
             return [json.loads(line) for line in f]
     torch.manual_seed(args.seed)
     policy, tokenizer = load_chat_model(args.policy)
-    policy = policy.to(torch.bfloat16) if args.bf16 else policy
+    if args.bf16:  # the weights only, as train.py's --bf16 casts them: RoPE's inv_freq stays float32
+        for param in policy.parameters():
+            param.data = param.data.to(torch.bfloat16)
     rows = sample(policy, tokenizer, [q for q in prompts for _ in range(args.n)], 0.7, 48, batch_size=64)
     rows = [{"prompt": r["prompt"], "text": r["text"], "ended": r["ended"]} for r in rows]
     if args.answers:

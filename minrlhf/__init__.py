@@ -1,6 +1,9 @@
 """minrlhf: RLHF as InstructGPT did it (SFT, a pairwise reward model, PPO), then DPO, GRPO and RLOO, small
 enough to read.
 The pieces to copy: losses (the math), models (value head, reward model), data (rows to batches)."""
+from .offline import offline_without_dns
+
+offline_without_dns()  # before data.py imports datasets, and with it huggingface_hub
 from .data import (DataError, check_columns, check_prompts, collate_pairs, collate_prompts, collate_sft,
                    encode_pair, encode_preference, encode_prompt, encode_rl_prompt, encode_sft,
                    ensure_pad_token, is_chat, load_rows, pad, pad_with_mask, sequence_length, split_hh,
