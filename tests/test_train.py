@@ -1,5 +1,7 @@
-"""train.py end to end on tiny random models, run as a user runs it: each stage learns, ZeRO stages,
-bf16 and offload, 2 ranks under ZeRO-3, resume after SIGKILL, outputs that plain transformers loads."""
+"""train.py end to end on tiny random models: each stage learns, ZeRO stages, bf16 and offload, 2 ranks under
+ZeRO-3, resume after SIGKILL, outputs that plain transformers loads. Launchers, signals, kills and exit statuses
+run train.py as a process, as a user does; other one-rank runs call its main() here (`train`), which gives the
+same numbers (test_same_seed_same_metrics) without the ~4 s of imports per run."""
 import json
 import math
 import os
@@ -125,12 +127,33 @@ def work(tmp_path_factory):
 
 
 def train(work, *flags, output, launcher=(), timeout=600):
-    cmd = [*launcher, *([] if launcher else [sys.executable]), os.path.join(ROOT, "train.py"),
-           "--model", str(work / "model"), "--dataset", str(work / "pref.jsonl"), "--output", str(work / output),
-           *map(str, flags)]
-    proc = subprocess.run(cmd, cwd=work, env=ENV, capture_output=True, text=True, timeout=timeout)
+    """train.py's metrics after a run from `work`: under `launcher` as a process, else one rank in this process
+    (`train_py.main`: the imports done once, ~4 s less per run; the same numbers, tested below)."""
+    argv = ["--model", str(work / "model"), "--dataset", str(work / "pref.jsonl"), "--output", str(work / output),
+            *map(str, flags)]
+    if not launcher:
+        in_process(work, argv)
+        return metrics(work / output)
+    proc = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *argv], cwd=work, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return metrics(work / output)
+
+
+def in_process(work, argv):
+    """train_py.main(argv) as in a new process: from `work` (reward functions import from it), its reward module
+    imported anew (the call counters of REWARD_FN at 0); then this process's SIGINT and SIGTERM handlers back
+    (`Run` sets its own)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.modules.pop("rewards", None)
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        train_py.main(argv)
+    finally:
+        os.chdir(cwd)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def metrics(run_dir):
@@ -725,9 +748,12 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
     assert set(rng) == {"torch", "numpy", "python", "accelerator"}  # the accelerator's: a GPU's own generator
 
 
-def test_same_seed_same_metrics(work):
-    first = train(work, "--stage", "sft", "--max-steps", 5, "--lr", 1e-2, output="det1")
-    again = train(work, "--stage", "sft", "--max-steps", 5, "--lr", 1e-2, output="det2")
+@pytest.mark.parametrize("flags", [["--stage", "sft", "--lr", 1e-2], PPO], ids=["sft", "ppo"])
+def test_same_seed_same_metrics(work, flags):
+    """As a process and in this process (as `train` runs one rank): the same numbers."""
+    stage = flags[1]
+    first = train(work, *flags, "--max-steps", 5, output=f"det1_{stage}", launcher=[sys.executable])
+    again = train(work, *flags, "--max-steps", 5, output=f"det2_{stage}")
     assert measured(first) == measured(again)
 
 
