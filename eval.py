@@ -16,7 +16,7 @@ from statistics import fmean
 
 import torch
 
-import minrlhf as M  # before transformers: Hub offline mode where the Hub does not resolve (minrlhf/offline.py)
+import minrlhf as M  # before transformers: the Hub's offline mode without a network (minrlhf/offline.py)
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
                          check_writable, fail, fail_to_load, nonempty, positive_int, quiet_libraries,

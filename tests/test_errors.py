@@ -467,6 +467,10 @@ def test_quiet_libraries_silences_the_hub_clients_retry_warnings():
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
+# a process's environment without the user's Hub choices (offline mode, proxies) or a run's rank (ENV)
+NO_HUB_CHOICE = {k: v for k, v in ENV.items() if k not in minrlhf.offline.SET_BY_USER}
+
+
 @pytest.mark.parametrize("endpoint, chosen, offline", [
     ("https://no-such-host.invalid", {}, "True"),  # .invalid never resolves (RFC 2606): no network to the Hub
     ("http://localhost:9", {}, "False"),  # resolves: the Hub client tries it as it would
@@ -475,20 +479,18 @@ def test_quiet_libraries_silences_the_hub_clients_retry_warnings():
 def test_hub_offline_mode_where_the_hub_does_not_resolve(endpoint, chosen, offline):
     """Offline, huggingface_hub retries each request for ~23 s before the cache or an error: importing
     minrlhf turns its offline mode on first where the Hub's host does not resolve (minrlhf/offline.py)."""
-    env = {k: v for k, v in ENV.items() if k not in minrlhf.offline.SET_BY_USER}  # ENV: no rank of a run here
     code = "import minrlhf, transformers, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**env, "HF_ENDPOINT": endpoint, **chosen})
+                          env={**NO_HUB_CHOICE, "HF_ENDPOINT": endpoint, **chosen})
     assert proc.stdout.strip() == offline, proc.stderr
 
 
 def test_a_hub_name_without_the_hub_is_one_line(tmp_path):
     """train.py with a --model that is no local folder and a Hub that does not resolve: the one line, from the
     cache lookup of offline mode (before: after ~46 s of retries)."""
-    env = {k: v for k, v in ENV.items() if k not in minrlhf.offline.SET_BY_USER}  # ENV: no rank of a run here
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "sft", "--model",
                            "no-such-org/no-such-model"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**env, "HF_ENDPOINT": "https://no-such-host.invalid"})
+                          env={**NO_HUB_CHOICE, "HF_ENDPOINT": "https://no-such-host.invalid"})
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: --model no-such-org/no-such-model: cannot load its tokenizer ("), lines
