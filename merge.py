@@ -10,9 +10,11 @@ saved on more reward; below 1 it moves back toward the base (WARP's third stage,
 the scale differs from merge to merge (measured: two PPO seeds at 1.2, 1.8x the plain average's KL; three GRPO
 seeds at 1.5, 2.4x; three PPO seeds at 1.45, 1.6x): score a few scales' KL before picking one.
 """
+import json
 import os
 
 import torch
+from safetensors import safe_open
 
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load, nonempty,
                          non_negative, quiet_libraries)
@@ -23,7 +25,7 @@ from transformers import AutoTokenizer  # after minrlhf: Hub offline mode where 
 def merge_task_vectors(base, policies, scale):
     """base + scale * mean_i(policy_i - base), key by key, in float64, stored in the base's dtype; tensors
     that are not floating point (masks, ids) are the base's. base, policies: state dicts of one model's
-    architecture."""
+    architecture (a policy may be any mapping of names to tensors: `SavedWeights`)."""
     merged = {}
     for key, weight in base.items():
         if not weight.is_floating_point():
@@ -33,6 +35,41 @@ def merge_task_vectors(base, policies, scale):
         change = sum(policy[key].double() - exact for policy in policies) / len(policies)
         merged[key] = (exact + scale * change).to(weight.dtype)
     return merged
+
+
+class SavedWeights:
+    """A saved model's weights by name, read one tensor at a time from its safetensors file(s) (sharded or
+    not), so that merging N policies holds one tensor of each, not N whole models."""
+
+    def __init__(self, path):
+        index = os.path.join(path, "model.safetensors.index.json")  # a sharded save: name -> shard
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.shards = json.load(f)["weight_map"]
+        else:
+            with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+                self.shards = dict.fromkeys(f.keys(), "model.safetensors")
+        self.files = {name: safe_open(os.path.join(path, name), "pt") for name in set(self.shards.values())}
+
+    def __getitem__(self, name):
+        return self.files[self.shards[name]].get_tensor(name)
+
+    def shape(self, name):
+        """The weight's shape, read from its file's header; None if there is no such weight."""
+        if name not in self.shards:
+            return None
+        return tuple(self.files[self.shards[name]].get_slice(name).get_shape())
+
+
+def untied_state(model):
+    """The model's state dict (its own tensors) without the second name of a tied weight (an LM head that is
+    the embedding matrix), as safetensors saves it: merging the first name merges both."""
+    seen, state = set(), {}
+    for key, weight in model.state_dict().items():
+        if weight.data_ptr() not in seen:
+            seen.add(weight.data_ptr())
+            state[key] = weight
+    return state
 
 
 def parse_args(argv=None):
@@ -47,23 +84,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load(flag, path):
-    """(causal LM, tokenizer), or one line naming the flag and what failed."""
+def load(flag, path, model=load_causal_lm):
+    """(`model(path)`, tokenizer), or one line naming the flag and what failed."""
     try:
-        return load_causal_lm(path), AutoTokenizer.from_pretrained(path)
+        return model(path), AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as e:
         fail_to_load(flag, path, f"cannot load as a causal LM ({str(e).splitlines()[0]})")
 
 
 def check_like_base(path, policy, tokenizer, base, base_tokenizer, base_path):
-    """One line unless the policy has the base's tokens and weights of the base's names and shapes."""
+    """One line unless the policy has the base's tokens, the weights of `base` (the base's `untied_state`)
+    with their shapes, and no others (a reward model's score head)."""
     if tokenizer.get_vocab() != base_tokenizer.get_vocab():
         fail(f"--policies {path}: a tokenizer other than --base {base_path}'s; pass policies trained from it")
     for key, weight in base.items():
-        if key not in policy or policy[key].shape != weight.shape:
-            found = f"shape {tuple(policy[key].shape)}" if key in policy else "no such weight"
+        if policy.shape(key) != tuple(weight.shape):
+            found = f"shape {policy.shape(key)}" if key in policy.shards else "no such weight"
             fail(f"--policies {path}: {key}: {found}, where --base {base_path} has {tuple(weight.shape)}; "
                  f"pass policies trained from it")
+    for key in sorted(policy.shards.keys() - base.keys()):
+        fail(f"--policies {path}: {key}: a weight that --base {base_path} has not; pass causal LMs trained "
+             f"from it")
 
 
 def main(argv=None):
@@ -73,14 +114,14 @@ def main(argv=None):
         fail(f"--output {args.output}: not empty; choose a new folder")
     check_writable("--output", args.output, args.output)
     model, tokenizer = load("--base", args.base)
-    base = model.state_dict()
-    policies = []
+    base, policies = untied_state(model), []
     for path in args.policies:
-        policy, policy_tokenizer = load("--policies", path)
-        policies.append(policy.state_dict())
-        check_like_base(path, policies[-1], policy_tokenizer, base, tokenizer, args.base)
+        policy, policy_tokenizer = load("--policies", path, SavedWeights)
+        check_like_base(path, policy, policy_tokenizer, base, tokenizer, args.base)
+        policies.append(policy)
     with torch.no_grad():
-        model.load_state_dict(merge_task_vectors(base, policies, args.scale))
+        for key, weight in merge_task_vectors(base, policies, args.scale).items():
+            base[key].copy_(weight)  # into the model's own tensors, a tied weight's other name too
     try:
         model.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)

@@ -1,10 +1,10 @@
 """merge.py: the task-vector merge by hand, end to end on tiny saved policies, and its one-line errors."""
 import pytest
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 import merge
-from minrlhf import load_causal_lm
+from minrlhf import load_causal_lm, load_reward_model
 from test_errors import assert_one_error_line
 from tiny import save_tiny
 
@@ -30,6 +30,14 @@ def saved(tmp_path_factory):
         save_tiny("llama", d / name, seed=seed)
     save_tiny("llama", d / "wide", config={"hidden_size": 64})
     save_tiny("llama", d / "chat", chat_template=True)
+    for name, seed in {"tied_base": 0, "tied_a": 1, "tied_b": 2}.items():  # an LM head that is the embedding
+        save_tiny("llama", d / name, seed=seed, config={"tie_word_embeddings": True})
+    sharded = load_causal_lm(str(d / "tied_b"))  # saved again in shards of at most 20 kB
+    sharded.save_pretrained(d / "tied_b_sharded", max_shard_size="20KB")
+    AutoTokenizer.from_pretrained(d / "tied_b").save_pretrained(d / "tied_b_sharded")
+    rm = load_reward_model(str(d / "tied_base"), AutoTokenizer.from_pretrained(d / "tied_base").pad_token_id)
+    rm.save_pretrained(d / "tied_rm")  # the base's body with a score head: not a policy
+    AutoTokenizer.from_pretrained(d / "tied_base").save_pretrained(d / "tied_rm")
     return d
 
 
@@ -48,6 +56,20 @@ def test_merge_py_writes_the_scaled_mean_change(saved, tmp_path):
     assert all(torch.equal(one[key], a[key]) for key in a)  # one policy at scale 1: that policy
 
 
+def test_merge_py_reads_tied_and_sharded_policies(saved, tmp_path):
+    """A tied LM head (saved once, under the embedding's name) and a policy saved in shards: the same merge,
+    the head still the embedding matrix."""
+    assert len(list((saved / "tied_b_sharded").glob("*.safetensors"))) > 1
+    merge.main(["--base", str(saved / "tied_base"), "--policies", str(saved / "tied_a"),
+                str(saved / "tied_b_sharded"), "--scale", "1.5", "--output", str(tmp_path / "merged")])
+    base, a, b, merged = (load_causal_lm(str(saved / p)).state_dict()
+                          for p in ("tied_base", "tied_a", "tied_b", tmp_path / "merged"))
+    for key, weight in base.items():
+        expected = weight.double() + 1.5 * ((a[key].double() + b[key].double()) / 2 - weight.double())
+        torch.testing.assert_close(merged[key], expected.float(), rtol=0, atol=1e-6)
+    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
+
+
 CASES = {  # name: (flags, the one line expected on stderr)
     "another architecture": (["--policies", "{d}/wide"],
                              r"--policies .*wide: model\.embed_tokens\.weight: shape \(\d+, 64\), "
@@ -55,6 +77,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "another tokenizer": (["--policies", "{d}/chat"],
                           r"--policies .*chat: a tokenizer other than --base .*base's"),
     "missing policy": (["--policies", "{d}/nope"], r"--policies .*nope: cannot load as a causal LM"),
+    "a reward model": (["--base", "{d}/tied_base", "--policies", "{d}/tied_rm"],
+                       r"--policies .*tied_rm: score\.weight: a weight that --base .*tied_base has not"),
     "output not empty": (["--output", "{d}/a"], r"--output .*a: not empty; choose a new folder"),
     "negative scale": (["--scale", "-1"], r"argument --scale: -1: expected a number >= 0"),
 }
