@@ -111,7 +111,8 @@ def add_online_flags(g):
     g("--mini-batch-size", type=positive_int, default=None,
       help="responses per rank per optimizer step; sets --grad-accum to it / --batch-size")
     g("--loss-agg", choices=["token", "sequence"], default="token",
-      help="policy loss: mean over tokens, or over sequences of their token means (GRPO's; length-biased)")
+      help="policy (and value) loss: mean over tokens, or over sequences of their token means (GRPO's; "
+           "length-biased)")
     g("--kl-coef", type=non_negative, default=0.1,
       help="beta of the KL penalty (initial): per token in the reward (ppo), in the loss (grpo), per "
            "sequence in the reward (rloo)")
@@ -131,7 +132,8 @@ def add_online_flags(g):
     g("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
       help="grpo: divide by the group's score std (--no-scale-rewards: Dr. GRPO, Liu et al. 2025)")
     g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
-      help="scale scores to mean 0, std 1 by the first rollout's statistics (Ziegler et al. 2019)")
+      help="scale scores to mean 0, std 1 by the statistics of the first rollout whose scores differ "
+           "(Ziegler et al. 2019)")
     g("--whiten-rewards", action="store_true", help="ppo: whiten the KL-shaped rewards before GAE")
     g("--missing-eos-penalty", type=non_negative, default=None,
       help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
@@ -156,12 +158,11 @@ def sft_loss(model, batch):
 
 
 def rm_loss(reward_model, groups):
-    """Score each pair's chosen and rejected reply (`score_pairs`: both in one forward, after their shared
-    prompt), then the pairwise ranking loss (InstructGPT eq. 1)."""
+    """Score each pair's chosen and rejected reply (`score_pairs`: each prompt run once, its KV cache serving
+    both replies), then the pairwise ranking loss (InstructGPT eq. 1)."""
     chosen, rejected = M.score_pairs(reward_model, groups)  # (B,) each; groups: `collate_pairs`
-    loss = M.pairwise_ranking_loss(chosen, rejected)
-    return loss, {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
-                  "margin": (chosen - rejected).mean().item()}
+    loss, stats = M.pairwise_ranking_loss(chosen, rejected)
+    return loss, {"loss": loss.item(), "accuracy": stats["accuracy"].item(), "margin": stats["margin"].item()}
 
 
 def dpo_batch_loss(policy, groups, ref, beta):
@@ -206,11 +207,13 @@ def loss_weights(units, per_step):
     """Loss weights that make a step's gradient a mean over the units (label tokens, pairs or sequences: what
     each micro-batch's loss is a mean over) of all its `per_step` micro-batches on all ranks. DeepSpeed
     averages the losses over a step's micro-batches and ranks, which weighs the units of a small micro-batch
-    more; so each weighs its units / the step's mean units per micro-batch (1 where all are alike). -> list"""
-    steps = torch.tensor(units, dtype=torch.float64).view(-1, per_step)  # (steps, per_step)
-    totals = steps.sum(1)
+    more; so each weighs its units / the step's mean units per micro-batch (1 where all are alike). E.g. one
+    rank, two micro-batches per step of 10 and 30 label tokens: weights 0.5 and 1.5. -> list"""
+    units_per_step = torch.tensor(units, dtype=torch.float64).view(-1, per_step)  # (steps, per_step)
+    totals = units_per_step.sum(1)
     dist.all_reduce(totals)  # each step's units on all ranks
-    return (steps * per_step * dist.get_world_size() / totals[:, None].clamp(min=1)).flatten().tolist()
+    world = dist.get_world_size()
+    return (units_per_step * per_step * world / totals[:, None].clamp(min=1)).flatten().tolist()
 
 
 def train_supervised(args, cfg, device, tokenizer, resize):
@@ -219,10 +222,13 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     train, evals = load_examples(args, tokenizer)
     kind = "rm" if args.stage == "rm" else "causal"  # "rm": the backbone with a new score head
     model = adapt(load_model("--model", args.model, tokenizer, resize, kind, args.longest), args)
-    loss_fn, collate = (sft_loss, M.collate_sft) if args.stage == "sft" else (rm_loss, M.collate_pairs)
-    if args.stage == "dpo":
+    if args.stage == "sft":
+        loss_fn, collate = sft_loss, M.collate_sft
+    elif args.stage == "rm":
+        loss_fn, collate = rm_loss, M.collate_pairs
+    else:  # dpo: the reward model's pairs, scored by the policy against a frozen reference
         ref = reference(model, args, cfg, device, tokenizer, resize)
-        loss_fn = functools.partial(dpo_batch_loss, ref=ref, beta=args.beta)
+        loss_fn, collate = functools.partial(dpo_batch_loss, ref=ref, beta=args.beta), M.collate_pairs
     total = args.max_steps or max(1, int(args.epochs * len(train)) // cfg["train_batch_size"])
     engine = build_engine(model, cfg, total, args.deepspeed_config)
     run = Run(args, engine, total)
@@ -269,12 +275,12 @@ def policy_forward(policy, ids, attention_mask, prompt_len, temperature, critic=
     head's (None without one); the value at position t is of the state before token t+1."""
     positions = M.response_positions(ids, prompt_len)  # (R,)
     logits, values = policy(ids, attention_mask, positions)  # (B, R, V), (B, T)
-    logits = logits.float() / temperature  # in float32, as generate() scales them (bf16 would round again)
+    logits, logprobs = M.sampled_logprobs(logits, ids[:, prompt_len:], temperature)  # (B, R, V), (B, R)
     if critic is not None:
         values = critic(ids, attention_mask)  # (B, T)
     if values is not None:
         values = values[:, positions].float()  # (B, R)
-    return logits, M.logprobs_from_logits(logits, ids[:, prompt_len:]), values
+    return logits, logprobs, values
 
 
 @torch.no_grad()
@@ -318,7 +324,8 @@ def shaped_scores(scores, ended, norm, args):
 
 def ppo_advantages(exp, shaped, kl_coef, args):
     """3. Per-token rewards -kl_coef * (log pi - log pi_ref), the score added on the last token; 4. GAE over
-    them with the critic's values, the advantages whitened over the rollout. -> advantages, returns (B, R)."""
+    them with the critic's values, the advantages whitened over this rank's rollout (as TRL). -> advantages,
+    returns (B, R)."""
     mask = exp["mask"]
     rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_coef)
     if args.whiten_rewards:
@@ -359,7 +366,7 @@ def ppo_update(engine, critic, exp, kl_coef, args):
                         "ppo/policy/approx_kl": pg_stats["approx_kl"]}
             if values is not None:  # PPO's critic
                 vf_loss, vf_stats = M.ppo_value_loss(values, exp["values"][mb], exp["returns"][mb], mask,
-                                                     args.cliprange_value)
+                                                     args.cliprange_value, args.loss_agg)
                 if critic is None:  # on the policy's backbone: one loss
                     loss = loss + args.vf_coef * vf_loss
                 mb_stats |= {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"]}
@@ -438,7 +445,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
                 stats["gold"] = gold(batch["prompts"], texts).mean().item()
         shaped = shaped_scores(scores, ended, norm, args)
         if critic is not None and norm and same_path(args.critic_model, args.reward_model):
-            critic.module.set_scale(norm["mean"], norm["std"])  # the RM's scores -> the normalised ones
+            critic.module.set_normalisation(norm["mean"], norm["std"])  # a copy of the RM: its raw scores
         clock.lap("score")
         exp = make_experience(engine, ref, critic, batch, response, mask, args)
         clock.lap("forward")

@@ -2,7 +2,7 @@
 
 Canonical rows: SFT {prompt, response} | {messages: [{role, content}, ...]} | {text};
 preference {prompt, chosen, rejected}; RL prompts {prompt}. A preference row also serves SFT (prompt +
-chosen) and RL (its prompt). Shapes: B batch, P prompt length, T sequence length.
+chosen) and RL (its prompt). Shapes: B batch, P prompt length, R reply length, T sequence length.
 """
 import gzip
 import json
@@ -16,6 +16,7 @@ from jinja2 import TemplateError
 
 HH_TURN = "\n\nAssistant:"
 ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they train: their rows are prompts
+REPLIES = ("chosen", "rejected")  # a preference row's replies, in the order pairs are laid out
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STAGE_COLUMNS = {  # each stage accepts any one of these column sets
     "sft": [("prompt", "response"), ("prompt", "chosen"), ("messages",), ("text",)],
@@ -52,7 +53,7 @@ def _tldr_comparison(row):  # replies are written "TL;DR: ..."; make them contin
             "rejected": reply(row["rejected"])}
 
 
-HUB_ADAPTERS = {  # the seed's Hub datasets: published schema -> canonical rows
+HUB_CONVERTERS = {  # Open-ChatGPT's Hub datasets: published schema -> canonical rows
     "Anthropic/hh-rlhf": split_hh,
     "stanfordnlp/SHP": _shp,
     "CarperAI/openai_summarize_tldr": lambda row: {"prompt": row["prompt"], "response": row["label"]},
@@ -95,7 +96,7 @@ def _parquet_fault(path):
 
 def load_rows(source, split="train"):
     """A `datasets.Dataset` of canonical rows from a local .jsonl/.json(.gz) or .parquet file
-    or a Hub dataset: the seed's ones by name through their adapters, any other in canonical columns."""
+    or a Hub dataset: Open-ChatGPT's by name through their converters, any other in canonical columns."""
     ext = os.path.splitext(source.removesuffix(".gz"))[1]
     if ext in LOCAL_FORMATS or os.path.exists(source):
         if ext not in LOCAL_FORMATS or source.endswith(".parquet.gz"):  # parquet compresses inside
@@ -119,8 +120,8 @@ def load_rows(source, split="train"):
         except Exception as e:
             raise DataError(f"{source}: not a local file and not loadable from the Hugging Face Hub "
                             f"({type(e).__name__}); pass a .jsonl/.json/.parquet file") from None
-        if source in HUB_ADAPTERS:
-            rows = rows.map(HUB_ADAPTERS[source], remove_columns=rows.column_names)
+        if source in HUB_CONVERTERS:
+            rows = rows.map(HUB_CONVERTERS[source], remove_columns=rows.column_names)
     if len(rows) == 0:
         raise DataError(f"{source}: the data set is empty")
     return rows
@@ -156,8 +157,8 @@ def _as_messages(prompt):
 
 def encode_prompt(tokenizer, prompt):
     """Token ids of a prompt (a string or a list of chat messages), through the chat template when
-    the tokenizer has one, ending where the assistant's reply begins. An empty prompt is the BOS token
-    (EOS without one): generation, and the reward model's prompt pass, need at least one token."""
+    the tokenizer has one, ending where the assistant's reply begins. Without a template an empty prompt is
+    the BOS token (EOS without one): generation, and the reward model's prompt pass, need one token."""
     if tokenizer.chat_template:
         text = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -172,16 +173,29 @@ def encode_pair(tokenizer, prompt, response, ended=True):
     the assistant turn exactly as the template writes it after the generation prompt. ended=False: a
     response cut off at the token limit, encoded as it was generated, with no end of turn and no EOS."""
     prompt_ids = encode_prompt(tokenizer, prompt)
-    if not ended or not tokenizer.chat_template:  # as generated (cut off), or plain text
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if not tokenizer.chat_template:  # plain text
+        response_ids = ids_after(tokenizer, prompt, prompt_ids, response, special_tokens=True)
         return prompt_ids, ending_with_eos(response_ids, tokenizer) if ended else response_ids
     head = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
+    if not ended:  # as generated (cut off): no end of turn, no EOS
+        return prompt_ids, ids_after(tokenizer, head, prompt_ids, response)
     full = chat_text(tokenizer, _as_messages(prompt) + [{"role": "assistant", "content": response}])
     if not full.startswith(head):
         raise DataError(f"{tokenizer.name_or_path}: chat template output does not extend the prompt")
-    response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
-    closed = tokenizer.eos_token_id in response_ids  # the template's end of turn: EOS, maybe then "\n"
+    response_ids = ids_after(tokenizer, head, prompt_ids, full[len(head):])
+    closed = tokenizer.eos_token_id in response_ids  # the template's end of turn: EOS (ChatML: then "\n")
     return prompt_ids, response_ids + ([] if closed else [tokenizer.eos_token_id])
+
+
+def ids_after(tokenizer, head, head_ids, tail, special_tokens=False):
+    """The ids of text `tail` as the tokenizer reads it after text `head` (encoded as `head_ids`). Encoded
+    alone it may read otherwise: SentencePiece tokenizers (Llama 2, Mistral) mark a word start on the first
+    piece of any text, so a reply alone would begin with a "\u2581" (a space) that it lacks after its prompt.
+    Alone only where head + tail do not encode as head_ids + something (a token across the boundary)."""
+    ids = tokenizer(head + tail, add_special_tokens=special_tokens)["input_ids"]
+    if ids[:len(head_ids)] == head_ids:
+        return ids[len(head_ids):]
+    return tokenizer(tail, add_special_tokens=False)["input_ids"]
 
 
 def ending_with_eos(ids, tokenizer):
@@ -240,7 +254,8 @@ def reply_ended(row, reply):
 
 
 def _sft_pair(row):
-    """(prompt, reply, whether the reply ended: False where its column's mark says cut off)."""
+    """(prompt, reply, whether the reply ended: False where its column's mark says cut off); prompt None
+    for a plain text row, which has none."""
     if row.get("messages") is not None:  # a file may mix {messages}, {text} and {prompt, response} rows
         *prompt, last = _text(row, "messages")
         if last["role"] != "assistant":  # the reply to learn is the assistant's
@@ -250,9 +265,9 @@ def _sft_pair(row):
                             "(for plain text, a {text} row)")
         return prompt, last["content"], True
     if row.get("text") is not None:
-        return "", _text(row, "text"), True
+        return None, _text(row, "text"), True
     if "prompt" not in row:  # a {messages} or {text} file whose field is null in this row: _text raises
-        return "", _text(row, "messages" if "messages" in row else "text"), True
+        return None, _text(row, "messages" if "messages" in row else "text"), True
     reply = "response" if row.get("response") is not None or "chosen" not in row else "chosen"
     return _text(row, "prompt"), _text(row, reply), reply_ended(row, reply)
 
@@ -264,7 +279,7 @@ def encode_sft(row, tokenizer, max_length):
     prompt, response, ended = _sft_pair(row)
     if not response.strip():
         return None
-    if prompt == "":  # plain text: every token is a label, no chat template
+    if prompt is None:  # plain text: every token is a label, no chat template
         response_ids = tokenizer(response)["input_ids"]
         prompt_ids, response_ids = [], ending_with_eos(response_ids, tokenizer) if ended else response_ids
     else:
@@ -280,14 +295,14 @@ def encode_preference(row, tokenizer, max_length):
     at a token limit (`chosen_ended` or `rejected_ended` false): scored as PPO scores it. The replies keep
     their last max_length - 1 tokens and the prompt its last tokens that fit beside the longer reply (one at
     least, so every pair makes the same forward calls, as ZeRO-3 needs): both replies are judged in the same
-    context, and the ends, where the reward is read and the replies differ, are never cut. None for an empty
-    reply, or replies alike (as text, or once cut): no preference to learn, a loss of log 2, no gradient."""
+    context, and their ends, where the reward is read, are never cut. None for an empty reply, or replies
+    alike (as text, or once cut): no preference to learn, a loss of log 2, no gradient."""
     prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
     if not (chosen_text.strip() and rejected_text.strip()):
         return None
     prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text, reply_ended(row, "chosen"))
     rejected = encode_pair(tokenizer, prompt_text, rejected_text, reply_ended(row, "rejected"))[1]
-    chosen, rejected = chosen[1 - max_length:], rejected[1 - max_length:]
+    chosen, rejected = chosen[-(max_length - 1):], rejected[-(max_length - 1):]  # max_length >= 2
     if chosen == rejected:
         return None
     keep = max_length - max(len(chosen), len(rejected))
@@ -295,12 +310,12 @@ def encode_preference(row, tokenizer, max_length):
 
 
 def encode_rl_prompt(row, tokenizer, max_length):
-    """{prompt, input_ids}: the text (for reward functions) and its ids, keeping the last max_length."""
+    """{prompt, input_ids}: the prompt as given, text or chat messages (for reward functions), and its ids,
+    keeping the last max_length."""
     prompt = _text(row, "prompt")
     return {"prompt": prompt, "input_ids": encode_prompt(tokenizer, prompt)[-max_length:]}
 
 
-REPLIES = ("chosen", "rejected")
 ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference,
             **dict.fromkeys(ONLINE, encode_rl_prompt)}
 
@@ -345,6 +360,7 @@ def pad_with_mask(seqs, pad_id, left=False):
 
 
 def collate_sft(batch, pad_id):
+    """Right-padded (B, T) ids, attention mask and labels (-100 on padding, as on the prompt)."""
     ids, mask = pad_with_mask([b["input_ids"] for b in batch], pad_id)  # (B, T) each
     return {"input_ids": ids, "attention_mask": mask, "labels": pad([b["labels"] for b in batch], -100)}
 
@@ -356,26 +372,34 @@ def padded_size(group):
 
 
 def collate_pairs(batch, pad_id, slack=0.25):
-    """Pairs in groups for `pair_scores`, each {prompt_ids (G, P) left-padded, reply_ids (2G, R) right-padded
-    (chosen 0, rejected 0, chosen 1, ...), attention_mask (2G, P+R)}. Sorted by prompt length, a pair joins
-    the group before it while the group's padded size stays within 1 + slack of its pairs' sizes alone:
-    similar pairs share larger matmuls, unlike ones (most of HH-RLHF) are not padded to each other.
+    """Pairs in groups for `pair_scores` and `reply_logprobs`, each of B pairs {prompt_ids (B, P) left-padded,
+    reply_ids (2B, R) right-padded (chosen 0, rejected 0, chosen 1, ...), attention_mask (2B, P+R)}. Sorted
+    by prompt length, a pair joins the group before it while the group's padded size stays within 1 + slack
+    of its pairs' sizes alone: similar pairs share larger matmuls, unlike ones (most of HH-RLHF) are not
+    padded together.
     slack=None: one pair per group, as ZeRO-3 across ranks needs (every rank makes the same forwards)."""
     groups = []
     for b in sorted(batch, key=lambda b: len(b["prompt"])):
-        joined = groups[-1] + [b] if groups and slack is not None else []
-        if joined and padded_size(joined) <= (1 + slack) * sum(padded_size([x]) for x in joined):
-            groups[-1] = joined
-        else:
-            groups.append([b])
+        if groups and slack is not None:
+            joined = groups[-1] + [b]
+            if padded_size(joined) <= (1 + slack) * sum(padded_size([x]) for x in joined):
+                groups[-1] = joined
+                continue
+        groups.append([b])
     return [collate_group(g, pad_id) for g in groups]
 
 
 def collate_group(group, pad_id):
-    prompt_ids, prompt_mask = pad_with_mask([b["prompt"] for b in group], pad_id, left=True)  # (G, P)
-    reply_ids, reply_mask = pad_with_mask([b[k] for b in group for k in REPLIES], pad_id)  # (2G, R)
+    """One group of `collate_pairs`: each prompt once, each of its replies after it in the mask."""
+    prompt_ids, prompt_mask = pad_with_mask([b["prompt"] for b in group], pad_id, left=True)  # (B, P)
+    reply_ids, reply_mask = pad_with_mask([b[k] for b in group for k in REPLIES], pad_id)  # (2B, R)
     return {"prompt_ids": prompt_ids, "reply_ids": reply_ids,
-            "attention_mask": torch.cat([prompt_mask.repeat_interleave(2, 0), reply_mask], 1)}
+            "attention_mask": prompts_before_replies(prompt_mask, reply_mask)}  # (2B, P+R)
+
+
+def prompts_before_replies(prompts, replies):
+    """Each of B prompts before each of its two replies: (B, P), (2B, R) -> (2B, P + R). Ids or masks."""
+    return torch.cat([prompts.repeat_interleave(2, 0), replies], 1)
 
 
 def collate_prompts(batch, pad_id):

@@ -16,7 +16,7 @@ from .data import (ONLINE, DataError, check_columns, ensure_pad_token, held_out,
                    tokenize)
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
-from .lora import BaseModel, LoRALinear, add_lora
+from .lora import LoRALinear, WithoutAdapters, add_lora
 from .models import Critic, load_causal_lm, load_reward_model, position_limit, vocab_size
 
 
@@ -164,7 +164,7 @@ def reference(policy, args, cfg, device, tokenizer, resize):
     """The frozen reference of the KL penalty and of DPO: --ref-model; or, with LoRA, the policy's own base
     weights with its adapters off (one copy of the base model, not two); or a copy of --model."""
     if args.lora_rank and not args.ref_model:
-        return BaseModel(policy)
+        return WithoutAdapters(policy)
     if args.ref_model:
         same_tokens("--ref-model", args.ref_model, tokenizer, f"--ref-model {args.ref_model}: a tokenizer "
                     f"other than --model's, so its log-probs would be of other tokens; pass a reference with "

@@ -1,8 +1,9 @@
 """LoRA (Hu et al. 2021), written out: a frozen layer W plus a trainable low-rank update,
 W x + (alpha / r) B A x. A (r, in) starts random and B (out, r) at zero, so training starts exactly at the
-base model. Only A and B (and a new value or score head) train: no gradients and no Adam state for the base
-weights, and the base model itself, with the adapters switched off, is the frozen reference of the KL penalty
-and of DPO. Shapes: r rank, in / out the layer's input and output features."""
+base model. `add_lora` freezes every other weight (train.py then lets a reward model's or critic's score
+head, and PPO's value head, train whole): no gradients and no Adam state for the base weights, and the base
+model itself, with the adapters switched off, is the frozen reference of the KL penalty and of DPO.
+Shapes: r rank, in / out the layer's input and output features."""
 import contextlib
 import math
 
@@ -20,7 +21,8 @@ class LoRALinear(nn.Module):
         self.base, self.scaling, self.enabled = base, alpha / rank, True
         self.lora_A = nn.Parameter(torch.empty(rank, n_in, dtype=base.weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialisation, as Hu et al.
+        # nn.Linear's initialisation, as loralib and PEFT (Hu et al. draw A from a Gaussian): any A, as B is 0
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
         y = self.base(x)
@@ -41,7 +43,7 @@ def add_lora(model, rank, alpha, targets="all-linear"):
               and (targets == "all-linear" or name.split(".")[-1] in names)]
     widths = {name: min(module.weight.shape) for name, module in chosen}  # each layer's full rank
     narrowest = min(widths, key=widths.get, default=None)
-    if narrowest and rank > widths[narrowest]:  # before any adapter is made: a rank of 10**9 does not fit
+    if narrowest and rank > widths[narrowest]:  # checked before any A (rank, in) is allocated
         raise ValueError(f"rank {rank} is above {narrowest}'s full rank, min(in, out) = {widths[narrowest]}")
     for name, module in chosen:
         parent, _, child = name.rpartition(".")
@@ -51,18 +53,18 @@ def add_lora(model, rank, alpha, targets="all-linear"):
 
 @contextlib.contextmanager
 def adapters_disabled(model):
-    """Within: `model` computes as its base model, adapters off."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    """Within: `model` computes as its base model, adapters off; after: each as it was."""
+    layers = {m: m.enabled for m in model.modules() if isinstance(m, LoRALinear)}
     for layer in layers:
         layer.enabled = False
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.enabled = True
+        for layer, enabled in layers.items():
+            layer.enabled = enabled
 
 
-class BaseModel:
+class WithoutAdapters:
     """The frozen reference as a callable model: `model` with its adapters switched off for each call."""
 
     def __init__(self, model):

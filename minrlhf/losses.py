@@ -57,8 +57,13 @@ def masked_whiten(values, mask, shift_mean=True):
 def pairwise_ranking_loss(chosen_rewards, rejected_rewards):
     """-log sigmoid(r_chosen - r_rejected), mean over pairs: InstructGPT (Ouyang et al. 2022) eq. 1 with
     K = 2 replies per prompt (with K > 2, InstructGPT weighs each of a prompt's C(K, 2) pairs 1/C(K, 2)).
-    logsigmoid is computed stably (softplus form), so a margin of +-400 neither overflows nor NaNs."""
-    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+    logsigmoid is computed stably (softplus form), so a margin of +-400 neither overflows nor NaNs.
+    (B,) x2 -> (loss, stats): the share of pairs ranked right, the mean margin."""
+    margin = chosen_rewards.float() - rejected_rewards.float()  # (B,)
+    loss = -F.logsigmoid(margin).mean()
+    with torch.no_grad():
+        stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+    return loss, stats
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
@@ -67,10 +72,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     Inputs (B,): log-probs summed over each reply's tokens. Policy == reference gives log 2."""
     chosen = beta * (chosen_logps.float() - ref_chosen_logps.float())  # (B,)
     rejected = beta * (rejected_logps.float() - ref_rejected_logps.float())
-    loss = pairwise_ranking_loss(chosen, rejected)
-    with torch.no_grad():
-        stats = {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean()}
-    return loss, stats
+    return pairwise_ranking_loss(chosen, rejected)
 
 
 def compute_gae(rewards, values, mask, gamma, lam):
@@ -81,12 +83,12 @@ def compute_gae(rewards, values, mask, gamma, lam):
     values), (B, R) each."""
     mask = mask.bool()
     rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
-    advantages, last = torch.zeros_like(values), torch.zeros_like(values[:, 0])
+    advantages, lastgaelam = torch.zeros_like(values), torch.zeros_like(values[:, 0])  # lastgaelam: A_{t+1}
     for t in reversed(range(values.shape[1])):
         next_value = values[:, t + 1] if t + 1 < values.shape[1] else 0.0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
-        advantages[:, t] = last
+        lastgaelam = delta + gamma * lam * lastgaelam  # A_t = delta_t + gamma*lam*A_{t+1}
+        advantages[:, t] = lastgaelam
     advantages = torch.where(mask, advantages, 0.0)
     return advantages, advantages + values
 
@@ -121,17 +123,24 @@ def aggregate(values, mask, loss_agg="token"):
 
 def kl_k3(logprobs, ref_logprobs, mask):
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, Schulman 2020, "Approximating KL
-    divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased as log pi - log pi_ref (k1) is, but never
-    negative, and of lower variance for nearby policies. GRPO's KL term, Shao et al. 2024, eq. 4.
+    divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased as k1 (`kl_k1`) is, but never negative, and
+    of lower variance for nearby policies. GRPO's KL term, Shao et al. 2024, eq. 4 (there the tokens come
+    from the rollout's policy, so once an update has moved pi the estimate is no longer exact).
     (B, R) x3 -> (B, R), 0 on padding: masked before the exp, whose overflow there would otherwise send
     inf * 0 = NaN into the gradients."""
     log_r = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0)
     return torch.exp(log_r) - 1 - log_r
 
 
+def kl_k1(logprobs, ref_logprobs, mask):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi: k1 = log pi - log pi_ref (Schulman
+    2020), unbiased, negative where the sample is likelier under pi_ref. (B, R) x3 -> (B, R), 0 on padding."""
+    return torch.where(mask.bool(), logprobs - ref_logprobs, 0.0)
+
+
 def sequence_kl(logprobs, ref_logprobs, mask):
     """KL(pi || pi_ref) of each sampled sequence, k1 summed over its valid tokens: (B, R) -> (B,)."""
-    return torch.where(mask.bool(), logprobs - ref_logprobs, 0.0).sum(1)
+    return kl_k1(logprobs, ref_logprobs, mask).sum(1)
 
 
 def group_advantages(scores, group_size, scale=True, eps=1e-4):
@@ -155,12 +164,15 @@ def rloo_advantages(scores, group_size):
     return (groups - others).flatten()
 
 
-def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value, loss_agg="token"):
     """Clipped value loss (PPO2 baselines; Andrychowicz et al. 2021 study it):
-    0.5 * masked_mean(max((v - R)^2, (v_clipped - R)^2)), v_clipped = old + clip(v - old, +-eps)."""
+    0.5 * aggregate(max((v - R)^2, (v_clipped - R)^2)), v_clipped = old + clip(v - old, +-eps).
+    (B, R) x4 -> (loss, stats); padding masked before any arithmetic, as in the policy loss."""
+    mask = mask.bool()
+    values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
     clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * aggregate(torch.max(loss_unclipped, loss_clipped), mask, loss_agg)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
     return loss, stats
@@ -169,10 +181,11 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value):
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     """Per-token reward r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score on
     the last valid token: Ziegler et al. 2019, eq. 2's sequence penalty split over the tokens, as their code
-    (lm-human-preferences) does; the sum is the same. (B,), (B, R) x3 -> (B, R)."""
-    mask = mask.bool()
-    rewards = torch.where(mask, -kl_coef * (logprobs - ref_logprobs), 0.0)
-    last = (mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last valid token
+    (lm-human-preferences) does; the sum is the same. (B,), (B, R) x3 -> (B, R); every row has a valid
+    token (the first token of a response is always generated)."""
+    rewards = -kl_coef * kl_k1(logprobs, ref_logprobs, mask)  # (B, R)
+    last = mask.long().sum(1) - 1  # (B,) index of the last valid token
+    # rewards[b, last[b]] += scores[b]
     return rewards.index_put((torch.arange(len(last)), last), scores.to(rewards.dtype), accumulate=True)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from .data import encode_pair, pad_with_mask
+from .data import encode_pair, pad_with_mask, prompts_before_replies
 from .losses import logprobs_from_logits
 
 
@@ -72,6 +72,14 @@ def response_positions(input_ids, prompt_len):
     return torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)
 
 
+def sampled_logprobs(logits, response, temperature):
+    """Logits as the sampler saw them, divided by the temperature in float32, as generate() scales them
+    (bf16 would round them again), and the log-probs of the response tokens under them.
+    (B, R, V), (B, R) -> (B, R, V), (B, R)."""
+    logits = logits.float() / temperature
+    return logits, logprobs_from_logits(logits, response)
+
+
 def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature):
     """Log-probs, at the sampling temperature, of the response tokens of left-padded prompt + response
     rows, from a plain causal LM (PPO's reference; DPO's policy and reference, via `reply_logprobs`).
@@ -80,8 +88,7 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len, temperature)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                    position_ids=position_ids(attention_mask),
                    logits_to_keep=response_positions(input_ids, prompt_len)).logits  # (B, R, V)
-    logits = logits.float() / temperature  # in float32, as generate() scales them
-    return logprobs_from_logits(logits, input_ids[:, prompt_len:])
+    return sampled_logprobs(logits, input_ids[:, prompt_len:], temperature)[1]
 
 
 def reply_logprobs(model, groups):
@@ -90,7 +97,7 @@ def reply_logprobs(model, groups):
     sums = []
     for group in groups:
         P = group["prompt_ids"].shape[1]
-        ids = torch.cat([group["prompt_ids"].repeat_interleave(2, 0), group["reply_ids"]], 1)  # (2B, T)
+        ids = prompts_before_replies(group["prompt_ids"], group["reply_ids"])  # (2B, T)
         logprobs = response_logprobs(model, ids, group["attention_mask"], P, 1.0)  # (2B, R)
         sums.append(torch.where(group["attention_mask"][:, P:].bool(), logprobs, 0.0).sum(1))
     return torch.cat(sums).view(-1, 2).unbind(1)  # rows chosen 0, rejected 0, chosen 1, ... -> two (B,)
@@ -110,8 +117,8 @@ class PolicyWithValueHead(nn.Module):
             nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, logits_to_keep=0):
-        """-> logits at `logits_to_keep` (0: all positions; n: the last n; a tensor: those), (B, K, V),
-        and values (B, T) or None."""
+        """-> logits at `logits_to_keep` (0: all positions; n: the last n; a tensor: those), (B, K, V) for
+        the K positions kept, and values (B, T) or None."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                             position_ids=position_ids(attention_mask), logits_to_keep=logits_to_keep,
                             output_hidden_states=self.value_head is not None)
@@ -125,7 +132,7 @@ class Critic(nn.Module):
     """PPO's critic as a network of its own, initialised from the reward model (Ouyang et al. 2022, appendix
     C.3; Huang et al. 2024, "The N+ implementation details"): the reward model's scalar head read at every
     position, so that at the start the value of each prefix is the reward model's score of that prefix, on
-    the scale of PPO's normalised scores once `set_scale` gives it their mean and std."""
+    the scale of PPO's normalised scores once `set_normalisation` gives it their mean and std."""
 
     def __init__(self, reward_model):
         super().__init__()
@@ -133,7 +140,7 @@ class Critic(nn.Module):
         self.register_buffer("shift", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))
 
-    def set_scale(self, mean, std):
+    def set_normalisation(self, mean, std):
         self.shift.fill_(mean)
         self.scale.fill_(std)
 
@@ -147,8 +154,8 @@ class Critic(nn.Module):
 
 def load_reward_model(path, pad_token_id, dtype=None, new_head=True):
     """A reward model: backbone + scalar head read at the last non-pad token (transformers'
-    sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn from
-    N(0, 1/sqrt(H+1)) (Stiennon et al. 2020; Huang et al. 2024, "The N+ implementation details");
+    sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn with mean 0
+    and std 1/sqrt(H+1) (Stiennon et al. 2020; Huang et al. 2024, "The N+ implementation details");
     new_head=False refuses a checkpoint without a trained head."""
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path, config=dropout_free_config(path, num_labels=1), dtype=dtype, output_loading_info=True)
@@ -176,7 +183,7 @@ def pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
     chosen 1, ..., attention_mask (2B, P+R) -> (B, 2)"""
     prompt_mask = attention_mask[::2, :prompt_ids.shape[1]]  # (B, P)
     cache = reward_model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                         position_ids=position_ids(prompt_mask)).past_key_values
+                         position_ids=position_ids(prompt_mask)).cache
     cache.batch_repeat_interleave(2)  # every layer's (B, ...) keys and values -> (2B, ...)
     positions = position_ids(attention_mask)[:, prompt_ids.shape[1]:]  # (2B, R): each reply goes on from P
     return reward_model(input_ids=reply_ids, attention_mask=attention_mask, position_ids=positions,
@@ -185,7 +192,7 @@ def pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
 
 def full_pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
     """What `pair_scores` computes, from the same inputs, with each prompt + reply run in full. -> (B, 2)"""
-    ids = torch.cat([prompt_ids.repeat_interleave(2, 0), reply_ids], 1)  # (2B, P+R)
+    ids = prompts_before_replies(prompt_ids, reply_ids)  # (2B, P+R)
     return reward_model(input_ids=ids, attention_mask=attention_mask, use_cache=False,
                         position_ids=position_ids(attention_mask)).logits.float().view(-1, 2)
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import minrlhf.data as data
-from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_preference, encode_rl_prompt,
+from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_pair, encode_preference, encode_rl_prompt,
                      encode_sft, ensure_pad_token, load_rows, split_hh, tokenize)
 from minrlhf.data import check_columns
-from tiny import STRICT_TEMPLATE, make_tokenizer
+from tiny import STRICT_TEMPLATE, make_sentencepiece_tokenizer, make_tokenizer
 
 HH_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
 
@@ -146,7 +146,7 @@ def test_sft_labels_mask_prompt_and_end_with_eos():
 def test_shp_labels_say_which_comment_is_chosen():
     """SHP's labels: 1, comment A preferred; 0, comment B."""
     row = {**HUB_ROWS["stanfordnlp/SHP"], "labels": 0}
-    assert data.HUB_ADAPTERS["stanfordnlp/SHP"](row) == {**EXPECTED["stanfordnlp/SHP"], "chosen": "lol",
+    assert data.HUB_CONVERTERS["stanfordnlp/SHP"](row) == {**EXPECTED["stanfordnlp/SHP"], "chosen": "lol",
                                                          "rejected": "Nine minutes."}
 
 
@@ -170,6 +170,32 @@ def test_sft_chat_template_messages_and_text_rows():
     assert encode_sft({"prompt": "hi", "response": "hello"}, tok, 64) == ex
     text = encode_sft({"text": "the film was great"}, make_tokenizer(), 64)
     assert -100 not in text["labels"] and text["input_ids"][-1] == make_tokenizer().eos_token_id
+    # an empty prompt is still a prompt: the template's empty user turn, as rm, dpo and ppo encode it
+    empty = encode_sft({"prompt": "", "response": "hello"}, tok, 64)
+    prompt_ids, reply_ids = encode_pair(tok, "", "hello")
+    assert empty == {"input_ids": prompt_ids + reply_ids, "labels": [-100] * len(prompt_ids) + reply_ids}
+    assert tok.decode(prompt_ids) == "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat template"])
+def test_a_reply_is_encoded_as_it_reads_after_its_prompt(chat):
+    """A SentencePiece tokenizer (Llama 2, Mistral) starts every text it encodes with a word-start mark: a
+    reply encoded alone would begin with one it lacks after its prompt. encode_pair: the whole text's ids."""
+    tok = make_sentencepiece_tokenizer(chat_template=chat)
+    prompt, reply = "how are you today?", "I am fine, thank you."
+    if chat:
+        whole = tok.apply_chat_template([{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": reply}], tokenize=False)
+        whole_ids = tok(whole, add_special_tokens=False)["input_ids"]  # ends <|im_end|> "\n"
+        cut_off = tok(whole[:whole.index(reply) + len(reply)], add_special_tokens=False)["input_ids"]
+    else:
+        whole_ids = tok(f"{prompt} {reply}")["input_ids"] + [tok.eos_token_id]
+        cut_off = whole_ids[:-1]
+        prompt, reply = prompt, f" {reply}"
+    prompt_ids, reply_ids = encode_pair(tok, prompt, reply)
+    assert prompt_ids + reply_ids == whole_ids
+    assert reply_ids[0] != tok(reply, add_special_tokens=False)["input_ids"][0]  # alone: another first token
+    assert sum(encode_pair(tok, prompt, reply, ended=False), []) == cut_off
 
 
 def test_truncation_drops_rows_without_response_and_counts_them():

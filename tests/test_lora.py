@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import train as train_py
 from minrlhf import PolicyWithValueHead, load_causal_lm
 from minrlhf.inputs import adapt, load_model, reference
-from minrlhf.lora import BaseModel, LoRALinear, add_lora, adapters_disabled, merged_state_dict
+from minrlhf.lora import LoRALinear, WithoutAdapters, add_lora, adapters_disabled, merged_state_dict
 from test_train import (DEEPSPEED, PPO, assert_resume_reproduces, checkpoint_weights, measured, train,  # noqa: F401
                         work)
 from tiny import FAMILIES, make_causal_lm, make_tokenizer, save_tiny
@@ -47,7 +47,7 @@ def test_lora_starts_at_the_base_and_merges_into_a_plain_model(family):
         torch.testing.assert_close(merged, trained, rtol=1e-5, atol=1e-5)
         with adapters_disabled(model):  # the reference: the base model, bit for bit
             assert torch.equal(model(ids).logits, base(ids).logits)
-        assert torch.equal(BaseModel(model)(input_ids=ids).logits, base(ids).logits)
+        assert torch.equal(WithoutAdapters(model)(input_ids=ids).logits, base(ids).logits)
     assert torch.equal(model(ids).logits, trained)  # switched back on
 
 
@@ -67,7 +67,7 @@ def test_lora_reference_is_the_policy_with_its_adapters_off():
     model = make_causal_lm("llama", 300)
     add_lora(model, 4, 8.0)
     ref = reference(model, Namespace(lora_rank=4, ref_model=None), cfg=None, device=None, tokenizer=None, resize=None)
-    assert isinstance(ref, BaseModel) and ref.model is model
+    assert isinstance(ref, WithoutAdapters) and ref.model is model
 
 
 def test_lora_targets_by_name_and_the_score_head_stays_out(tmp_path):

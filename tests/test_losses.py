@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from minrlhf import (KLController, aggregate, compute_gae, dpo_loss, entropy_from_logits, explained_variance,
-                     first_eos_mask, group_advantages, kl_k3, kl_penalized_rewards, logprobs_from_logits, masked_mean,
-                     masked_whiten, pairwise_ranking_loss, ppo_policy_loss, ppo_value_loss, rloo_advantages,
-                     sequence_kl)
+                     first_eos_mask, group_advantages, kl_k1, kl_k3, kl_penalized_rewards, logprobs_from_logits,
+                     masked_mean, masked_whiten, pairwise_ranking_loss, ppo_policy_loss, ppo_value_loss,
+                     rloo_advantages, sequence_kl)
 
 # two rows: 4 valid tokens, then 2 valid tokens and 2 of padding
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -39,10 +39,11 @@ def test_masked_whiten():
 
 def test_pairwise_ranking_loss():
     r = torch.randn(5)
-    assert pairwise_ranking_loss(r, r).item() == pytest.approx(math.log(2))
+    assert pairwise_ranking_loss(r, r)[0].item() == pytest.approx(math.log(2))
     chosen = torch.tensor([400.0, -400.0], requires_grad=True)
-    loss = pairwise_ranking_loss(chosen, torch.zeros(2))
+    loss, stats = pairwise_ranking_loss(chosen, torch.zeros(2))
     loss.backward()
+    assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
     assert loss.item() == pytest.approx(200.0)  # (0 + 400) / 2, no overflow in float32
     assert torch.isfinite(chosen.grad).all()
     assert chosen.grad.tolist() == pytest.approx([0.0, -0.5])
@@ -140,6 +141,33 @@ def test_value_loss():
     dirty, _ = ppo_value_loss(garbage_in_padding(torch.ones(2, 4)), garbage_in_padding(old.new_zeros(2, 4)),
                               garbage_in_padding(torch.full((2, 4), 2.0)), MASK, 0.2)
     assert dirty.item() == pytest.approx(0.5 * 1.8 ** 2)
+
+
+def test_value_loss_garbage_in_padding_reaches_no_gradient():
+    """NaN or inf in padded values, old values or returns: the loss and every gradient as without them, 0 in
+    padding (0 * NaN would be NaN)."""
+    values = torch.tensor([[0.5, 0.1, -0.5, 0.3], [1.0, 2.0, 0.0, 0.0]])
+    old, returns = values.flip(1) * 0.9, torch.ones(2, 4)
+    nan = torch.tensor([float("nan"), float("inf")]).repeat(2, 2)  # NaN in column 2, inf in 3
+
+    def garbage(x):
+        return torch.where(MASK.bool(), x, nan)
+    clean, dirty = values.clone().requires_grad_(), garbage(values).requires_grad_()
+    clean_loss, _ = ppo_value_loss(clean, old * MASK, returns * MASK, MASK, 0.2)
+    dirty_loss, _ = ppo_value_loss(dirty, garbage(old), garbage(returns), MASK, 0.2)
+    (clean_loss + dirty_loss).backward()
+    assert dirty_loss.item() == pytest.approx(clean_loss.item())
+    assert torch.isfinite(dirty.grad).all() and (dirty.grad[~MASK.bool()] == 0).all()
+    torch.testing.assert_close(dirty.grad, clean.grad * MASK)
+
+
+def test_value_loss_per_sequence_mean():
+    """loss_agg="sequence": the mean over rows of each row's token mean, as the policy loss takes it."""
+    values, returns = torch.zeros(2, 4), torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 0.0, 0.0]])
+    token, _ = ppo_value_loss(values, values, returns, MASK, 10.0)
+    sequence, _ = ppo_value_loss(values, values, returns, MASK, 10.0, loss_agg="sequence")
+    assert token.item() == pytest.approx(0.5 * (4 * 1 + 2 * 9) / 6)
+    assert sequence.item() == pytest.approx(0.5 * (1 + 9) / 2)
 
 
 def test_kl_penalized_rewards():
@@ -250,6 +278,12 @@ def test_kl_k3_gradients_ignore_padding():
     assert torch.isfinite(grad_junk).all() and loss_junk == loss
     torch.testing.assert_close(grad_junk, grad)
     assert (grad[~MASK.bool()] == 0).all()
+
+
+def test_kl_k1_is_the_log_ratio_on_valid_tokens():
+    logprobs = garbage_in_padding(torch.tensor([[-1.0, -2.0, -1.0, -1.0], [-0.5, -0.5, 0.0, 0.0]]))
+    ref = torch.full((2, 4), -1.0)
+    torch.testing.assert_close(kl_k1(logprobs, ref, MASK), torch.tensor([[0.0, -1, 0, 0], [0.5, 0.5, 0, 0]]))
 
 
 def test_sequence_kl_sums_log_ratios_over_valid_tokens():

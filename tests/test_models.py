@@ -228,7 +228,7 @@ def test_a_cut_off_response_is_scored_as_generated(tmp_path, chat):
 
 def test_critic_starts_as_the_reward_model_of_every_prefix(family_dir):
     """Critic(rm) at position t = the reward model's score of tokens 0..t (left padding skipped), then mapped
-    to the normalised scale by set_scale."""
+    to the normalised scale by set_normalisation."""
     _, path = family_dir
     tokenizer = make_tokenizer()
     critic = Critic(load_reward_model(path, tokenizer.pad_token_id)).eval()
@@ -240,5 +240,5 @@ def test_critic_starts_as_the_reward_model_of_every_prefix(family_dir):
         scores = torch.stack([reward_scores(critic.reward_model, ids[:, :t + 1], torch.ones_like(ids[:, :t + 1]))
                               for t in range(7)], 1)
         torch.testing.assert_close(values, scores, rtol=1e-4, atol=1e-5)
-        critic.set_scale(2.0, 4.0)
+        critic.set_normalisation(2.0, 4.0)
         torch.testing.assert_close(critic(padded, mask)[:, 2:], (scores - 2) / 4, rtol=1e-4, atol=1e-5)

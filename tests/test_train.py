@@ -290,7 +290,7 @@ def test_rm_loss_is_the_ranking_loss_of_the_pairs_scores(tmp_path):
     with torch.no_grad():
         chosen, rejected = minrlhf.score_pairs(model, groups)
         loss, stats = train_py.rm_loss(model, groups)
-    assert loss.item() == pytest.approx(minrlhf.pairwise_ranking_loss(chosen, rejected).item())
+    assert loss.item() == pytest.approx(minrlhf.pairwise_ranking_loss(chosen, rejected)[0].item())
     assert stats["margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
     assert stats["accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
 
@@ -580,7 +580,7 @@ def test_ppo_in_bf16_with_a_critic_and_a_reward_model(work):
 
 def test_critic_resume_reproduces_the_uninterrupted_run(work):
     """With the adaptive KL coefficient, which the checkpoint carries; the critic from the reward model scores in
-    the units of the normalised scores (`Critic.set_scale`), which the checkpoint carries too."""
+    the units of the normalised scores (`Critic.set_normalisation`), which the checkpoint carries too."""
     assert_resume_reproduces(work, [*CRITIC_PPO, "--target-kl", 0.01], "critic")
     step = work / "critic_whole" / "checkpoints" / "step4"
     norm = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["reward_norm"]

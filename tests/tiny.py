@@ -6,7 +6,7 @@ Everything here is small enough to build in well under a second on CPU.
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
@@ -70,6 +70,23 @@ def make_tokenizer(pad: bool = True, chat_template: bool = False,
         tokenizer_object=tok, bos_token=EOS, eos_token=eos, pad_token=pad_token,
         model_max_length=1_000_000, padding_side="right",
     )
+    if chat_template:
+        hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def make_sentencepiece_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
+    """A Llama 2-style tokenizer trained on CORPUS: spaces are "\u2581", and every text it encodes (each
+    piece between special tokens) starts with one, as SentencePiece's dummy prefix; BOS <s> first."""
+    specials = ["<unk>", "<s>", "</s>", PAD] + ([IM_START, IM_END] if chat_template else [])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(CORPUS + ["\n?.!,;:'()+"], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>", pad_token=PAD,
+                                 eos_token=IM_END if chat_template else "</s>")
     if chat_template:
         hf.chat_template = CHAT_TEMPLATE
     return hf
