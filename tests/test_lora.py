@@ -150,7 +150,7 @@ def test_lora_ppo_trains_the_adapters_alone_and_saves_a_plain_model(work):
     log = train(work, *LORA_PPO, "--max-steps", 20, "--save-every", 20, output="ppo_lora")
     first, last = [sum(m["reward"] for m in part) / 5 for part in (log[:5], log[-5:])]
     assert last > first + 0.5, [m["reward"] for m in log]
-    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the base: the adapters start at 0
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0 at first: the policy starts as the base
     ranks = changed_weights(work / "ppo_lora", work / "peaked")
     assert len(ranks) == 2 * 7 and set(ranks.values()) == {4}  # 7 projections x 2 blocks; all else bitwise equal
     # the checkpoint keeps the adapters apart: the training model it holds gives the saved model's logits
@@ -223,5 +223,6 @@ def test_lora_sft_with_checkpointing_under_zero_and_bf16(work, flags):
     name = "lora_sft" + "".join(map(str, flags)).replace("-", "")
     log = train(work, "--stage", "sft", "--model", "peaked", "--lora-rank", 4, "--gradient-checkpointing",
                 "--max-steps", 6, "--lr", 1e-2, "--batch-size", 8, *flags, output=name)
-    assert log[-1]["loss"] < log[0]["loss"]
+    losses = [m["loss"] for m in log]  # each step lower: adapters that learned nothing would hold it
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.9 * losses[0]
     AutoModelForCausalLM.from_pretrained(work / name)

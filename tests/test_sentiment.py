@@ -317,6 +317,39 @@ def test_sampling_ignores_the_models_own_generation_config(tiny_chat):
     assert sample(model, tokenizer, ["hi"] * 4, 1.0, 8) == plain
 
 
+def count_e(prompts, responses):  # a gold judge that random tiny models' answers do not all tie on (VADER: 0)
+    return [float(r.count("e")) for r in responses]
+
+
+def test_eval_kl_and_gain_against_another_base(tiny_chat, tmp_path, monkeypatch):
+    """A base other than the policy: kl is the mean over the policy's answers of log pi - log pi_base, each summed
+    over the answer's tokens at the sampling temperature (here from one plain forward per answer, no padding);
+    base_gold is the gold of the base's own answers, gain the difference."""
+    monkeypatch.setattr(eval_py, "vader", count_e)
+    model, tokenizer = tiny_chat
+    base = make_causal_lm("llama", len(tokenizer), seed=1, eos_token_id=tokenizer.eos_token_id).eval()
+    for name, m in (("policy", model), ("base", base)):
+        m.save_pretrained(tmp_path / name), tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "is it worth watching?"}\n{"prompt": "the film was"}\n')
+    argv = ["--policy", str(tmp_path / "policy"), "--base", str(tmp_path / "base"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--samples", "3", "--max-new-tokens", "6", "--batch-size", "4"]
+    eval_py.main([*argv, "--json", str(tmp_path / "eval.json")])
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    args, asked = eval_py.parse_args(argv), ["is it worth watching?"] * 3 + ["the film was"] * 3
+    rows, base_rows = (eval_py.seeded_sample(m, tokenizer, asked, args) for m in (model, base))
+
+    def logprob(m, row):  # sum over the answer's tokens of log p at temperature 0.7, one unpadded sequence
+        ids = torch.tensor([row["prompt_ids"] + row["response_ids"]])
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits[0, len(row["prompt_ids"]) - 1:-1].float() / 0.7
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, len(row["prompt_ids"]):, None]).sum().item()
+    kl = [logprob(model, r) - logprob(base, r) for r in rows]
+    assert figures["kl"] == pytest.approx(sum(kl) / len(kl), abs=1e-4) and abs(figures["kl"]) > 0.01
+    gold, base_gold = (sum(count_e(asked, [r["text"] for r in answers])) / 6 for answers in (rows, base_rows))
+    assert (figures["gold"], figures["base_gold"]) == pytest.approx((gold, base_gold)) and gold != base_gold
+    assert figures["gain"] == pytest.approx(gold - base_gold)
+
+
 def test_eval_end_to_end_against_itself(tiny_chat, tmp_path, capsys):
     """eval.py's whole path: a policy against itself as the base has KL exactly 0; the figures land in --json."""
     model, tokenizer = tiny_chat

@@ -238,7 +238,12 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
         assert s["ppo/loss/policy"] == pytest.approx(minrlhf.aggregate(-advantages, mask, loss_agg).item(), rel=1e-5)
         assert s["grpo/kl_k3"] == pytest.approx(expected_kl.item(), rel=1e-5)
     assert minrlhf.aggregate(-advantages, mask, "token") != minrlhf.aggregate(-advantages, mask, "sequence")
-    assert any(not torch.allclose(a, b) for a, b in zip(*grads))  # kl_coef 1 adds the k3 term's gradient
+    engine.zero_grad()  # kl_coef 1 adds exactly the k3 term's gradient, with its sign
+    _, new_logprobs, _ = train_py.policy_forward(engine, ids, attention_mask, P, 1.0)
+    minrlhf.aggregate(minrlhf.kl_k3(new_logprobs, logprobs - 0.5, mask), mask, loss_agg).backward()
+    kl_grads = [p.grad for p in engine.parameters()]
+    assert any(k.abs().max() > 1e-4 for k in kl_grads)
+    assert all(torch.allclose(b, a + k, rtol=1e-4, atol=1e-6) for a, b, k in zip(*grads, kl_grads))
 
 
 RLOO_EXP = {"mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]), "logprobs": torch.zeros(4, 3),
@@ -421,13 +426,19 @@ def test_critic_free_stages_raise_the_reward(work, stage):
 
 
 def test_sequence_loss_agg_and_dr_grpo_run(work):
-    """--loss-agg sequence and --no-scale-rewards change the update, not the first rollout."""
+    """Each alone, from the same first rollout: --no-scale-rewards changes the advantages; --loss-agg sequence
+    their means, except where every answer has the same length, as here, all at the cap (unequal lengths:
+    test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss)."""
     flags = ["--stage", "grpo", *GROUP, "--max-steps", 2]
     plain = train(work, *flags, output="agg_token")
-    other = train(work, *flags, "--loss-agg", "sequence", "--no-scale-rewards", output="agg_sequence")
-    assert other[0]["reward"] == plain[0]["reward"] and other[0]["kl"] == plain[0]["kl"]
-    assert other[0]["ppo/loss/policy"] != plain[0]["ppo/loss/policy"]
-    assert other[0]["advantage_std"] != pytest.approx(plain[0]["advantage_std"])
+    sequence = train(work, *flags, "--loss-agg", "sequence", output="agg_sequence")
+    unscaled = train(work, *flags, "--no-scale-rewards", output="agg_unscaled")
+    for other in (sequence, unscaled):
+        assert other[0]["reward"] == plain[0]["reward"] and other[0]["kl"] == plain[0]["kl"]
+    assert plain[0]["response_length"] == 8
+    assert measured(sequence)[0] == pytest.approx(measured(plain)[0], rel=1e-6, abs=1e-9)
+    assert unscaled[0]["advantage_std"] != pytest.approx(plain[0]["advantage_std"])
+    assert unscaled[0]["ppo/loss/policy"] != pytest.approx(plain[0]["ppo/loss/policy"])
 
 
 def test_critic_free_resume_reproduces_the_uninterrupted_run(work):  # rloo: the same loop
@@ -445,12 +456,13 @@ def test_reward_norm_makes_ppo_blind_to_the_reward_scale(work):
 
 
 def test_ppo_with_the_reward_model_and_adaptive_kl(work):
-    if not (work / "rm" / "config.json").exists():
-        pytest.skip("needs the reward model trained by test_rm_...")
-    log = train(work, "--stage", "ppo", "--reward-model", work / "rm", "--max-new-tokens", 6, "--rollout-batch-size", 8,
-                "--batch-size", 4, "--max-steps", 3, "--target-kl", 0.01, "--missing-eos-penalty", 1.0,
-                "--gold-fn", "rewards:count_e", output="ppo_rm")
-    assert len(log) == 3 and log[1]["kl_coef"] != log[0]["kl_coef"]  # the adaptive controller moved
+    log = train(work, "--stage", "ppo", "--reward-model", work / "random_rm", "--max-new-tokens", 6,
+                "--rollout-batch-size", 8, "--batch-size", 4, "--max-steps", 3, "--target-kl", 0.01,
+                "--missing-eos-penalty", 1.0, "--gold-fn", "rewards:count_e", output="ppo_rm")
+    assert len(log) == 3
+    for this, then in zip(log, log[1:]):  # Ziegler et al.'s controller: beta *= 1 + 0.1 clip(KL / target - 1, +-0.2)
+        error = min(max(this["kl"] / 0.01 - 1, -0.2), 0.2)
+        assert then["kl_coef"] == pytest.approx(this["kl_coef"] * (1 + 0.1 * error)) and error != 0
     assert (work / "ppo_rm" / "critic" / "config.json").exists()  # the default critic: the reward model's copy
     # the second judge is logged: count_e's mean over 8 responses, a multiple of 1/8, unlike the RM's reward
     assert all((m["gold"] * 8).is_integer() for m in log) and not all((m["reward"] * 8).is_integer() for m in log)
@@ -604,7 +616,8 @@ def test_zero3_generation_matches_plain(work):
 def test_sft_under_zero_bf16_and_offload(work, flags):
     name = "z" + "".join(map(str, flags)).replace("-", "")
     log = train(work, "--stage", "sft", "--max-steps", 6, "--lr", 1e-3, "--batch-size", 8, *flags, output=name)
-    assert log[-1]["loss"] < log[0]["loss"]
+    losses = [m["loss"] for m in log]  # each step lower: an optimizer that updated nothing would hold it
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.97 * losses[0]
     AutoModelForCausalLM.from_pretrained(work / name)
     states, = (work / name / "checkpoints" / "step6").glob("*model_states.pt")
     saved = torch.load(states, weights_only=False)
@@ -912,6 +925,7 @@ def test_cpu_collectives_beside_an_accelerators_backend(tmp_path, device, backen
     process group must carry gloo beside it. ("cuda", "gloo") stands in for ("cuda", "nccl"), which cannot start
     without a GPU; the last case is the accelerator's backend alone, as DeepSpeed's default picks it."""
     from minrlhf.engine import process_group_backend
+    assert process_group_backend("cuda", "nccl") == "cpu:gloo,cuda:nccl" and process_group_backend("cpu", "ccl") == "gloo"
     group = process_group_backend(device, backend) if device else "cuda:gloo"
     done = subprocess.run([sys.executable, "-c", CPU_ALL_REDUCE, group, str(tmp_path / "rendezvous")],
                           capture_output=True, text=True)
