@@ -84,10 +84,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load(flag, path, model=load_causal_lm):
-    """(`model(path)`, tokenizer), or one line naming the flag and what failed."""
+def load(flag, path, loader=load_causal_lm):
+    """(`loader(path)`: the model or its weights, tokenizer), or one line naming the flag and what failed."""
     try:
-        return model(path), AutoTokenizer.from_pretrained(path)
+        return loader(path), AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as e:
         fail_to_load(flag, path, f"cannot load as a causal LM ({str(e).splitlines()[0]})")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import minrlhf.data as data
-from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_pair, encode_preference, encode_rl_prompt,
-                     encode_sft, ensure_pad_token, load_rows, split_hh, tokenize)
+from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_pair, encode_preference,
+                     encode_rl_prompt, encode_sft, ensure_pad_token, load_rows, split_hh, tokenize)
 from minrlhf.data import check_columns
 from tiny import STRICT_TEMPLATE, make_sentencepiece_tokenizer, make_tokenizer
 
@@ -190,8 +190,7 @@ def test_a_reply_is_encoded_as_it_reads_after_its_prompt(chat):
         cut_off = tok(whole[:whole.index(reply) + len(reply)], add_special_tokens=False)["input_ids"]
     else:
         whole_ids = tok(f"{prompt} {reply}")["input_ids"] + [tok.eos_token_id]
-        cut_off = whole_ids[:-1]
-        prompt, reply = prompt, f" {reply}"
+        cut_off, reply = whole_ids[:-1], f" {reply}"
     prompt_ids, reply_ids = encode_pair(tok, prompt, reply)
     assert prompt_ids + reply_ids == whole_ids
     assert reply_ids[0] != tok(reply, add_special_tokens=False)["input_ids"][0]  # alone: another first token
