@@ -4,6 +4,7 @@ Canonical rows: SFT {prompt, response} | {messages: [{role, content}, ...]} | {t
 preference {prompt, chosen, rejected}; RL prompts {prompt}. A preference row also serves SFT (prompt +
 chosen) and RL (its prompt). Shapes: B batch, P prompt length, R reply length, T sequence length.
 """
+import functools
 import gzip
 import json
 import os
@@ -290,19 +291,21 @@ def encode_sft(row, tokenizer, max_length):
     return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):]}
 
 
-def encode_preference(row, tokenizer, max_length):
+def encode_preference(row, tokenizer, max_length, keep="end"):
     """{prompt, chosen, rejected} ids, each reply ending with EOS, or as generated if the row marks it cut off
     at a token limit (`chosen_ended` or `rejected_ended` false): scored as PPO scores it. The replies keep
-    their last max_length - 1 tokens and the prompt its last tokens that fit beside the longer reply (one at
-    least, so every pair makes the same forward calls, as ZeRO-3 needs): both replies are judged in the same
-    context, and their ends, where the reward is read, are never cut. None for an empty reply, or replies
-    alike (as text, or once cut): no preference to learn, a loss of log 2, no gradient."""
+    their last max_length - 1 tokens, where a reward model reads its score (keep="start": their first, for
+    DPO, whose log-probs of a reply's start are the policy's on real text), and the prompt its last tokens
+    that fit beside the longer reply (one at least, so every pair makes the same forward calls, as ZeRO-3
+    needs): both replies are judged in the same context. None for an empty reply, or replies alike (as
+    text, or once cut): no preference to learn, a loss of log 2, no gradient."""
     prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
     if not (chosen_text.strip() and rejected_text.strip()):
         return None
     prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text, reply_ended(row, "chosen"))
     rejected = encode_pair(tokenizer, prompt_text, rejected_text, reply_ended(row, "rejected"))[1]
-    chosen, rejected = chosen[-(max_length - 1):], rejected[-(max_length - 1):]  # max_length >= 2
+    cut = slice(-(max_length - 1), None) if keep == "end" else slice(max_length - 1)  # max_length >= 2
+    chosen, rejected = chosen[cut], rejected[cut]
     if chosen == rejected:
         return None
     keep = max_length - max(len(chosen), len(rejected))
@@ -316,7 +319,8 @@ def encode_rl_prompt(row, tokenizer, max_length):
     return {"prompt": prompt, "input_ids": encode_prompt(tokenizer, prompt)[-max_length:]}
 
 
-ENCODERS = {"sft": encode_sft, "rm": encode_preference, "dpo": encode_preference,
+ENCODERS = {"sft": encode_sft, "rm": encode_preference,
+            "dpo": functools.partial(encode_preference, keep="start"),  # long replies: their starts
             **dict.fromkeys(ONLINE, encode_rl_prompt)}
 
 

@@ -322,8 +322,12 @@ def test_preference_pairs_share_prompt_and_keep_the_end():
     ex = encode_preference({"prompt": "the film was great " * 5, "chosen": " yes", "rejected": " no"}, tok, 8)
     assert ex["chosen"][-1] == ex["rejected"][-1] == tok.eos_token_id  # the ends are kept
     assert len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) == 8
-    long = encode_preference({"prompt": "hi", "chosen": " the film was great" * 9, "rejected": " no"}, tok, 8)
+    row = {"prompt": "hi", "chosen": " the film was great" * 9, "rejected": " no"}
+    long = encode_preference(row, tok, 8)
     assert len(long["prompt"]) == 1 and len(long["chosen"]) == 7  # the prompt keeps a token: ZeRO-3 parity
+    whole = encode_preference(row, tok, 64)["chosen"]
+    assert long["chosen"] == whole[-7:] and tokenize([row], "rm", tok, 8)[0][0] == long
+    assert tokenize([row], "dpo", tok, 8)[0][0] == {**long, "chosen": whole[:7]}  # DPO: the reply's start
     empty = encode_preference({"prompt": "", "chosen": " yes", "rejected": " no"}, tok, 8)
     assert empty["prompt"] == [tok.bos_token_id]
     full = encode_preference(ROWS[0], tok, 64)
