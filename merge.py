@@ -16,8 +16,8 @@ import os
 import torch
 from safetensors import safe_open
 
-from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load, nonempty,
-                         non_negative, quiet_libraries)
+from minrlhf.cli import (LOAD_ERRORS, WRITE_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load,
+                         nonempty, non_negative, quiet_libraries)
 from minrlhf.models import load_causal_lm
 from transformers import AutoTokenizer  # after minrlhf: Hub offline mode where the Hub does not resolve
 
@@ -125,7 +125,7 @@ def main(argv=None):
     try:
         model.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)
-    except OSError as e:  # disk full, permissions
+    except WRITE_ERRORS as e:  # disk full, permissions
         fail(f"--output {args.output}: cannot write the merged policy there ({e})")
     print(f"{args.output}: {args.base} + {args.scale:g} x the mean change of {len(policies)} policies")
 

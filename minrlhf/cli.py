@@ -8,6 +8,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .data import DataError, check_prompts
@@ -17,6 +18,9 @@ from .data import DataError, check_prompts
 # KeyError, safetensors' and huggingface_hub's errors, the tokenizers library's bare Exception... Loading is
 # library code reading the folder, so any Exception is the folder's fault, and one line names it.
 LOAD_ERRORS = Exception
+# what writing to a full disk (or a folder without permission) raises: the OS's error for plain files,
+# torch.save's RuntimeError, safetensors' own SafetensorError for the weights of save_pretrained
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def fail(message, this_rank=False):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .cli import check_writable, fail, fail_together, lost_peer, same_path
+from .cli import WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, same_path
 from .lora import merged_state_dict
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
@@ -211,8 +211,12 @@ class Run:
                            f"lower --lr or --ppo-epochs")
         self.bar.update()
         if write:
-            self.metrics.write(json.dumps({"step": step, **stats}) + "\n")
-            self.metrics.flush()
+            try:
+                self.metrics.write(json.dumps({"step": step, **stats}) + "\n")
+                self.metrics.flush()
+            except OSError as e:  # a full disk: a line cut short is dropped on --resume
+                fail(f"--output {self.args.output}: cannot write metrics.jsonl there ({e}); --resume goes on "
+                     f"from the newest complete checkpoint", this_rank=True)
             self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
 
     def weights_finite(self):
@@ -238,7 +242,7 @@ class Run:
             if self.critic:
                 self.critic.save_checkpoint(tmp, tag="critic", save_latest=False)
             torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
-        except (OSError, RuntimeError) as e:
+        except WRITE_ERRORS as e:
             if lost_peer(e):  # another rank failed
                 raise
             fail(self.unwritable(e), this_rank=True)
@@ -297,26 +301,38 @@ class Run:
         try:
             if self.main:
                 self.write_final(state, critic, tokenizer)
-        except OSError as e:  # disk full, permissions
+        except WRITE_ERRORS as e:  # disk full, permissions
             error = (f"--output {self.args.output}: cannot write the final model ({e}); its last checkpoint "
                      f"holds it, and --resume writes it")
         fail_together(error)  # the other ranks wait for rank 0's writing, and exit with it if it fails
 
     def write_final(self, state, critic, tokenizer):
-        """`save_final`'s writing, on rank 0: whole state dicts -> Hugging Face folders."""
+        """`save_final`'s writing, on rank 0: whole state dicts -> Hugging Face folders (`save_complete`)."""
         module, state = self.engine.module, merged_state_dict(self.engine.module, state)  # LoRA: plain
+        head = None
         if hasattr(module, "backbone"):  # the online stages' policy
             head = submodule_state(state, "value_head.")
-            if head:
-                torch.save(head, os.path.join(self.args.output, "value_head.pt"))
             state, module = submodule_state(state, "backbone."), module.backbone
-        module.save_pretrained(self.args.output, state_dict=state)
-        tokenizer.save_pretrained(self.args.output)
+        save_complete(self.args.output, module, state, tokenizer, head)
         if critic is not None:  # a reward model: its score at each position is a value (models.Critic)
             critic = submodule_state(merged_state_dict(self.critic.module, critic), "reward_model.")
-            self.critic.module.reward_model.save_pretrained(os.path.join(self.args.output, "critic"),
-                                                            state_dict=critic)
-            tokenizer.save_pretrained(os.path.join(self.args.output, "critic"))
+            save_complete(os.path.join(self.args.output, "critic"), self.critic.module.reward_model, critic,
+                          tokenizer)
+
+
+def save_complete(folder, module, state, tokenizer, value_head=None):
+    """module.save_pretrained(folder), the tokenizer and PPO's value_head.pt, written in folder/final.tmp and
+    then moved in, config.json last: a folder with a config.json (what the next stage looks for) holds a
+    whole model, even after a full disk or a kill mid-write."""
+    tmp = os.path.join(folder, "final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a failed attempt's
+    module.save_pretrained(tmp, state_dict=state)
+    tokenizer.save_pretrained(tmp)
+    if value_head:
+        torch.save(value_head, os.path.join(tmp, "value_head.pt"))
+    for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):  # False first: config last
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    os.rmdir(tmp)
 
 
 def reschedule(engine):

@@ -70,20 +70,35 @@ def fail_on_rank1(prompts, responses):
 """
 DISK_FULL = """# train.py on a disk that fills up: at step 3's checkpoint, or at the final model ($FULL_AT says which),
 # (unset: neither), for every rank or for rank $FULL_RANK alone. Runs as `disk_full.py [--local_rank=R] train.py flags...`
-import errno, os, runpy, sys, torch, transformers
+import errno, os, resource, runpy, signal, sys, torch, transformers
 train = next(a for a in sys.argv if a.endswith("train.py"))
 sys.argv = [train] + [a for a in sys.argv[1:] if a != train]
 sys.path.insert(0, os.path.dirname(train))
 def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-save = torch.save
+save, save_pretrained = torch.save, transformers.PreTrainedModel.save_pretrained
 def save_until_step3(obj, path, *args, **kwargs):
     return full() if "step3" in str(path) else save(obj, path, *args, **kwargs)
+def save_into_4kb_files(*args, **kwargs):  # from here on, no file may grow past 4 kB: config.json fits, weights do not
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    return save_pretrained(*args, **kwargs)
 if os.environ.get("FULL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
     if os.environ.get("FULL_AT") == "checkpoint":
         torch.save = save_until_step3
     elif os.environ.get("FULL_AT") == "final":
-        transformers.PreTrainedModel.save_pretrained = full
+        transformers.PreTrainedModel.save_pretrained = save_into_4kb_files
+    elif os.environ.get("FULL_AT") == "metrics":  # metrics.jsonl's writes fail from step 3's line on
+        import minrlhf.run
+        class FullFrom3:
+            def __init__(self, f):
+                self.f = f
+            def write(self, text):
+                return full() if text.startswith('{"step": 3,') else self.f.write(text)
+            def flush(self):
+                self.f.flush()
+        open_metrics = minrlhf.run.Run.open_metrics
+        minrlhf.run.Run.open_metrics = lambda run: FullFrom3(open_metrics(run))
 runpy.run_path(train, run_name="__main__")
 """
 NAN_GRADIENT = """# train.py with a NaN gradient at step 2 while its loss stays finite: d/dx 0 * sqrt(x) at x = 0 is 0 * inf
@@ -672,10 +687,11 @@ def test_resume_refuses_fewer_steps_and_a_damaged_checkpoint(work):
                                    r"resume from the one before$", resume_fails(work, "damaged", "--max-steps", 4))
 
 
-@pytest.mark.parametrize("what", ["checkpoint", "final", "first"])
+@pytest.mark.parametrize("what", ["checkpoint", "final", "first", "metrics"])
 def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_before(work, what):
     """The disk fills at step 3's checkpoint (after those of steps 1 and 2; "first": the run's only one, at its
-    end), or at the final model."""
+    end), at metrics.jsonl's line of step 3, or at the final model: safetensors' own error, after config.json
+    was written, which the output must not show (the next stage would take the folder for a model)."""
     cmd = [sys.executable, work / "disk_full.py", os.path.join(ROOT, "train.py"), "--model", work / "model",
            "--dataset", work / "pref.jsonl", "--output", work / f"full_{what}", "--stage", "sft",
            *(["--max-steps", 3, "--save-every", 0] if what == "first" else ["--max-steps", 4, "--save-every", 1]),
@@ -686,12 +702,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoints_before(work, what):
     line = {"checkpoint": "cannot write checkpoints there ([Errno 28] No space left on device); the newest complete "
                           "one is whole",
             "first": "cannot write checkpoints there ([Errno 28] No space left on device); no complete one yet",
-            "final": "cannot write the final model ([Errno 28] No space left on device); its last checkpoint holds "
-                     "it, and --resume writes it"}[what]
+            "final": "cannot write the final model (Error while serializing: I/O error: File too large (os error 27)); "
+                     "its last checkpoint holds it, and --resume writes it",
+            "metrics": "cannot write metrics.jsonl there ([Errno 28] No space left on device); --resume goes on from "
+                       "the newest complete checkpoint"}[what]
     assert f"error: --output {work / f'full_{what}'}: {line}\n" in proc.stderr, proc.stderr[-2000:]
     kept = {"checkpoint": ["step1", "step2", "step3.tmp"], "first": ["step3.tmp"],
-            "final": ["step1", "step2", "step3", "step4"]}[what]
+            "final": ["step1", "step2", "step3", "step4"], "metrics": ["step1", "step2"]}[what]
     assert sorted(os.listdir(work / f"full_{what}" / "checkpoints")) == kept
+    assert not (work / f"full_{what}" / "config.json").exists()
+    if what == "final":  # as the line says: --resume writes it, from the last checkpoint
+        train(work, "--stage", "sft", "--max-steps", 4, "--save-every", 1, "--keep-checkpoints", 5, "--resume",
+              output="full_final")
+        AutoModelForCausalLM.from_pretrained(work / "full_final")
+        assert not (work / "full_final" / "final.tmp").exists()
 
 
 def test_a_write_or_load_error_on_one_rank_is_that_ranks_line_first(work):
@@ -719,8 +743,9 @@ def test_a_write_or_load_error_on_one_rank_is_that_ranks_line_first(work):
     assert re.fullmatch(r"error: rank 1: --resume: cannot load .*step2 \(FileNotFoundError: .*zero_pp_rank_1_.*\); "
                         r"remove it to resume from the one before", errors[0]), errors
     errors = launch("rank0_disk", "--max-steps", 2, FULL_AT="final", FULL_RANK="0")
-    assert errors == [f"error: rank 0: --output {work / 'rank0_disk'}: cannot write the final model ([Errno 28] No "
-                      f"space left on device); its last checkpoint holds it, and --resume writes it"], errors
+    assert errors == [f"error: rank 0: --output {work / 'rank0_disk'}: cannot write the final model (Error while "
+                      f"serializing: I/O error: File too large (os error 27)); its last checkpoint holds it, and --resume "
+                      f"writes it"], errors
 
 
 def test_a_signal_on_the_last_step_still_saves_the_model(work):
