@@ -96,6 +96,10 @@ def check_resume_flags(args, saved):
         fail(f"--resume: {os.path.join(args.output, 'args.json')} is missing or unreadable, so the "
              f"checkpoints' flags are unknown")
     current = {**vars(args), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    config = json_contents(args.deepspeed_config)  # the file may have been edited since
+    if "deepspeed_config_json" in saved and saved["deepspeed_config_json"] != config:
+        fail(f"--resume: --deepspeed_config {args.deepspeed_config} differs from the file the checkpoints' "
+             f"run read (kept in its args.json); only how long it runs, logs and saves may change")
     for name, value in saved.items():
         if name in PATHS and isinstance(value, str) and same_path(value, current.get(name)):
             continue  # the same file or folder, however spelled
@@ -159,8 +163,9 @@ class Run:
         """args.json and metrics.jsonl in --output (`check_output` made it); on --resume the lines logged
         after the checkpoint (and any a crash cut short) are dropped. Both are rewritten under a temporary
         name and renamed, so a kill meanwhile leaves the old ones whole."""
-        write_atomically(os.path.join(self.args.output, "args.json"),
-                         json.dumps({**vars(self.args), "world_size": dist.get_world_size()}, indent=1))
+        run = {**vars(self.args), "world_size": dist.get_world_size(),
+               "deepspeed_config_json": json_contents(self.args.deepspeed_config)}  # what --resume compares
+        write_atomically(os.path.join(self.args.output, "args.json"), json.dumps(run, indent=1))
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
         if self.args.resume and os.path.exists(path):
             with open(path, errors="replace") as f:  # a garbled line's bytes, dropped like any garbled line
@@ -341,6 +346,15 @@ def reschedule(engine):
     scheduler = engine.lr_scheduler
     for group, base, decay in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * decay(scheduler.last_epoch)
+
+
+def json_contents(path):
+    """A JSON file's contents, or None where it does not read (engine.read_config says why)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def write_atomically(path, text):

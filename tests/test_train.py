@@ -678,6 +678,18 @@ def resume_fails(work, output, *flags):
     return proc.stderr.strip()
 
 
+def test_resume_refuses_an_edited_deepspeed_config(work):
+    """The file --deepspeed_config names, edited between the run and its --resume (here its gradient clipping,
+    which would change every later update): one line, not a resumed run that differs from the uninterrupted one."""
+    config = work / "edited_ds.json"
+    config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}, "gradient_clipping": 1.0}))
+    train(work, "--stage", "sft", "--max-steps", 2, "--deepspeed_config", config, output="edited_ds")
+    config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}, "gradient_clipping": 0.1}))
+    assert resume_fails(work, "edited_ds", "--max-steps", 4, "--deepspeed_config", config).endswith(
+        f"error: --resume: --deepspeed_config {config} differs from the file the checkpoints' run read (kept in its "
+        f"args.json); only how long it runs, logs and saves may change")
+
+
 def test_resume_refuses_fewer_steps_and_a_damaged_checkpoint(work):
     train(work, "--stage", "sft", "--max-steps", 4, "--save-every", 2, output="damaged")
     assert resume_fails(work, "damaged", "--max-steps", 3).endswith(
