@@ -678,6 +678,14 @@ def resume_fails(work, output, *flags):
     return proc.stderr.strip()
 
 
+@pytest.mark.parametrize("flags", [["--zero-stage", 2, "--bf16"], ["--zero-stage", 3, "--deepspeed_config", "zero3.json",
+                                                                    "--offload"]], ids=["zero2-bf16", "zero3-offload"])
+def test_resume_under_zero_reproduces_the_uninterrupted_run(work, flags):
+    """DeepSpeed's partitioned optimizer state (ZeRO-2, bf16 with fp32 master weights; ZeRO-3 with the weights and
+    Adam on the CPU) saved and loaded: the resumed run gives the uninterrupted one's metrics, bit for bit."""
+    assert_resume_reproduces(work, ["--stage", "sft", "--lr", 1e-3, "--batch-size", 4, *flags], f"resume_z{flags[1]}")
+
+
 def test_resume_refuses_an_edited_deepspeed_config(work):
     """The file --deepspeed_config names, edited between the run and its --resume (here its gradient clipping,
     which would change every later update): one line, not a resumed run that differs from the uninterrupted one."""
