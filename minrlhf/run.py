@@ -18,6 +18,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from .cli import WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, same_path
+from .engine import read_config
 from .lora import merged_state_dict
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
@@ -96,7 +97,7 @@ def check_resume_flags(args, saved):
         fail(f"--resume: {os.path.join(args.output, 'args.json')} is missing or unreadable, so the "
              f"checkpoints' flags are unknown")
     current = {**vars(args), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
-    config = json_contents(args.deepspeed_config)  # the file may have been edited since
+    config = read_config(args.deepspeed_config)  # the file may have been edited since
     if "deepspeed_config_json" in saved and saved["deepspeed_config_json"] != config:
         fail(f"--resume: --deepspeed_config {args.deepspeed_config} differs from the file the checkpoints' "
              f"run read (kept in its args.json); only how long it runs, logs and saves may change")
@@ -164,7 +165,7 @@ class Run:
         after the checkpoint (and any a crash cut short) are dropped. Both are rewritten under a temporary
         name and renamed, so a kill meanwhile leaves the old ones whole."""
         run = {**vars(self.args), "world_size": dist.get_world_size(),
-               "deepspeed_config_json": json_contents(self.args.deepspeed_config)}  # what --resume compares
+               "deepspeed_config_json": read_config(self.args.deepspeed_config)}  # what --resume compares
         write_atomically(os.path.join(self.args.output, "args.json"), json.dumps(run, indent=1))
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
         if self.args.resume and os.path.exists(path):
@@ -346,15 +347,6 @@ def reschedule(engine):
     scheduler = engine.lr_scheduler
     for group, base, decay in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * decay(scheduler.last_epoch)
-
-
-def json_contents(path):
-    """A JSON file's contents, or None where it does not read (engine.read_config says why)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def write_atomically(path, text):
