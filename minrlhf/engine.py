@@ -107,6 +107,9 @@ def read_config(path):
             and isinstance(cfg.get("optimizer", {}).get("params", {}), dict)):
         fail(f"--deepspeed_config {path}: expected a JSON object, with objects for {', '.join(sections)} and "
              f"optimizer.params")
+    if cfg.get("fp16", {}).get("enabled"):  # its loss scaler skips overflowing steps: here they stop the run
+        fail(f"--deepspeed_config {path}: fp16 is enabled; train.py trains in fp32, or bf16 with --bf16 (no "
+             f"loss scaling)")
     clip = cfg.get("gradient_clipping", 0.0)  # DeepSpeed reads it unchecked: a string fails at the first step
     if isinstance(clip, bool) or not isinstance(clip, (int, float)):
         fail(f"--deepspeed_config {path}: gradient_clipping {clip!r}; expected a number")

@@ -91,6 +91,7 @@ def w(tmp_path_factory):
              "accum_ds.json": json.dumps({"gradient_accumulation_steps": 3}),
              "total_ds.json": json.dumps({"train_batch_size": 7}),
              "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}}),
+             "fp16_ds.json": json.dumps({"fp16": {"enabled": True}}),
              "sched_ds.json": json.dumps({"scheduler": {"type": "WarmupLR"}}),
              "stage_ds.json": json.dumps({"zero_optimization": {"stage": "2"}}),
              "clip_ds.json": json.dumps({"gradient_clipping": "1.0"}),
@@ -182,6 +183,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                            r"accum_ds\.json: gradient_accumulation_steps=3 contradicts the flags \(1\)"),
     "ds_config contradicts batch": (["--deepspeed_config", "{w}/total_ds.json"],
                                     r"total_ds\.json: train_batch_size=7 contradicts the flags \(4\)"),
+    "ds_config fp16": (["--deepspeed_config", "{w}/fp16_ds.json"],
+                       r"--deepspeed_config .*fp16_ds\.json: fp16 is enabled; train\.py trains in fp32, or bf16 with "
+                       r"--bf16 \(no loss scaling\)"),
     "ds_config invalid": (["--deepspeed_config", "{w}/zero_ds.json"],
                           r"--deepspeed_config .*zero_ds\.json: zero_optimization\.stage 7; expected 0, 1, 2 or 3"),
     "rollout not divisible": (PPO[:2] + ["--reward-fn", "err_rewards:boom", "--rollout-batch-size", 6],
