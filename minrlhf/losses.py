@@ -4,6 +4,8 @@ Shapes: B batch, R response length, V vocab, G samples per prompt. `mask` is 1 o
 (a contiguous prefix of each row) and 0 on padding; every mean is a token-level mean over all valid tokens
 of the batch (unless `aggregate` is told otherwise), and nothing at a padded position can reach a valid one.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -196,13 +198,14 @@ def explained_variance(values, returns, mask):
 
 class KLController:
     """The KL coefficient beta. Fixed when target is None; otherwise adaptive, Ziegler et al. 2019,
-    sec. 2.2: e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + K_beta * e), K_beta = 0.1."""
+    sec. 2.2: e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + K_beta * e), K_beta = 0.1. A KL
+    that is not a number (a skipped step's) leaves beta as it is, rather than NaN for ever after."""
 
     def __init__(self, kl_coef, target=None, k_beta=0.1):
         self.value, self.target, self.k_beta = kl_coef, target, k_beta
 
     def update(self, kl):
-        if self.target is not None:
+        if self.target is not None and math.isfinite(kl):
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + self.k_beta * error
         return self.value

@@ -225,6 +225,7 @@ def test_kl_controller_fixed_and_adaptive():
     unclipped = KLController(0.1, target=6.0)
     assert unclipped.update(6.6) == pytest.approx(0.1 * (1 + 0.1 * 0.1))  # e = 6.6 / 6 - 1 = 0.1, K_beta = 0.1
     assert unclipped.update(5.7) == pytest.approx(0.1 * 1.01 * (1 - 0.1 * 0.05))  # e = -0.05
+    assert adaptive.update(float("nan")) == adaptive.update(float("inf")) == pytest.approx(0.1 * 1.02 * 0.98)
 
 
 def test_group_advantages_by_hand():
