@@ -14,6 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.cpp_extension import get_default_build_root
 
 from .cli import fail, lost_peer
+from .models import bf16_weights
 
 
 def init_distributed():
@@ -168,16 +169,14 @@ def skip_nonfinite_step(optimizer, args, kwargs):
 
 def frozen(model, cfg, device):
     """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3. bf16 casts
-    them as DeepSpeed casts the models it trains: the weights only. Buffers such as RoPE's inv_freq stay
-    float32, else the reference would encode positions otherwise than the policy."""
+    their weights only, as DeepSpeed casts the policy's (`bf16_weights`)."""
     model.requires_grad_(False).eval()
     if cfg["zero_optimization"]["stage"] == 3:
         keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
         return deepspeed.initialize(model=model, config={"zero_optimization": {"stage": 3},
                                                          **{k: cfg[k] for k in keys if k in cfg}})[0]
     if cfg.get("bf16", {}).get("enabled"):
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
+        bf16_weights(model)
     return model.to(device)
 
 

@@ -38,6 +38,15 @@ def load_causal_lm(path, dtype=None):
     return model
 
 
+def bf16_weights(model):
+    """`model` with its parameters cast to bf16, as DeepSpeed's bf16 casts the models it trains, and its
+    buffers as they were: RoPE's inv_freq stays float32, so a bf16 copy encodes positions as the policy
+    does."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    return model
+
+
 def position_limit(model):
     """How many positions `model` reads; None for no limit (ALiBi: BLOOM). Past it, learned position
     embeddings (GPT-2, OPT) fail deep in the forward, and rotary ones meet positions never trained on."""
