@@ -12,8 +12,12 @@ import argparse
 import functools
 import math
 import os
+import signal
+import sys
 import warnings
 
+if __name__ == "__main__":  # Ctrl-C while the libraries below import (seconds): exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 import torch
 import torch.distributed as dist
 
@@ -497,6 +501,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loading: a KeyboardInterrupt, caught below
     try:
         main()
     except SystemExit as e:  # fail(): one line printed, status 2; argparse's --help: 0

@@ -781,6 +781,16 @@ def test_ctrl_c_while_loading_exits_quietly(work):
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_ctrl_c_while_importing_exits_quietly():
+    """Half a second in, train.py is still importing torch (seconds): before DeepSpeed's import prints its line."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "sft"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr == "", stderr[-2000:]
+
+
 def test_a_gold_judge_that_draws_random_numbers_changes_no_training(work):
     plain = train(work, *PPO, "--max-steps", 1, output="judge_none")
     judged = train(work, *PPO, "--max-steps", 1, "--gold-fn", "rewards:random_judge", output="judge_random")
