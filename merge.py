@@ -10,15 +10,17 @@ saved on more reward; below 1 it moves back toward the base (WARP's third stage,
 the scale differs from merge to merge (measured: two PPO seeds at 1.2, 1.8x the plain average's KL; three GRPO
 seeds at 1.5, 2.4x; three PPO seeds at 1.45, 1.6x): score a few scales' KL before picking one.
 """
+import contextlib
 import json
 import os
+import shutil
 
-import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from minrlhf.cli import (LOAD_ERRORS, WRITE_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load,
-                         nonempty, non_negative, quiet_libraries)
-from minrlhf.models import load_causal_lm
+                         first_line, nonempty, non_negative, quiet_libraries)
+from minrlhf.sampling import load_chat_model
 from transformers import AutoTokenizer  # after minrlhf: Hub offline mode where the Hub does not resolve
 
 
@@ -61,17 +63,6 @@ class SavedWeights:
         return tuple(self.files[self.shards[name]].get_slice(name).get_shape())
 
 
-def untied_state(model):
-    """The model's state dict (its own tensors) without the second name of a tied weight (an LM head that is
-    the embedding matrix), as safetensors saves it: merging the first name merges both."""
-    seen, state = set(), {}
-    for key, weight in model.state_dict().items():
-        if weight.data_ptr() not in seen:
-            seen.add(weight.data_ptr())
-            state[key] = weight
-    return state
-
-
 def parse_args(argv=None):
     p = OneLineArgumentParser(description="Merge policies trained from one base: their mean weight change, "
                                           "scaled, added to the base.")
@@ -84,27 +75,76 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load(flag, path, loader=load_causal_lm):
-    """(`loader(path)`: the model or its weights, tokenizer), or one line naming the flag and what failed."""
+def load(flag, path, loader):
+    """`loader(path)`: (the model or its weights, tokenizer), or one line naming the flag and what failed."""
     try:
-        return loader(path), AutoTokenizer.from_pretrained(path)
+        return loader(path)
     except LOAD_ERRORS as e:
-        fail_to_load(flag, path, f"cannot load as a causal LM ({str(e).splitlines()[0]})")
+        fail_to_load(flag, path, f"cannot load as a causal LM ({first_line(e)})")
+
+
+def saved_policy(path):
+    """(`SavedWeights`, tokenizer) of a policy folder."""
+    return SavedWeights(path), AutoTokenizer.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def writing(output):
+    """One line for a write that fails (disk full, permissions), naming --output."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        fail(f"--output {output}: cannot write the merged policy there ({e})")
+
+
+def save_base(path, folder, output):
+    """Load the base as train.py loads the model it trains (a pad token added if it has none distinct from
+    EOS, the embeddings resized for it) and save it in `folder` as train.py saves its policies; returns its
+    tokenizer. Saved, its weights have the policies' names (transformers renames some in memory: GPT-NeoX's
+    embed_out, MoE experts fused), shapes and tied weights (saved once), so both sides merge as saved."""
+    model, tokenizer = load("--base", path, load_chat_model)
+    model.config.pad_token_id = tokenizer.pad_token_id  # as train.py sets it
+    with writing(output):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def check_like_base(path, policy, tokenizer, base, base_tokenizer, base_path):
-    """One line unless the policy has the base's tokens, the weights of `base` (the base's `untied_state`)
-    with their shapes, and no others (a reward model's score head)."""
+    """One line unless the policy has the base's tokens, the weights of `base` (the saved base's
+    `SavedWeights`) with their shapes, and no others (a reward model's score head)."""
     if tokenizer.get_vocab() != base_tokenizer.get_vocab():
         fail(f"--policies {path}: a tokenizer other than --base {base_path}'s; pass policies trained from it")
-    for key, weight in base.items():
-        if policy.shape(key) != tuple(weight.shape):
+    for key in base.shards:
+        if policy.shape(key) != base.shape(key):
             found = f"shape {policy.shape(key)}" if key in policy.shards else "no such weight"
-            fail(f"--policies {path}: {key}: {found}, where --base {base_path} has {tuple(weight.shape)}; "
+            fail(f"--policies {path}: {key}: {found}, where --base {base_path} has {base.shape(key)}; "
                  f"pass policies trained from it")
-    for key in sorted(policy.shards.keys() - base.keys()):
+    for key in sorted(policy.shards.keys() - base.shards.keys()):
         fail(f"--policies {path}: {key}: a weight that --base {base_path} has not; pass causal LMs trained "
              f"from it")
+
+
+def check_finite(merged, scale):
+    """One line naming --scale unless every merged weight is finite: a scaled change can pass its dtype's
+    range (float16's 65504), which would be saved as inf."""
+    for key, weight in merged.items():
+        if weight.is_floating_point() and not weight.isfinite().all():
+            dtype = str(weight.dtype).removeprefix("torch.")
+            fail(f"--scale {scale:g}: {key}: merged weights not finite in {dtype}; pass a smaller --scale")
+
+
+def write_merged(folder, base, policies, scale):
+    """Replace each safetensors file of the saved base in `folder` (`base`: its `SavedWeights`) by its merge,
+    one file at a time. The merge is written to a new file that then takes the old one's name: the old one
+    is still open for reading."""
+    for name in sorted(base.files):
+        merged = merge_task_vectors({key: base[key] for key, file in base.shards.items() if file == name},
+                                    policies, scale)
+        check_finite(merged, scale)
+        path = os.path.join(folder, name)
+        save_file(merged, f"{path}.tmp", metadata={"format": "pt"})
+        os.replace(f"{path}.tmp", path)
 
 
 def main(argv=None):
@@ -113,20 +153,20 @@ def main(argv=None):
     if os.path.isdir(args.output) and os.listdir(args.output):  # never write over a model
         fail(f"--output {args.output}: not empty; choose a new folder")
     check_writable("--output", args.output, args.output)
-    model, tokenizer = load("--base", args.base)
-    base, policies = untied_state(model), []
-    for path in args.policies:
-        policy, policy_tokenizer = load("--policies", path, SavedWeights)
-        check_like_base(path, policy, policy_tokenizer, base, tokenizer, args.base)
-        policies.append(policy)
-    with torch.no_grad():
-        for key, weight in merge_task_vectors(base, policies, args.scale).items():
-            base[key].copy_(weight)  # into the model's own tensors, a tied weight's other name too
+    folder = os.path.normpath(args.output) + ".tmp"  # the merge is made here, then moved to --output whole
+    shutil.rmtree(folder, ignore_errors=True)  # a killed attempt's
     try:
-        model.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
-    except WRITE_ERRORS as e:  # disk full, permissions
-        fail(f"--output {args.output}: cannot write the merged policy there ({e})")
+        tokenizer = save_base(args.base, folder, args.output)
+        base, policies = SavedWeights(folder), []
+        for path in args.policies:
+            policy, policy_tokenizer = load("--policies", path, saved_policy)
+            check_like_base(path, policy, policy_tokenizer, base, tokenizer, args.base)
+            policies.append(policy)
+        with writing(args.output):
+            write_merged(folder, base, policies, args.scale)
+            os.replace(folder, args.output)  # onto the empty --output: a whole merge there, or nothing
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # a failed attempt's; a merge moved in is gone from here
     print(f"{args.output}: {args.base} + {args.scale:g} x the mean change of {len(policies)} policies")
 
 
