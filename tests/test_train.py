@@ -768,6 +768,26 @@ def test_a_write_or_load_error_on_one_rank_is_that_ranks_line_first(work):
                       f"writes it"], errors
 
 
+def test_a_reference_and_a_critic_are_resized_by_their_own_tokenizers(work):
+    """A base whose tokenizer has no pad token gets '<|pad|>' and one more embedding row when train.py loads it;
+    a policy saved by an earlier stage has both already. Either may be the other's reference, or its critic."""
+    nopad = save_tiny("llama", work / "nopad", pad=False)
+    tokenizer = AutoTokenizer.from_pretrained(nopad)
+    assert minrlhf.ensure_pad_token(tokenizer)  # added: the base's 400 rows are one short
+    padded = minrlhf.load_causal_lm(nopad)
+    padded.resize_token_embeddings(len(tokenizer))
+    padded.save_pretrained(work / "nopad_sft")
+    tokenizer.save_pretrained(work / "nopad_sft")
+    minrlhf.load_reward_model(nopad, None).save_pretrained(work / "nopad_rm")  # its tokenizer: no pad token
+    AutoTokenizer.from_pretrained(nopad).save_pretrained(work / "nopad_rm")
+    for policy, other in ((work / "nopad_sft", nopad), (nopad, work / "nopad_sft")):
+        log = train(work, "--stage", "dpo", "--model", policy, "--ref-model", other, "--max-steps", 1,
+                    output=f"ref_{os.path.basename(policy)}")
+        assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # a reference equal to the policy
+    train(work, *PPO, "--model", work / "nopad_sft", "--critic-model", work / "nopad_rm", "--max-steps", 1,
+          output="critic_nopad")
+
+
 def test_a_signal_on_the_last_step_still_saves_the_model(work):
     train(work, *PPO, "--max-steps", 3, "--save-every", 0, "--reward-fn", "rewards:interrupt_on_third_call",
           output="last_signal")
@@ -964,6 +984,17 @@ def test_sft_eval_loss_is_a_token_level_mean(work):
     batches = [losses[i:i + 2] for i in range(0, 8, 2)]  # what weighing each batch's mean by its rows gives:
     row_weighted = sum(sum(loss * n for loss, n in b) / sum(n for _, n in b) * len(b) for b in batches) / 8
     assert row_weighted != pytest.approx(token_mean, rel=1e-4)  # so the check above tells them apart
+
+
+def test_an_eval_fraction_that_holds_out_no_row_says_so(work, capsys):
+    """16 rows x 0.05 rounds down to none held out: a line says so, where the log would just lack eval/*."""
+    rows = [{"prompt": f"{s} was", "response": " great"} for s in SUBJECTS * 2]
+    (work / "sft_16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = train(work, "--stage", "sft", "--dataset", work / "sft_16.jsonl", "--eval-fraction", 0.05,
+                "--max-steps", 1, output="sft_no_eval")
+    assert "sft_16.jsonl: --eval-fraction 0.05 of 16 usable rows holds out none: no held-out evaluation" in (
+        capsys.readouterr().out)
+    assert not any(k.startswith("eval/") for k in log[0])
 
 
 CPU_ALL_REDUCE = """import sys, torch, torch.distributed as dist
