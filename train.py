@@ -37,7 +37,7 @@ warnings.filterwarnings(
 
 
 def parse_args(argv=None):
-    p = OneLineArgumentParser(description="minrlhf: SFT, reward model and PPO under DeepSpeed.")
+    p = OneLineArgumentParser(description="minrlhf: SFT, reward model, PPO, DPO, GRPO, RLOO under DeepSpeed.")
     a = p.add_argument
     a("--stage", choices=["sft", "rm", "dpo", *ONLINE], required=True, help="which stage to train")
     a("--model", type=nonempty,

@@ -1,6 +1,7 @@
 """What the flags name, loaded and checked for train.py: the offline example and the per-stage defaults for
 absent flags, the flags each stage reads, tokenizer, models, examples, reward functions.
-Every failure is one line naming the flag or file (`fail`), before any training starts."""
+Every failure is one line naming the flag or file (`fail`), before any training starts; a reward function's
+bad return, met in training, stops every rank at that step."""
 import importlib
 import numbers
 import os
