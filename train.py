@@ -352,6 +352,38 @@ def critic_free_advantages(exp, shaped, kl_coef, args):
     return advantages[:, None].expand_as(exp["mask"])
 
 
+# stats that are means over tokens whatever --loss-agg says: weighed by tokens (the losses: by its units)
+TOKEN_MEANS = ("ppo/policy/clipfrac", "ppo/policy/approx_kl", "ppo/val/clipfrac", "entropy")
+
+
+def ppo_losses(engine, critic, exp, mb, kl_coef, args):
+    """The losses of micro-batch `mb` (rows of the rollout): the clipped surrogate (Schulman et al. 2017,
+    eq. 7); PPO's clipped value loss, added with --vf-coef for the value head, a separate critic's apart;
+    GRPO's KL to the reference, per token (Shao et al. 2024, eq. 3). -> policy loss, critic loss (None but
+    for a separate critic), stats."""
+    mask = exp["mask"][mb]
+    logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
+                                              exp["prompt_len"], args.temperature, critic)
+    loss, pg_stats = M.ppo_policy_loss(logprobs, exp["logprobs"][mb], exp["advantages"][mb], mask,
+                                       args.cliprange, args.loss_agg)
+    stats = {"ppo/loss/policy": loss, "ppo/policy/clipfrac": pg_stats["clipfrac"],
+             "ppo/policy/approx_kl": pg_stats["approx_kl"]}
+    vf_loss = None
+    if values is not None:  # PPO's critic
+        vf_loss, vf_stats = M.ppo_value_loss(values, exp["values"][mb], exp["returns"][mb], mask,
+                                             args.cliprange_value, args.loss_agg)
+        stats |= {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"]}
+        if critic is None:  # on the policy's backbone: one loss
+            loss, vf_loss = loss + args.vf_coef * vf_loss, None
+    if args.stage == "grpo":
+        kl = M.aggregate(M.kl_k3(logprobs, exp["ref_logprobs"][mb], mask), mask, args.loss_agg)
+        loss = loss + kl_coef * kl
+        stats["grpo/kl_k3"] = kl
+    with torch.no_grad():  # the logits go when this returns: no (B, R, V) tensor beside the backward
+        stats["entropy"] = M.masked_mean(M.entropy_from_logits(logits), mask)
+    return loss, vf_loss, stats
+
+
 def ppo_update(engine, critic, exp, kl_coef, args):
     """5. --ppo-epochs passes over the rollout in shuffled micro-batches; DeepSpeed steps the optimizer
     every --grad-accum of them, i.e. once per mini-batch; a separate critic has its own. With --loss-agg
@@ -360,39 +392,22 @@ def ppo_update(engine, critic, exp, kl_coef, args):
     sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
         micro = torch.randperm(len(exp["ids"])).split(args.batch_size)
-        units = [exp["mask"][mb].sum().item() if args.loss_agg == "token" else len(mb) for mb in micro]
-        for mb, weight in zip(micro, loss_weights(units, args.grad_accum)):
-            mask = exp["mask"][mb]
-            logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
-                                                      exp["prompt_len"], args.temperature, critic)
-            loss, pg_stats = M.ppo_policy_loss(logprobs, exp["logprobs"][mb], exp["advantages"][mb], mask,
-                                               args.cliprange, args.loss_agg)
-            mb_stats = {"ppo/loss/policy": loss, "ppo/policy/clipfrac": pg_stats["clipfrac"],
-                        "ppo/policy/approx_kl": pg_stats["approx_kl"]}
-            if values is not None:  # PPO's critic
-                vf_loss, vf_stats = M.ppo_value_loss(values, exp["values"][mb], exp["returns"][mb], mask,
-                                                     args.cliprange_value, args.loss_agg)
-                if critic is None:  # on the policy's backbone: one loss
-                    loss = loss + args.vf_coef * vf_loss
-                mb_stats |= {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"]}
-            if args.stage == "grpo":  # the KL to the reference in the loss, per token (Shao et al., eq. 3)
-                kl = M.aggregate(M.kl_k3(logprobs, exp["ref_logprobs"][mb], mask), mask, args.loss_agg)
-                loss = loss + kl_coef * kl
-                mb_stats["grpo/kl_k3"] = kl
-            with torch.no_grad():  # then drop the logits: no (B, R, V) tensor beside the backward
-                mb_stats["entropy"] = M.masked_mean(M.entropy_from_logits(logits), mask)
-            del logits
+        tokens = [exp["mask"][mb].sum().item() for mb in micro]
+        units = tokens if args.loss_agg == "token" else [len(mb) for mb in micro]
+        token_weights = loss_weights(tokens, args.grad_accum)
+        for mb, weight, token_weight in zip(micro, loss_weights(units, args.grad_accum), token_weights):
+            loss, critic_loss, mb_stats = ppo_losses(engine, critic, exp, mb, kl_coef, args)
             clock.lap("update/forward")
             engine.backward(loss * weight)
-            if critic is not None:  # its own loss, its own gradients
-                critic.backward(vf_loss * weight)
+            if critic_loss is not None:  # a separate critic: its own loss, its own gradients
+                critic.backward(critic_loss * weight)
             clock.lap("update/backward")
             engine.step()  # the optimizer steps once per mini-batch, at the --grad-accum boundary
             if critic is not None:
                 critic.step()
             clock.lap("update/optimizer")
             for k, v in mb_stats.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * weight
+                sums[k] = sums.get(k, 0.0) + v.item() * (token_weight if k in TOKEN_MEANS else weight)
             count += 1
     return {k: v / count for k, v in sums.items()} | clock.times
 

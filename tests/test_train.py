@@ -224,15 +224,18 @@ class FakeEngine(minrlhf.PolicyWithValueHead):
 def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, loss_agg):
     """ppo_update on a fixed rollout with answers of unequal length: the policy loss and GRPO's k3 term are
     aggregated as --loss-agg says, and --kl-coef weighs the KL term in the gradients. Two micro-batches of
-    unequal tokens accumulated into one step give the gradient and stats of one micro-batch of them all."""
+    unequal tokens accumulated into one step give the gradient and stats of one micro-batch of them all; the
+    entropy is a token mean whatever --loss-agg says (weights 25x the default init: entropies that differ)."""
     from argparse import Namespace
     train_py.init_distributed()  # a world of one, for loss_weights' all_reduce
-    engine = FakeEngine(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)), value_head=False)
+    model = minrlhf.load_causal_lm(save_tiny("llama", tmp_path, config={"initializer_range": 0.5}))
+    engine = FakeEngine(model, value_head=False)
     P, ids = 3, torch.randint(3, 60, (4, 9))  # 3 prompt tokens, 6 response tokens
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
     attention_mask = torch.cat([torch.ones(4, P, dtype=torch.long), mask], 1)
     with torch.no_grad():
-        _, logprobs, _ = train_py.policy_forward(engine, ids, attention_mask, P, 1.0)
+        logits, logprobs, _ = train_py.policy_forward(engine, ids, attention_mask, P, 1.0)
+        entropy = minrlhf.entropy_from_logits(logits)
     advantages = torch.randn(4, 6)
     exp = {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P, "logprobs": logprobs,
            "ref_logprobs": logprobs - 0.5, "advantages": advantages}
@@ -252,6 +255,8 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
     for s in stats:  # ratio 1: the clipped surrogate is the mean of -A, the way loss_agg takes means
         assert s["ppo/loss/policy"] == pytest.approx(minrlhf.aggregate(-advantages, mask, loss_agg).item(), rel=1e-5)
         assert s["grpo/kl_k3"] == pytest.approx(expected_kl.item(), rel=1e-5)
+        assert s["entropy"] == pytest.approx(minrlhf.aggregate(entropy, mask, "token").item(), rel=1e-5)
+    assert minrlhf.aggregate(entropy, mask, "token") != pytest.approx(minrlhf.aggregate(entropy, mask, "sequence"))
     assert minrlhf.aggregate(-advantages, mask, "token") != minrlhf.aggregate(-advantages, mask, "sequence")
     engine.zero_grad()  # kl_coef 1 adds exactly the k3 term's gradient, with its sign
     _, new_logprobs, _ = train_py.policy_forward(engine, ids, attention_mask, P, 1.0)
