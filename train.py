@@ -29,7 +29,8 @@ from minrlhf.data import ONLINE
 from minrlhf.engine import build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed
 from minrlhf.inputs import (RewardFunction, adapt, check_online_args, check_stage_flags, load_critic,
                             load_examples, load_model, load_tokenizer, offline_defaults, reference)
-from minrlhf.run import Run, Stopwatch, batches, check_output, lock_output, mean_across_ranks
+from minrlhf.run import (Run, Stopwatch, batches, check_output, lock_output, mean_across_ranks,
+                         score_moments)
 from minrlhf.sampling import pure_sampling
 
 warnings.filterwarnings(
@@ -318,10 +319,9 @@ def shaped_scores(scores, ended, norm, args):
     reward, all 0) has no scale to give: the scores stay as they are until a rollout with spread fills `norm`
     (in place)."""
     if args.reward_norm and not norm:
-        m = mean_across_ranks({"mean": scores.mean().item(), "sq": scores.pow(2).mean().item(),
-                               "spread": (scores.max() - scores.min()).item()})  # 0: every rank's scores tie
-        if m["spread"] > 0 and all(map(math.isfinite, m.values())):  # else the next rollout sets it
-            norm.update(mean=m["mean"], std=math.sqrt(max(m["sq"] - m["mean"] ** 2, 1e-12)))
+        mean, std, spread = score_moments(scores)  # every rank's scores together; spread 0: all tie
+        if spread > 0 and math.isfinite(mean) and math.isfinite(std):  # else the next rollout sets it
+            norm.update(mean=mean, std=max(std, 1e-6))
     if args.reward_norm and norm:
         scores = (scores - norm["mean"]) / norm["std"]
     return scores - args.missing_eos_penalty * (~ended).float()

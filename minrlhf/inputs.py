@@ -42,6 +42,9 @@ def check_online_args(args):
     G = args.num_generations = args.num_generations or (1 if args.stage == "ppo" else 4)
     args.ppo_epochs = args.ppo_epochs or (2 if args.stage == "ppo" else 1)
     args.rollout_batch_size = args.rollout_batch_size or (16 if args.stage == "ppo" else 4)
+    if args.stage == "ppo" and args.rollout_batch_size * G < 2:  # one response's whitening removes its score
+        fail(f"--rollout-batch-size {args.rollout_batch_size}: --stage ppo whitens the advantages over each "
+             f"rank's responses, at least 2 of them")
     if args.stage != "ppo" and G < 2:
         fail(f"--num-generations {G}: --stage {args.stage} needs at least 2 samples per prompt (each one's "
              f"baseline is the others)")

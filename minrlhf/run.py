@@ -131,6 +131,20 @@ def mean_across_ranks(stats):
     return dict(zip(keys, (values / dist.get_world_size()).tolist()))
 
 
+def score_moments(scores):
+    """(mean, std, spread: max - min) of every rank's scores (B,) together, in float64. The std is the root
+    mean square deviation from that mean: E[s^2] - E[s]^2 loses the spread of scores far from 0 to rounding."""
+    scores = scores.double()
+    count_sum = torch.tensor([len(scores), scores.sum().item()], dtype=torch.float64)
+    dist.all_reduce(count_sum)
+    count, mean = count_sum[0].item(), (count_sum[1] / count_sum[0]).item()
+    moments = torch.tensor([((scores - mean) ** 2).sum().item()], dtype=torch.float64)
+    dist.all_reduce(moments)
+    ends = torch.tensor([scores.max().item(), -scores.min().item()], dtype=torch.float64)
+    dist.all_reduce(ends, op=dist.ReduceOp.MAX)  # the largest score and the smallest of all ranks
+    return mean, math.sqrt(moments.item() / count), ends.sum().item()
+
+
 class Stopwatch:
     """Phase times: `lap(name)` adds the seconds since the previous lap to times["time/NAME"]."""
 
@@ -183,7 +197,8 @@ class Run:
         stats = mean_across_ranks({**stats, "stop": float(self.stop)})
         stop = stats.pop("stop") > 0  # one rank interrupted: all stop together
         stats = self.check_finite(step, stats)
-        self.log(step, stats, step % self.args.log_every == 0 or step == self.total)
+        evaluated = any(k.startswith("eval/") for k in stats)  # written whatever --log-every says
+        self.log(step, stats, evaluated or step % self.args.log_every == 0 or step == self.total)
         if stop or step == self.total or (self.args.save_every and step % self.args.save_every == 0):
             self.save_checkpoint(step, state or {})
         self.t0, self.skipped = time.perf_counter(), self.skipped_steps()

@@ -103,8 +103,8 @@ def w(tmp_path_factory):
              "ten.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:2] * 5),
              "null.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:7] + [{**rows[0], "prompt": None}]),
              "null_response.jsonl": '{"prompt": "a", "response": " b"}\n{"prompt": "a", "response": null}\n',
-             "system.jsonl": json.dumps({"prompt": [{"role": "system", "content": "be kind"},
-                                                    {"role": "user", "content": "hi"}]}) + "\n",
+             "system.jsonl": (json.dumps({"prompt": [{"role": "system", "content": "be kind"},
+                                                     {"role": "user", "content": "hi"}]}) + "\n") * 2,
              "a_file": "not a directory", "list_line.jsonl": '{"prompt": "a"}\n["a", "b"]\n', "num_prompt.jsonl": '{"prompt": "a"}\n{"prompt": 5}\n',
              "chat_prompt.jsonl": json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n", "notgz.jsonl.gz": '{"prompt": "a"}\n',
              "long.jsonl": "".join(json.dumps({**r, "prompt": "the film was great " * 80}) + "\n" for r in rows)}
@@ -331,13 +331,13 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "null response": (["--dataset", "{w}/null_response.jsonl"],
                       r"null_response\.jsonl: row 2: column 'response' is None; expected text"),
     "a template refusing a system turn": (["--model", "{w}/strict_model", "--dataset", "{w}/system.jsonl",
-                                           "--stage", "ppo", "--reward-fn", "vader", "--rollout-batch-size", 1,
+                                           "--stage", "ppo", "--reward-fn", "vader", "--rollout-batch-size", 2,
                                            "--batch-size", 1],
                                           r"system\.jsonl: row 1: .*strict_model's chat template refuses these "
                                           r"messages \(System role not supported\)"),
     "a reward model's template refusing the prompts": (
         ["--model", "{w}/chat_model", "--dataset", "{w}/system.jsonl", "--stage", "ppo", "--reward-model",
-         "{w}/strict_rm", "--critic-model", "head", "--rollout-batch-size", 1, "--batch-size", 1],
+         "{w}/strict_rm", "--critic-model", "head", "--rollout-batch-size", 2, "--batch-size", 1],
         r"system\.jsonl: --reward-model .*strict_rm: .*strict_rm's chat template refuses these messages \(System "
         r"role not supported\); the prompt: "),
     "model an unfinished run": (["--model", "{w}/ckpt_run"], r"--model .*ckpt_run: a train\.py run without its final "
@@ -356,6 +356,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "config not the weights": (["--model", "{w}/other_config"], r"--model .*other_config: cannot load as a causal LM "
                                                                 r"\(You set `ignore_mismatched_sizes` to `False`"),
     "weights cut short": (["--model", "{w}/cut_model"], r"--model .*cut_model: cannot load as a causal LM \("),
+    "ppo with one response per rank": (PPO + ["--reward-fn", "vader", "--rollout-batch-size", 1, "--batch-size", 1],
+                                       r"--rollout-batch-size 1: --stage ppo whitens the advantages over each "
+                                       r"rank's responses, at least 2 of them"),
     "weights an empty file": (["--model", "{w}/empty_bin"], r"--model .*empty_bin: cannot load as a causal LM "
                                                             r"\(EOFError\(\)\)"),
     "epochs past any step count": (["--epochs", "1e308"], r"argument --epochs: 1e308: expected a number > 0 and "

@@ -938,11 +938,37 @@ def test_a_reward_model_reads_re_encoded_text_within_its_positions(work):
     prompt = "the film was great and the food was great and"
     P = len(make_tokenizer()(prompt)["input_ids"])
     assert P < 32  # with --max-new-tokens 32 - P the run's sequences fit: the check before training passes
-    (work / "prompts_32.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    (work / "prompts_32.jsonl").write_text((json.dumps({"prompt": prompt}) + "\n") * 2)
     log = train(work, "--stage", "ppo", "--model", work / "gpt2_32", "--reward-model", work / "gpt2_32_rm",
                 "--critic-model", "head", "--dataset", work / "prompts_32.jsonl", "--max-new-tokens", 32 - P,
-                "--rollout-batch-size", 1, "--batch-size", 1, "--temperature", 1.0, "--max-steps", 2, output="reencode")
+                "--rollout-batch-size", 2, "--batch-size", 1, "--temperature", 1.0, "--max-steps", 2, output="reencode")
     assert len(log) == 2
+
+
+SCORE_MOMENTS = """import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from minrlhf.run import score_moments
+rank = int(sys.argv[2])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
+print(score_moments(torch.tensor([[0.0, 0.0], [1.0, 1.0]][rank])))
+"""
+
+
+def test_reward_norm_of_all_ranks_scores_far_from_zero(tmp_path):
+    """The scores' normalisation makes PPO blind to an affine change of the reward, also one far from 0 (float32
+    E[s^2] - E[s]^2 gave scores + 1e4 a std of 1e-6), and takes every rank's scores together: ranks whose own
+    scores tie, [0, 0] and [1, 1], have spread 1 and std 0.5 together."""
+    from argparse import Namespace
+    train_py.init_distributed()
+    args = Namespace(reward_norm=True, missing_eos_penalty=0.0)
+    scores, ended = torch.tensor([0.5, 2.0, 1.25, 0.0, 3.0, 1.0, 0.75, 2.5]), torch.ones(8, dtype=torch.bool)
+    shaped = train_py.shaped_scores(scores, ended, {}, args)
+    torch.testing.assert_close(train_py.shaped_scores(scores + 1e4, ended, {}, args), shaped)
+    torch.testing.assert_close(shaped, (scores - scores.mean()) / scores.std(unbiased=False))
+    procs = [subprocess.Popen([sys.executable, "-c", SCORE_MOMENTS, str(tmp_path / "rendezvous"), str(rank), ROOT],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for rank in (0, 1)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert [out.splitlines()[-1] for out, _ in outs] == ["(0.5, 0.5, 1.0)"] * 2, outs[0][1][-2000:]  # after a banner
 
 
 def test_no_reward_norm_ignores_statistics_from_a_resumed_checkpoint():
@@ -989,6 +1015,14 @@ def test_sft_eval_loss_is_a_token_level_mean(work):
     batches = [losses[i:i + 2] for i in range(0, 8, 2)]  # what weighing each batch's mean by its rows gives:
     row_weighted = sum(sum(loss * n for loss, n in b) / sum(n for _, n in b) * len(b) for b in batches) / 8
     assert row_weighted != pytest.approx(token_mean, rel=1e-4)  # so the check above tells them apart
+
+
+def test_a_held_out_evaluation_is_logged_whatever_log_every(work):
+    """--save-every 3 evaluates at steps 3 and 6 (and the last, 8); --log-every 2 would have dropped step 3's."""
+    log = train(work, "--stage", "sft", "--max-steps", 8, "--save-every", 3, "--log-every", 2, "--lr", 1e-3,
+                output="sft_log_every")
+    assert [m["step"] for m in log] == [2, 3, 4, 6, 8]
+    assert [m["step"] for m in log if "eval/loss" in m] == [3, 6, 8]
 
 
 def test_an_eval_fraction_that_holds_out_no_row_says_so(work, capsys):
