@@ -133,7 +133,7 @@ def mean_across_ranks(stats):
 
 def score_moments(scores):
     """(mean, std, spread: max - min) of every rank's scores (B,) together, in float64. The std is the root
-    mean square deviation from that mean: E[s^2] - E[s]^2 loses the spread of scores far from 0 to rounding."""
+    mean square deviation from that mean; E[s^2] - E[s]^2 rounds away the spread of scores far from 0."""
     scores = scores.double()
     count_sum = torch.tensor([len(scores), scores.sum().item()], dtype=torch.float64)
     dist.all_reduce(count_sum)
