@@ -29,8 +29,8 @@ def logprobs_from_logits(logits, labels):
 
 def entropy_from_logits(logits):
     """Entropy of the categorical distribution at each position: (B, R, V) -> (B, R). Row by row, as above."""
-    def one(row):  # (R, V) -> (R,), in float32 one row at a time
-        row = row.float()
+    def one(row):  # (R, V) -> (R,), in float32 one row at a time; a -inf logit (p = 0) adds 0, not 0 x -inf
+        row = row.float().clamp(min=torch.finfo(torch.float32).min)
         return torch.logsumexp(row, -1) - (F.softmax(row, -1) * row).sum(-1)
     return torch.stack([one(row) for row in logits])
 

@@ -120,7 +120,8 @@ class PolicyWithValueHead(nn.Module):
     def __init__(self, backbone, value_head=True):
         super().__init__()
         self.backbone = backbone
-        self.value_head = nn.Linear(backbone.config.get_text_config().hidden_size, 1) if value_head else None
+        width = backbone.get_output_embeddings().in_features  # the last hidden state's (OPT-350m: projected)
+        self.value_head = nn.Linear(width, 1) if value_head else None
         if value_head:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -164,15 +165,14 @@ class Critic(nn.Module):
 def load_reward_model(path, pad_token_id, dtype=None, new_head=True):
     """A reward model: backbone + scalar head read at the last non-pad token (transformers'
     sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn with mean 0
-    and std 1/sqrt(H+1) (Stiennon et al. 2020; Huang et al. 2024, "The N+ implementation details");
-    new_head=False refuses a checkpoint without a trained head."""
+    and std 1/sqrt(H+1), H its input's width (Stiennon et al. 2020; Huang et al. 2024, "The N+ implementation
+    details"); new_head=False refuses a checkpoint without a trained head."""
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path, config=dropout_free_config(path, num_labels=1), dtype=dtype, output_loading_info=True)
     if any(key.startswith("score.") for key in info["missing_keys"]):
         if not new_head:
             raise ValueError("not a reward model: it has no trained score head")
-        hidden = model.config.get_text_config().hidden_size
-        nn.init.normal_(model.score.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
         if getattr(model.score, "bias", None) is not None:
             nn.init.zeros_(model.score.bias)
     model.config.pad_token_id = pad_token_id

@@ -15,8 +15,9 @@ MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
 
 
 def garbage_in_padding(x):
-    """The same tensor with NaN, inf and huge values where MASK is 0."""
-    junk = torch.tensor([float("nan"), float("inf"), -1e30, 7.0]).repeat(x.shape[0], 1)[:, : x.shape[1]]
+    """The same tensor with NaN and inf where MASK is 0 (row 2's last two columns): a product with the mask
+    (0 x NaN = NaN) would let them through."""
+    junk = torch.tensor([-1e30, 7.0, float("nan"), float("inf")]).repeat(x.shape[0], 1)[:, : x.shape[1]]
     return torch.where(MASK.bool(), x, junk)
 
 
@@ -188,6 +189,8 @@ def test_logprobs_and_entropy_match_torch():
     expected = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
     torch.testing.assert_close(logprobs_from_logits(logits, labels), expected)
     torch.testing.assert_close(logprobs_from_logits(logits.bfloat16(), labels), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(entropy_from_logits(logits), torch.distributions.Categorical(logits=logits).entropy())
+    logits[..., :4] = float("-inf")  # tokens a logits processor ruled out: probability 0, no entropy
     torch.testing.assert_close(entropy_from_logits(logits), torch.distributions.Categorical(logits=logits).entropy())
 
 

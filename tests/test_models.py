@@ -34,6 +34,11 @@ def test_policy_logits_values_and_left_padding(family_dir):
     assert logits.shape == (1, 7, policy.backbone.config.vocab_size) and values.shape == (1, 7)
     assert (values == 0).all()  # zero-initialised value head
     torch.testing.assert_close(logits, reference)
+    with torch.no_grad():  # a head that is not zero reads each position's last hidden state, under left padding too
+        torch.nn.init.normal_(policy.value_head.weight)
+        _, padded_values = policy(padded, mask)
+        hidden = policy.backbone(input_ids=ids, output_hidden_states=True).hidden_states[-1]  # (1, 7, H)
+        torch.testing.assert_close(padded_values[:, 3:], policy.value_head(hidden).squeeze(-1), atol=1e-4, rtol=1e-4)
     # left padding must not move positions: same log-probs as the unpadded row
     torch.testing.assert_close(logprobs_from_logits(padded_logits[:, 3:-1], ids[:, 1:]),
                                logprobs_from_logits(logits[:, :-1], ids[:, 1:]), atol=1e-4, rtol=1e-4)
@@ -85,7 +90,7 @@ def test_reward_model_parity_with_transformers(family_dir, tmp_path, pad_is_eos)
     model = load_reward_model(path, tokenizer.pad_token_id).eval()
     if added:
         model.resize_token_embeddings(len(tokenizer))
-    hidden = model.config.get_text_config().hidden_size
+    hidden = model.score.in_features  # the last hidden state's width (OPT's word_embed_proj_dim)
     assert model.score.weight.std().item() == pytest.approx(1 / math.sqrt(hidden + 1), rel=0.35)
     eos = tokenizer.eos_token_id
     rows = [{"chosen": tokenizer("the film was great")["input_ids"] + [eos],

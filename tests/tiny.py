@@ -102,8 +102,8 @@ _CONFIGS = {
     "gptj": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, rotary_dim=4),
     "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=256, rotary_pct=0.5),
-    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                max_position_embeddings=256, word_embed_proj_dim=32),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,  # opt-350m's layout:
+                max_position_embeddings=256, word_embed_proj_dim=16, do_layer_norm_before=False),  # projected
     "bloom": dict(hidden_size=32, n_layer=2, n_head=4),  # ALiBi: no position limit
     "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256),
