@@ -2,7 +2,7 @@
 same prompts, reward-model score, KL to the base model (gold, gain and KL with their standard errors),
 response length, and a few answers of the base model and the policy side by side.
 
-    python eval.py --policy runs/ppo --reward-model runs/rm                       # after PPO
+    python eval.py --policy runs/ppo --reward-model runs/rm --base runs/sft      # after PPO: KL to its start
     python eval.py --policy "$(python -c 'import minrlhf.defaults as d; print(d.default_model())')"  # base
 
 KL is KL(policy || base) per response: the sum over its tokens of log pi - log pi_base, both at the
@@ -201,7 +201,9 @@ def main(argv=None):
     print(" ".join(f"{k}={v:.4g}" for k, v in figures.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"policy": args.policy, "prompts": args.prompts, **figures}, f, indent=1)
+            finite = {k: v if math.isfinite(v) else None for k, v in figures.items()}  # one prompt: no se
+            json.dump({"policy": args.policy, "prompts": args.prompts, **finite}, f, indent=1,
+                      allow_nan=False)
 
 
 if __name__ == "__main__":

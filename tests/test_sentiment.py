@@ -407,3 +407,9 @@ def test_eval_end_to_end_against_itself(tiny_chat, tmp_path, capsys):
     assert figures["kl_se"] == 0.0 and 0 <= figures["gold_se"] <= 1  # two prompts' means, 3 samples each
     assert figures["gain"] == figures["gain_se"] == 0.0 and figures["base_gold"] == figures["gold"]  # same answers
     assert "PROMPT is it worth watching?" in capsys.readouterr().out
+    (tmp_path / "one.jsonl").write_text('{"prompt": "the film was"}\n')  # one prompt: no standard error
+    eval_py.main(["--policy", str(tmp_path / "policy"), "--base", str(tmp_path / "policy"), "--prompts",
+                  str(tmp_path / "one.jsonl"), "--samples", "2", "--max-new-tokens", "4", "--json",
+                  str(tmp_path / "one.json")])
+    one = json.loads((tmp_path / "one.json").read_text(), parse_constant=pytest.fail)  # NaN is not JSON
+    assert one["gold_se"] is None and one["kl"] == 0.0
