@@ -19,6 +19,7 @@ from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
 from .lora import LoRALinear, WithoutAdapters, add_lora
 from .models import Critic, load_causal_lm, load_reward_model, position_limit, vocab_size
+from .run import CRITIC_NORMALISATION
 
 
 def offline_defaults(args):
@@ -188,8 +189,12 @@ def load_critic(args, tokenizer, policy):
     resize = same_tokens("--critic-model", path, tokenizer, f"{name} (default: --reward-model): a "
                          f"tokenizer other than --model's, whose tokens a critic reads; pass --critic-model "
                          f"head, or one with --model's tokenizer")
-    critic = load_model("--critic-model", path, tokenizer, resize, "reward", args.longest, vocab_size(policy))
-    return Critic(adapt(critic, args, name))
+    critic = Critic(adapt(load_model("--critic-model", path, tokenizer, resize, "reward", args.longest,
+                                     vocab_size(policy)), args, name))
+    saved = os.path.join(path, CRITIC_NORMALISATION)  # a critic a PPO run saved: its values' scale
+    if os.path.isfile(saved):
+        critic.set_normalisation(**torch.load(saved))
+    return critic
 
 
 def same_tokens(flag, path, tokenizer, error):

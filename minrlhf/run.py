@@ -330,27 +330,34 @@ class Run:
     def write_final(self, state, critic, tokenizer):
         """`save_final`'s writing, on rank 0: whole state dicts -> Hugging Face folders (`save_complete`)."""
         module, state = self.engine.module, merged_state_dict(self.engine.module, state)  # LoRA: plain
-        head = None
+        extras = {}
         if hasattr(module, "backbone"):  # the online stages' policy
-            head = submodule_state(state, "value_head.")
+            head = submodule_state(state, "value_head.")  # {} without a value head
             state, module = submodule_state(state, "backbone."), module.backbone
-        save_complete(self.args.output, module, state, tokenizer, head)
-        if critic is not None:  # a reward model: its score at each position is a value (models.Critic)
+            if head:
+                extras["value_head.pt"] = head
+        save_complete(self.args.output, module, state, tokenizer, extras)
+        if critic is not None:  # a reward model: its score at each position, normalised, is a value
+            norm = {"mean": critic["shift"].item(), "std": critic["scale"].item()}  # models.Critic's
             critic = submodule_state(merged_state_dict(self.critic.module, critic), "reward_model.")
             save_complete(os.path.join(self.args.output, "critic"), self.critic.module.reward_model, critic,
-                          tokenizer)
+                          tokenizer, {CRITIC_NORMALISATION: norm})
 
 
-def save_complete(folder, module, state, tokenizer, value_head=None):
-    """module.save_pretrained(folder), the tokenizer and PPO's value_head.pt, written in folder/final.tmp and
-    then moved in, config.json last: a folder with a config.json (what the next stage looks for) holds a
-    whole model, even after a full disk or a kill mid-write."""
+CRITIC_NORMALISATION = "value_normalisation.pt"  # beside a saved critic: its values are (score - mean) / std
+
+
+def save_complete(folder, module, state, tokenizer, extras=None):
+    """module.save_pretrained(folder), the tokenizer and `extras` ({file name: object}, torch.save'd: PPO's
+    value head, a critic's normalisation), written in folder/final.tmp and then moved in, config.json last: a
+    folder with a config.json (what the next stage looks for) holds a whole model, even after a full disk or
+    a kill mid-write."""
     tmp = os.path.join(folder, "final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a failed attempt's
     module.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
-    if value_head:
-        torch.save(value_head, os.path.join(tmp, "value_head.pt"))
+    for name, value in (extras or {}).items():
+        torch.save(value, os.path.join(tmp, name))
     for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):  # False first: config last
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     os.rmdir(tmp)

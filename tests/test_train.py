@@ -484,6 +484,16 @@ def test_ppo_with_the_reward_model_and_adaptive_kl(work):
         error = min(max(this["kl"] / 0.01 - 1, -0.2), 0.2)
         assert then["kl_coef"] == pytest.approx(this["kl_coef"] * (1 + 0.1 * error)) and error != 0
     assert (work / "ppo_rm" / "critic" / "config.json").exists()  # the default critic: the reward model's copy
+    # its values are the score normalised by the scores' mean and std: saved beside it, and read with it
+    norm = torch.load(work / "ppo_rm" / "critic" / "value_normalisation.pt")
+    state = torch.load(work / "ppo_rm" / "checkpoints" / "step3" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert norm == pytest.approx(state["reward_norm"]) and norm["std"] != 1.0
+    from argparse import Namespace
+    from minrlhf.inputs import load_critic
+    args = Namespace(critic_model=str(work / "ppo_rm" / "critic"), model=None, lora_rank=0, lora_alpha=None,
+                     lora_targets="all-linear", gradient_checkpointing=False, longest=16)
+    critic = load_critic(args, AutoTokenizer.from_pretrained(work / "ppo_rm"), minrlhf.load_causal_lm(str(work / "ppo_rm")))
+    assert (critic.shift.item(), critic.scale.item()) == pytest.approx((norm["mean"], norm["std"]))
     # the second judge is logged: count_e's mean over 8 responses, a multiple of 1/8, unlike the RM's reward
     assert all((m["gold"] * 8).is_integer() for m in log) and not all((m["reward"] * 8).is_integer() for m in log)
 
