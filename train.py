@@ -13,11 +13,10 @@ import functools
 import math
 import os
 import signal
-import sys
 import warnings
 
-if __name__ == "__main__":  # Ctrl-C while the libraries below import (seconds): exit 130, no traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while the libraries below import (seconds): the system ends the process,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # no traceback (an exception raised in torch's C is lost)
 import torch
 import torch.distributed as dist
 

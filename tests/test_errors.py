@@ -365,6 +365,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                                           r"<= 1000000$"),
     "reward fn without a function": (PPO + ["--reward-fn", "err_rewards"],
                                      r"--reward-fn err_rewards: expected MODULE:FUNCTION \(or vader\)"),
+    "reward fn without a name": (PPO + ["--reward-fn", "err_rewards:"],
+                                 r"--reward-fn err_rewards:: expected MODULE:FUNCTION \(or vader\)"),
     "lora all-linear and names": (["--lora-rank", 2, "--lora-targets", "all-linear,q_proj"],
                                   r"--lora-targets all-linear,q_proj: all-linear adapts every projection; pass it "
                                   r"alone, or names alone"),

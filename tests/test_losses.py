@@ -120,12 +120,17 @@ def test_policy_loss_zero_gradient_outside_clip_band():
 
 
 def test_policy_loss_ignores_padding_garbage():
+    """NaN or inf in padding: the loss, its stats and the gradients as without them, 0 in padding."""
     logprobs, old, adv = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
-    clean, clean_stats = ppo_policy_loss(logprobs, old, adv, MASK, 0.2)
-    dirty, dirty_stats = ppo_policy_loss(garbage_in_padding(logprobs), garbage_in_padding(old),
-                                         garbage_in_padding(adv), MASK, 0.2)
-    assert dirty.item() == pytest.approx(clean.item())
+    clean, dirty_logprobs = logprobs.clone().requires_grad_(), garbage_in_padding(logprobs).requires_grad_()
+    clean_loss, clean_stats = ppo_policy_loss(clean, old, adv, MASK, 0.2)
+    dirty_loss, dirty_stats = ppo_policy_loss(dirty_logprobs, garbage_in_padding(old), garbage_in_padding(adv),
+                                              MASK, 0.2)
+    (clean_loss + dirty_loss).backward()
+    assert dirty_loss.item() == pytest.approx(clean_loss.item())
     assert {k: v.item() for k, v in dirty_stats.items()} == pytest.approx({k: v.item() for k, v in clean_stats.items()})
+    assert torch.isfinite(dirty_logprobs.grad).all()
+    torch.testing.assert_close(dirty_logprobs.grad, clean.grad * MASK)
 
 
 def test_value_loss():

@@ -79,19 +79,25 @@ def test_dropout_is_disabled(tmp_path, family, dropouts):
 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True])
-def test_reward_model_parity_with_transformers(family_dir, tmp_path, pad_is_eos):
+def test_reward_model_parity_with_transformers(family_dir, tmp_path, pad_is_eos, monkeypatch):
     """What minrlhf scores, plain AutoModelForSequenceClassification scores after a save, with right
-    padding and with a tokenizer whose pad token was its EOS; and the score is read at the EOS."""
+    padding and with a tokenizer whose pad token was its EOS; and the score is read at the EOS. The new head
+    is drawn with std 1/sqrt(H + 1), H the width of what it reads (OPT-350m's: word_embed_proj_dim)."""
     family, path = family_dir
     tokenizer = make_tokenizer(pad_is_eos=pad_is_eos)
     added = ensure_pad_token(tokenizer)  # pad == eos == bos and no unk: a new pad token is added
     assert added == pad_is_eos and tokenizer.pad_token_id != tokenizer.eos_token_id
+    draws, normal = [], torch.nn.init.normal_
+
+    def recorded_normal(tensor, **kwargs):  # the head's draw: the last before the resize
+        draws.append(kwargs)
+        return normal(tensor, **kwargs)
+    monkeypatch.setattr(torch.nn.init, "normal_", recorded_normal)
     torch.manual_seed(0)
     model = load_reward_model(path, tokenizer.pad_token_id).eval()
+    assert draws[-1] == {"std": 1 / math.sqrt(model.score.in_features + 1)}
     if added:
         model.resize_token_embeddings(len(tokenizer))
-    hidden = model.score.in_features  # the last hidden state's width (OPT's word_embed_proj_dim)
-    assert model.score.weight.std().item() == pytest.approx(1 / math.sqrt(hidden + 1), rel=0.35)
     eos = tokenizer.eos_token_id
     rows = [{"chosen": tokenizer("the film was great")["input_ids"] + [eos],
              "rejected": tokenizer("awful")["input_ids"] + [eos]}]
