@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -153,8 +154,8 @@ def main(argv=None):
     if os.path.isdir(args.output) and os.listdir(args.output):  # never write over a model
         fail(f"--output {args.output}: not empty; choose a new folder")
     check_writable("--output", args.output, args.output)
-    folder = os.path.normpath(args.output) + ".tmp"  # the merge is made here, then moved to --output whole
-    shutil.rmtree(folder, ignore_errors=True)  # a killed attempt's
+    with writing(args.output):  # the merge is made in a new folder beside --output, then moved there whole
+        folder = tempfile.mkdtemp(prefix=".merging-", dir=os.path.dirname(os.path.abspath(args.output)))
     try:
         tokenizer = save_base(args.base, folder, args.output)
         base, policies = SavedWeights(folder), []

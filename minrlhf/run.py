@@ -22,6 +22,7 @@ from .engine import read_config
 from .lora import merged_state_dict
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
+CRITIC_NORMALISATION = "value_normalisation.pt"  # beside a saved critic: its values are (score - mean) / std
 
 
 def checkpoints(output):
@@ -342,9 +343,6 @@ class Run:
             critic = submodule_state(merged_state_dict(self.critic.module, critic), "reward_model.")
             save_complete(os.path.join(self.args.output, "critic"), self.critic.module.reward_model, critic,
                           tokenizer, {CRITIC_NORMALISATION: norm})
-
-
-CRITIC_NORMALISATION = "value_normalisation.pt"  # beside a saved critic: its values are (score - mean) / std
 
 
 def save_complete(folder, module, state, tokenizer, extras=None):
