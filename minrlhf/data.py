@@ -316,10 +316,11 @@ def encode_preference(row, tokenizer, max_length, keep="end"):
 
 
 def encode_rl_prompt(row, tokenizer, max_length):
-    """{prompt, input_ids}: the prompt as given, text or chat messages (for reward functions), and its ids,
-    keeping the last max_length."""
+    """{prompt, input_ids, cut}: the prompt as given, text or chat messages (for reward functions), and its
+    ids, keeping the last max_length (cut: it had more)."""
     prompt = _text(row, "prompt")
-    return {"prompt": prompt, "input_ids": encode_prompt(tokenizer, prompt)[-max_length:]}
+    ids = encode_prompt(tokenizer, prompt)
+    return {"prompt": prompt, "input_ids": ids[-max_length:], "cut": len(ids) > max_length}
 
 
 ENCODERS = {"sft": encode_sft, "rm": encode_preference,

@@ -221,6 +221,10 @@ def load_examples(args, tokenizer):
     why = f"an empty reply, no response token within --max-length {args.max_length} or a pair's replies alike"
     if dropped and dist.get_rank() == 0:
         print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: {why}")
+    cut = sum(e.get("cut", False) for e in examples)  # the online stages' prompts past --max-length
+    if cut and dist.get_rank() == 0:
+        print(f"{args.dataset}: {cut} of {len(examples)} prompts longer than --max-length {args.max_length}: "
+              f"the policy reads their last {args.max_length} tokens, the reward the whole prompt")
     online = args.stage in ONLINE  # prompts to sample from, no held-out rows
     train, evals = held_out(examples, 0 if online else args.eval_fraction)
     if not evals and args.eval_fraction > 0 and not online and dist.get_rank() == 0:  # it rounded down

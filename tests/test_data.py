@@ -220,7 +220,8 @@ def test_rl_prompts_keep_their_last_tokens():
     tok = make_tokenizer()
     prompt = "the film was great and the food was awful"
     full = tok(prompt)["input_ids"]
-    assert encode_rl_prompt({"prompt": prompt}, tok, 3) == {"prompt": prompt, "input_ids": full[-3:]}
+    assert encode_rl_prompt({"prompt": prompt}, tok, 3) == {"prompt": prompt, "input_ids": full[-3:], "cut": True}
+    assert encode_rl_prompt({"prompt": prompt}, tok, len(full))["cut"] is False
 
 
 def test_pairs_whose_replies_are_alike_are_dropped_and_counted():

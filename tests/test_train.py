@@ -1057,6 +1057,14 @@ def test_a_held_out_evaluation_is_logged_whatever_log_every(work):
     assert [m["step"] for m in log if "eval/loss" in m] == [3, 6, 8]
 
 
+def test_prompts_cut_to_max_length_are_counted(work, capsys):
+    """The online stages keep a long prompt's last --max-length tokens (where the answer begins): a line counts them,
+    as the other stages count the rows they drop."""
+    train(work, *PPO, "--max-length", 2, "--max-steps", 1, output="ppo_cut")
+    assert re.search(r"pref\.jsonl: \d+ of 64 prompts longer than --max-length 2: the policy reads their last 2 "
+                     r"tokens, the reward the whole prompt", capsys.readouterr().out)
+
+
 def test_an_eval_fraction_that_holds_out_no_row_says_so(work, capsys):
     """16 rows x 0.05 rounds down to none held out: a line says so, where the log would just lack eval/*."""
     rows = [{"prompt": f"{s} was", "response": " great"} for s in SUBJECTS * 2]
