@@ -52,7 +52,8 @@ def parse_args(argv=None):
     a("--lr", type=positive, default=None,
       help="peak lr, decays linearly to 0 (rm: 5e-5; ppo, grpo, rloo: 2e-5; sft, dpo: 1e-5)")
     a("--batch-size", type=positive_int, default=4, help="per rank: train_micro_batch_size_per_gpu")
-    a("--grad-accum", type=positive_int, default=1, help="gradient_accumulation_steps")
+    a("--grad-accum", type=positive_int, default=None,
+      help="gradient_accumulation_steps (default 1; ppo, grpo, rloo: --mini-batch-size / --batch-size)")
     a("--max-length", type=bounded(int, 2), default=512, help="max tokens of a sequence (ppo: of the prompt)")
     a("--eval-fraction", type=bounded(float, 0, 1), default=0.1, help="share of rows held out")
     a("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed; rank r samples with seed + r")
@@ -86,6 +87,7 @@ def parse_args(argv=None):
     args.output = args.output or os.path.join("runs", args.stage)
     if args.stage in ONLINE:
         check_online_args(args)
+    args.grad_accum = args.grad_accum or 1
     return args
 
 

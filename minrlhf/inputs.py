@@ -50,13 +50,14 @@ def check_online_args(args):
         fail(f"--num-generations {G}: --stage {args.stage} needs at least 2 samples per prompt (each one's "
              f"baseline is the others)")
     if args.mini_batch_size:
-        if args.grad_accum != 1 and args.grad_accum * args.batch_size != args.mini_batch_size:
+        if args.grad_accum and args.grad_accum * args.batch_size != args.mini_batch_size:  # given, and other
             fail(f"--grad-accum {args.grad_accum} x --batch-size {args.batch_size} contradicts "
                  f"--mini-batch-size {args.mini_batch_size}, which sets --grad-accum; pass one of them")
         if args.mini_batch_size % args.batch_size:
             fail(f"--mini-batch-size {args.mini_batch_size} is not a multiple of --batch-size "
                  f"{args.batch_size}")
         args.grad_accum = args.mini_batch_size // args.batch_size
+    args.grad_accum = args.grad_accum or 1
     if args.rollout_batch_size * G % (args.batch_size * args.grad_accum):
         times = f" x --num-generations {G}" if G > 1 else ""
         fail(f"--rollout-batch-size {args.rollout_batch_size}{times} is not a multiple of the mini-batch "

@@ -280,6 +280,10 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                          "--mini-batch-size", 4],
                                   r"--grad-accum 4 x --batch-size 2 contradicts --mini-batch-size 4, which sets "
                                   r"--grad-accum; pass one of them"),
+    "grad accum 1 and mini batch": (PPO + ["--reward-fn", "vader", "--batch-size", 2, "--grad-accum", 1,
+                                           "--mini-batch-size", 4],  # 1 given, not the default: a contradiction
+                                    r"--grad-accum 1 x --batch-size 2 contradicts --mini-batch-size 4, which sets "
+                                    r"--grad-accum; pass one of them"),
     "vf coef with a critic": (PPO + ["--reward-model", "{w}/rm", "--vf-coef", 0.5],
                               r"--vf-coef weighs the value head's loss in the policy's; the critic of --critic-model "
                               r".*rm has a loss and optimizer of its own \(--value-lr\)"),
