@@ -104,7 +104,6 @@ def save_base(path, folder, output):
     tokenizer. Saved, its weights have the policies' names (transformers renames some in memory: GPT-NeoX's
     embed_out, MoE experts fused), shapes and tied weights (saved once), so both sides merge as saved."""
     model, tokenizer = load("--base", path, load_chat_model)
-    model.config.pad_token_id = tokenizer.pad_token_id  # as train.py sets it
     with writing(output):
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -395,8 +395,9 @@ def ppo_update(engine, critic, exp, kl_coef, args):
         micro = torch.randperm(len(exp["ids"])).split(args.batch_size)
         tokens = [exp["mask"][mb].sum().item() for mb in micro]
         units = tokens if args.loss_agg == "token" else [len(mb) for mb in micro]
-        token_weights = loss_weights(tokens, args.grad_accum)
-        for mb, weight, token_weight in zip(micro, loss_weights(units, args.grad_accum), token_weights):
+        weights = loss_weights(units, args.grad_accum)  # an all-reduce: once more only for other units
+        token_weights = weights if args.loss_agg == "token" else loss_weights(tokens, args.grad_accum)
+        for mb, weight, token_weight in zip(micro, weights, token_weights):
             loss, critic_loss, mb_stats = ppo_losses(engine, critic, exp, mb, kl_coef, args)
             clock.lap("update/forward")
             engine.backward(loss * weight)

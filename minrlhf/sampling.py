@@ -8,11 +8,13 @@ from .models import load_causal_lm
 
 
 def load_chat_model(path):
-    """(model in eval mode, tokenizer with a pad token distinct from EOS)."""
+    """(model in eval mode, tokenizer with a pad token distinct from EOS, which the model's config names), as
+    train.py loads a model."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_causal_lm(path)
     if ensure_pad_token(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 
 
