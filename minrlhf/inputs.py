@@ -23,10 +23,11 @@ from .run import CRITIC_NORMALISATION
 
 
 def offline_defaults(args):
-    """No --model, --dataset or reward: the offline sentiment example, each stage starting from the last."""
+    """No --model, --dataset or reward: the offline sentiment example, each stage starting from the last (one
+    stopped before its final model is named, so that loading it says so, rather than silently passed over)."""
     if args.model is None:
         try:
-            args.model = "runs/sft" if args.stage != "sft" and finished("runs/sft") else default_model()
+            args.model = "runs/sft" if args.stage != "sft" and os.path.isdir("runs/sft") else default_model()
         except RuntimeError as e:
             fail(str(e))
     args.dataset = args.dataset or SENTIMENT_DATA[args.stage]
@@ -34,7 +35,7 @@ def offline_defaults(args):
         args.gold_fn = args.gold_fn or "vader"  # the judge that plays the human labeller
         if args.missing_eos_penalty is None:  # answers that run into the token cap lose (Huang et al. 2024)
             args.missing_eos_penalty = 1.0
-    if args.stage in ONLINE and not (args.reward_model or args.reward_fn) and finished("runs/rm"):
+    if args.stage in ONLINE and not (args.reward_model or args.reward_fn) and os.path.isdir("runs/rm"):
         args.reward_model = "runs/rm"
 
 
@@ -95,10 +96,6 @@ def check_stage_flags(args, parser):
         if args.stage not in stages and getattr(args, name) != parser.get_default(name):
             fail(f"--{name.replace('_', '-')}: --stage {args.stage} does not use it (a flag of "
                  f"{', '.join(stages)})")
-
-
-def finished(run_dir):
-    return os.path.isfile(os.path.join(run_dir, "config.json"))
 
 
 def load_tokenizer(flag, path):

@@ -1,8 +1,10 @@
 """The RLHF math: pure functions of tensors, no models, no config. Copy freely.
 
 Shapes: B batch, R response length, V vocab, G samples per prompt. `mask` is 1 on valid response tokens
-(a contiguous prefix of each row) and 0 on padding; every mean is a token-level mean over all valid tokens
-of the batch (unless `aggregate` is told otherwise), and nothing at a padded position can reach a valid one.
+(a contiguous prefix of each row) and 0 on padding; a mean over tokens is over all valid tokens of the batch
+(unless `aggregate` is told otherwise; the preference losses are means over pairs), and nothing at a padded
+position can reach a valid one. In the order the stages use them: sampling, the preference losses, then PPO's
+phases (KL-shaped rewards, GAE, the clipped losses), then GRPO's and RLOO's advantages.
 """
 import math
 
@@ -77,6 +79,39 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return pairwise_ranking_loss(chosen, rejected)
 
 
+def kl_k1(logprobs, ref_logprobs, mask):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi: k1 = log pi - log pi_ref (Schulman
+    2020), unbiased, negative where the sample is likelier under pi_ref. (B, R) x3 -> (B, R), 0 on padding."""
+    return torch.where(mask.bool(), logprobs - ref_logprobs, 0.0)
+
+
+def kl_k3(logprobs, ref_logprobs, mask):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, Schulman 2020, "Approximating KL
+    divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased as k1 (`kl_k1`) is, but never negative, and
+    of lower variance for nearby policies. GRPO's KL term, Shao et al. 2024, eq. 4 (there the tokens come
+    from the rollout's policy, so once an update has moved pi the estimate is no longer unbiased).
+    (B, R) x3 -> (B, R), 0 on padding: masked before the exp, whose overflow there would otherwise send
+    inf * 0 = NaN into the gradients."""
+    log_r = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0)
+    return torch.exp(log_r) - 1 - log_r
+
+
+def sequence_kl(logprobs, ref_logprobs, mask):
+    """KL(pi || pi_ref) of each sampled sequence, k1 summed over its valid tokens: (B, R) -> (B,)."""
+    return kl_k1(logprobs, ref_logprobs, mask).sum(1)
+
+
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token reward r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score on
+    the last valid token: Ziegler et al. 2019, eq. 2's sequence penalty split over the tokens, as their code
+    (lm-human-preferences) does; the sum is the same. (B,), (B, R) x3 -> (B, R); every row has a valid
+    token (the first token of a response is always generated)."""
+    rewards = -kl_coef * kl_k1(logprobs, ref_logprobs, mask)  # (B, R)
+    last = mask.long().sum(1) - 1  # (B,) index of the last valid token
+    rewards[torch.arange(len(last)), last] += scores.to(rewards.dtype)  # rewards[b, last[b]] += scores[b]
+    return rewards
+
+
 def compute_gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation, Schulman et al. 2016, eq. 16:
     A_t = sum_l (gamma*lam)^l delta_{t+l},  delta_t = r_t + gamma*V_{t+1} - V_t.
@@ -93,6 +128,17 @@ def compute_gae(rewards, values, mask, gamma, lam):
         advantages[:, t] = lastgaelam
     advantages = torch.where(mask, advantages, 0.0)
     return advantages, advantages + values
+
+
+def aggregate(values, mask, loss_agg="token"):
+    """A per-token loss (B, R) -> scalar. "token": the mean over all valid tokens of the batch, each token
+    weighing the same. "sequence": the mean over sequences of each one's token mean (GRPO, Shao et al. 2024,
+    eq. 3), which has a length bias (Liu et al. 2025, "Dr. GRPO"): a token of a long answer weighs
+    less, so a long bad answer is punished less per token than a short one, and answers drift longer."""
+    if loss_agg == "token":
+        return masked_mean(values, mask)
+    mask = mask.bool()
+    return (torch.where(mask, values, 0.0).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_agg="token"):
@@ -112,37 +158,38 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_ag
     return loss, stats
 
 
-def aggregate(values, mask, loss_agg="token"):
-    """A per-token loss (B, R) -> scalar. "token": the mean over all valid tokens of the batch, each token
-    weighing the same. "sequence": the mean over sequences of each one's token mean (GRPO, Shao et al. 2024,
-    eq. 3), which has a length bias (Liu et al. 2025, "Dr. GRPO"): a token of a long answer weighs
-    less, so a long bad answer is punished less per token than a short one, and answers drift longer."""
-    if loss_agg == "token":
-        return masked_mean(values, mask)
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value, loss_agg="token"):
+    """Clipped value loss (PPO2 baselines; Andrychowicz et al. 2021 study it):
+    0.5 * aggregate(max((v - R)^2, (v_clipped - R)^2)), v_clipped = old + clip(v - old, +-eps).
+    (B, R) x4 -> (loss, stats); padding masked before any arithmetic, as in the policy loss."""
     mask = mask.bool()
-    return (torch.where(mask, values, 0.0).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * aggregate(torch.max(loss_unclipped, loss_clipped), mask, loss_agg)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+    return loss, stats
 
 
-def kl_k3(logprobs, ref_logprobs, mask):
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, Schulman 2020, "Approximating KL
-    divergence": k3 = r - 1 - log r, r = pi_ref / pi; unbiased as k1 (`kl_k1`) is, but never negative, and
-    of lower variance for nearby policies. GRPO's KL term, Shao et al. 2024, eq. 4 (there the tokens come
-    from the rollout's policy, so once an update has moved pi the estimate is no longer exact).
-    (B, R) x3 -> (B, R), 0 on padding: masked before the exp, whose overflow there would otherwise send
-    inf * 0 = NaN into the gradients."""
-    log_r = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0)
-    return torch.exp(log_r) - 1 - log_r
+def explained_variance(values, returns, mask):
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
-def kl_k1(logprobs, ref_logprobs, mask):
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi: k1 = log pi - log pi_ref (Schulman
-    2020), unbiased, negative where the sample is likelier under pi_ref. (B, R) x3 -> (B, R), 0 on padding."""
-    return torch.where(mask.bool(), logprobs - ref_logprobs, 0.0)
+class KLController:
+    """The KL coefficient beta. Fixed when target is None; otherwise adaptive, Ziegler et al. 2019,
+    sec. 2.2: e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + K_beta * e), K_beta = 0.1. A KL
+    that is not a number (a skipped step's) leaves beta as it is, rather than NaN for ever after."""
 
+    def __init__(self, kl_coef, target=None, k_beta=0.1):
+        self.value, self.target, self.k_beta = kl_coef, target, k_beta
 
-def sequence_kl(logprobs, ref_logprobs, mask):
-    """KL(pi || pi_ref) of each sampled sequence, k1 summed over its valid tokens: (B, R) -> (B,)."""
-    return kl_k1(logprobs, ref_logprobs, mask).sum(1)
+    def update(self, kl):
+        if self.target is not None and math.isfinite(kl):
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + self.k_beta * error
+        return self.value
 
 
 def group_advantages(scores, group_size, scale=True, eps=1e-4):
@@ -164,48 +211,3 @@ def rloo_advantages(scores, group_size):
     groups = scores.float().view(-1, group_size)  # (B / G, G)
     others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
     return (groups - others).flatten()
-
-
-def ppo_value_loss(values, old_values, returns, mask, cliprange_value, loss_agg="token"):
-    """Clipped value loss (PPO2 baselines; Andrychowicz et al. 2021 study it):
-    0.5 * aggregate(max((v - R)^2, (v_clipped - R)^2)), v_clipped = old + clip(v - old, +-eps).
-    (B, R) x4 -> (loss, stats); padding masked before any arithmetic, as in the policy loss."""
-    mask = mask.bool()
-    values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
-    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    loss_unclipped, loss_clipped = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * aggregate(torch.max(loss_unclipped, loss_clipped), mask, loss_agg)
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
-    return loss, stats
-
-
-def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
-    """Per-token reward r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score on
-    the last valid token: Ziegler et al. 2019, eq. 2's sequence penalty split over the tokens, as their code
-    (lm-human-preferences) does; the sum is the same. (B,), (B, R) x3 -> (B, R); every row has a valid
-    token (the first token of a response is always generated)."""
-    rewards = -kl_coef * kl_k1(logprobs, ref_logprobs, mask)  # (B, R)
-    last = mask.long().sum(1) - 1  # (B,) index of the last valid token
-    # rewards[b, last[b]] += scores[b]
-    return rewards.index_put((torch.arange(len(last)), last), scores.to(rewards.dtype), accumulate=True)
-
-
-def explained_variance(values, returns, mask):
-    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant."""
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
-
-
-class KLController:
-    """The KL coefficient beta. Fixed when target is None; otherwise adaptive, Ziegler et al. 2019,
-    sec. 2.2: e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + K_beta * e), K_beta = 0.1. A KL
-    that is not a number (a skipped step's) leaves beta as it is, rather than NaN for ever after."""
-
-    def __init__(self, kl_coef, target=None, k_beta=0.1):
-        self.value, self.target, self.k_beta = kl_coef, target, k_beta
-
-    def update(self, kl):
-        if self.target is not None and math.isfinite(kl):
-            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-            self.value *= 1.0 + self.k_beta * error
-        return self.value

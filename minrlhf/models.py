@@ -1,7 +1,8 @@
 """Models: a causal LM with a value head (policy and critic on one backbone), the reward model, a standard
 AutoModelForSequenceClassification (num_labels=1) so plain transformers loads what we save, and PPO's critic
 as a network of its own, started from the reward model (`Critic`, the default).
-Shapes: B batch, P prompt length, R response or reply length, T = P + R, V vocab, H hidden size.
+Shapes: B batch, P prompt length, R response or reply length, T = P + R, V vocab, H hidden size, K
+positions kept.
 """
 import math
 
@@ -139,8 +140,8 @@ class PolicyWithValueHead(nn.Module):
 
 
 class Critic(nn.Module):
-    """PPO's critic as a network of its own, initialised from the reward model (Ouyang et al. 2022, appendix
-    C.3; Huang et al. 2024, "The N+ implementation details"): the reward model's scalar head read at every
+    """PPO's critic as a network of its own, initialised from the reward model (Ouyang et al. 2022, sec.
+    3.5; Huang et al. 2024, "The N+ implementation details"): the reward model's scalar head read at every
     position, so that at the start the value of each prefix is the reward model's score of that prefix, on
     the scale of PPO's normalised scores once `set_normalisation` gives it their mean and std."""
 

@@ -35,10 +35,11 @@ def checkpoints(output):
 
 RESUME_MAY_CHANGE = {  # the flags that --resume may change: how long the run goes on, how it logs and saves
     "output", "resume", "max_steps", "epochs", "save_every", "keep_checkpoints", "log_every",
-    "skip_nonfinite", "gradient_checkpointing", "gold_fn", "local_rank"}
+    "skip_nonfinite", "gradient_checkpointing", "gold_fn", "local_rank",
+    "deepspeed_config"}  # its path (a moved checkout): its contents are compared, deepspeed_config_json
 
 
-PATHS = ("model", "dataset", "ref_model", "reward_model", "critic_model", "deepspeed_config")
+PATHS = ("model", "dataset", "ref_model", "reward_model", "critic_model")
 
 
 def check_output(args):
@@ -58,6 +59,8 @@ def check_output(args):
     if saved.get("stage", args.stage) != args.stage:
         fail(f"--output {args.output} holds a --stage {saved['stage']} run; choose another --output for "
              f"--stage {args.stage}")
+    if args.resume and not checkpoints(args.output):  # found out now, not after loading the models
+        fail(f"--resume: no complete checkpoint in {os.path.join(args.output, 'checkpoints')}")
     if checkpoints(args.output):
         if not args.resume:
             fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose "
@@ -285,9 +288,7 @@ class Run:
 
     def resume(self):
         """Load the newest complete checkpoint: model, optimizer, scheduler, RNG states -> (step, state)."""
-        found = checkpoints(self.args.output)
-        if not found:
-            fail(f"--resume: no complete checkpoint in {os.path.join(self.args.output, 'checkpoints')}")
+        found = checkpoints(self.args.output)  # `check_output` found one
         root, tag = os.path.split(found[-1])
         if int(tag[4:]) > self.total:  # known from its name: no need to load it first
             fail(f"--resume: the checkpoint is at step {tag[4:]}, past this run's last step {self.total} "
@@ -301,7 +302,7 @@ class Run:
         except Exception as e:
             if lost_peer(e):  # another rank failed: its checkpoint files, not necessarily this one's
                 raise
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            reason = (f"{type(e).__name__}: {e}" if str(e) else repr(e)).splitlines()[0]  # assert: no message
             fail(f"--resume: cannot load {found[-1]} ({reason}); remove it to resume from the one before",
                  this_rank=True)
         reschedule(self.engine)

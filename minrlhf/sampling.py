@@ -3,7 +3,7 @@ from a chat model outside training (the data scripts, eval.py), so what is sampl
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from .data import collate_prompts, encode_prompt, ensure_pad_token
+from .data import collate_prompts, decode_response, encode_prompt, ensure_pad_token
 from .models import load_causal_lm
 
 
@@ -42,9 +42,9 @@ def sample(model, tokenizer, prompts, temperature, max_new_tokens, batch_size=32
                                                out[:, batch["input_ids"].shape[1]:].tolist()):
             ended = tokenizer.eos_token_id in response
             response = response[:response.index(tokenizer.eos_token_id) + 1] if ended else response
-            text = tokenizer.decode(response, skip_special_tokens=True)  # as train.py scores it
-            rows.append({"prompt": prompt, "prompt_ids": ids[mask.bool()].tolist(), "response_ids": response,
-                         "text": text, "ended": ended})
+            prompt_ids = ids[mask.bool()].tolist()
+            rows.append({"prompt": prompt, "prompt_ids": prompt_ids, "response_ids": response, "ended": ended,
+                         "text": decode_response(tokenizer, prompt_ids, response)})  # as train.py scores it
     return rows
 
 

@@ -7,11 +7,12 @@ import os
 import datasets
 import pytest
 import torch
+from tokenizers import processors
 
 import minrlhf.data as data
 from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_pair, encode_preference,
                      encode_rl_prompt, encode_sft, ensure_pad_token, load_rows, split_hh, tokenize)
-from minrlhf.data import check_columns
+from minrlhf.data import check_columns, decode_response
 from tiny import STRICT_TEMPLATE, make_sentencepiece_tokenizer, make_tokenizer
 
 HH_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
@@ -203,6 +204,64 @@ def test_a_reply_is_encoded_as_it_reads_after_its_prompt(chat):
     assert prompt_ids + reply_ids == whole_ids
     assert reply_ids[0] != tok(reply, add_special_tokens=False)["input_ids"][0]  # alone: another first token
     assert sum(encode_pair(tok, prompt, reply, ended=False), []) == cut_off
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat template"])
+def test_a_generated_response_decodes_to_the_text_that_encodes_back_to_it(chat):
+    """PPO scores decoded text, re-encoded after its prompt (`encode_pair`): the reward model must read the
+    tokens the policy generated. Decoded alone, a SentencePiece response loses its leading space."""
+    tok = make_sentencepiece_tokenizer(chat_template=chat)
+    prompt, reply = "how are you today?", " I am fine, thank you."
+    prompt_ids, scored = encode_pair(tok, prompt, reply)  # as the reward model reads the reply
+    generated = scored[:scored.index(tok.eos_token_id) + 1]  # sampling stops at EOS (ChatML: "\n" follows)
+    padded = [tok.pad_token_id] * 2 + prompt_ids  # left-padded, as in a rollout
+    assert encode_pair(tok, prompt, decode_response(tok, padded, generated)) == (prompt_ids, scored)
+    cut = generated[:3]  # cut off at the token cap
+    assert encode_pair(tok, prompt, decode_response(tok, padded, cut), ended=False) == (prompt_ids, cut)
+    alone = tok.decode(generated, skip_special_tokens=True)  # the reason: " I am" -> "I am"
+    assert encode_pair(tok, prompt, alone)[1] != scored
+
+
+def test_eos_follows_a_turn_end_that_is_not_eos_even_when_the_reply_holds_one():
+    """Qwen2.5 base's layout: ChatML turns (<|im_end|>), EOS <|endoftext|>. A reply is closed by EOS after the
+    template's end of turn; an EOS in the reply's text does not count as that."""
+    tok = make_tokenizer(chat_template=True)
+    tok.eos_token = "<|endoftext|>"
+    end_of_turn = tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    for reply in ("the film was great", "the film <|endoftext|> was great"):
+        assert encode_pair(tok, "hi", reply)[1][-3:] == end_of_turn + [tok.eos_token_id]
+
+
+def test_a_tokenizer_that_appends_eos_ends_no_prompt_with_it():
+    """Llama tokenizers saved with add_eos_token=True append EOS to every text: the prompt must not end with it
+    (the policy would answer after an EOS), and the reply still reads as after its prompt, EOS once."""
+    tok = make_sentencepiece_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    prompt_ids, reply_ids = encode_pair(tok, "how are you today?", " I am fine")
+    assert prompt_ids + reply_ids == tok("how are you today? I am fine")["input_ids"]  # <s> ... </s>
+    assert prompt_ids[-1] != tok.eos_token_id and reply_ids.count(tok.eos_token_id) == 1
+
+
+def test_sft_truncation_keeps_the_start_and_labels_the_response():
+    tok = make_tokenizer()
+    prompt_ids, response_ids = encode_pair(tok, "the film was", " great, I loved it and the food was great")
+    example = encode_sft({"prompt": "the film was", "response": " great, I loved it and the food was great"}, tok, 8)
+    assert example["input_ids"] == (prompt_ids + response_ids)[:8]
+    assert example["labels"] == [-100] * len(prompt_ids) + response_ids[:8 - len(prompt_ids)]
+
+
+def test_a_pairs_length_is_its_prompt_and_longer_reply():
+    tok = make_tokenizer()
+    pair = encode_preference({"prompt": "hi", "chosen": " yes", "rejected": " no, the film was awful"}, tok, 64)
+    assert data.sequence_length(pair) == len(pair["prompt"]) + len(pair["rejected"])
+
+
+def test_an_empty_prompt_is_the_bos_token():
+    """Generation and the reward model's prompt pass need a token: BOS, where the tokenizer has one."""
+    tok = make_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})  # a BOS of its own, which this tokenizer does not add
+    assert data.encode_prompt(tok, "") == [tok.bos_token_id] != [tok.eos_token_id]
 
 
 def test_truncation_drops_rows_without_response_and_counts_them():

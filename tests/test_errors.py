@@ -224,6 +224,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "scale rewards for rloo": (["--stage", "rloo", "--reward-fn", "err_rewards:boom", "--no-scale-rewards"],
                                r"--scale-rewards: --stage rloo does not use it \(a flag of grpo\)"),
     "resume without checkpoint": (["--resume"], r"--resume: no complete checkpoint in .*checkpoints"),
+    "resume without checkpoint, before loading": (PPO + ["--resume", "--reward-model", "{w}/nosuch"],
+                                                  r"--resume: no complete checkpoint in .*checkpoints"),
     "output of another stage": (["--stage", "rm", "--output", "{w}/sft_run"], r"sft_run holds a --stage sft run"),
     "checkpoints without resume": (["--output", "{w}/ckpt_run"], r"ckpt_run already holds checkpoints; pass --resume"),
     "fewer prompts than a rollout": (PPO + ["--reward-fn", "err_rewards:boom", "--dataset", "{w}/ten.jsonl",

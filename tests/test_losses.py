@@ -131,6 +131,8 @@ def test_policy_loss_ignores_padding_garbage():
     assert {k: v.item() for k, v in dirty_stats.items()} == pytest.approx({k: v.item() for k, v in clean_stats.items()})
     assert torch.isfinite(dirty_logprobs.grad).all()
     torch.testing.assert_close(dirty_logprobs.grad, clean.grad * MASK)
+    ratio = torch.exp(logprobs - old)[MASK.bool()].mean()  # the valid tokens' mean ratio
+    assert clean_stats["ratio"].item() == pytest.approx(ratio.item())
 
 
 def test_value_loss():
@@ -147,6 +149,29 @@ def test_value_loss():
     dirty, _ = ppo_value_loss(garbage_in_padding(torch.ones(2, 4)), garbage_in_padding(old.new_zeros(2, 4)),
                               garbage_in_padding(torch.full((2, 4), 2.0)), MASK, 0.2)
     assert dirty.item() == pytest.approx(0.5 * 1.8 ** 2)
+
+
+def test_value_loss_clipfrac_counts_where_the_clipped_term_wins():
+    """Old values 0, band 0.2: tokens 2 and 3 overshoot returns the clip keeps them from (the clipped term is
+    the larger, the max), token 1 the unclipped: 2 of 3."""
+    values, returns = torch.tensor([[1.0, 1.0, -1.0]]), torch.tensor([[0.0, 2.0, -2.0]])
+    _, stats = ppo_value_loss(values, torch.zeros(1, 3), returns, torch.ones(1, 3), cliprange_value=0.2)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+
+
+def test_an_all_padding_mask_gives_zero_not_nan():
+    """The copyable means on a batch (or a row) without a valid token: 0, as its contribution should be."""
+    values, none = torch.randn(2, 3), torch.zeros(2, 3)
+    assert masked_mean(values, none).item() == 0.0
+    assert aggregate(values, torch.tensor([[1, 1, 0], [0, 0, 0]]), "sequence").item() == pytest.approx(
+        values[0, :2].mean().item() / 2)
+
+
+def test_masked_whiten_of_nearly_constant_values():
+    """(x - mean) / sqrt(var + 1e-8): values that barely differ are not blown up to variance 1."""
+    values = torch.tensor([[1.0, 1.0 + 1e-5, 1.0 - 1e-5]], dtype=torch.float64)
+    mean, var = values.mean(), values.var(unbiased=False)
+    torch.testing.assert_close(masked_whiten(values, torch.ones(1, 3)), (values - mean) / torch.sqrt(var + 1e-8))
 
 
 def test_value_loss_garbage_in_padding_reaches_no_gradient():

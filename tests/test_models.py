@@ -210,6 +210,20 @@ def test_score_texts_encodes_like_training(tmp_path, chosen_ended):
     torch.testing.assert_close(got, expected)
 
 
+def test_score_texts_of_unequal_lengths_as_each_alone(family_dir):
+    """A batch of responses of unequal lengths scores as each one alone: right padding, positions from 0 (GPT-2's
+    and OPT's learned positions would read a left-padded row shifted)."""
+    family, path = family_dir
+    tokenizer = make_tokenizer()
+    model = load_reward_model(path, tokenizer.pad_token_id).eval()
+    prompts, responses = ["the film was", "hi"], [" great", " awful, what a terrible waste of time"]
+    with torch.no_grad():
+        got = score_texts(model, tokenizer, prompts, responses, 64)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            ids = torch.tensor([sum(encode_pair(tokenizer, prompt, response), [])])
+            torch.testing.assert_close(got[i:i + 1], reward_scores(model, ids, torch.ones_like(ids)))
+
+
 def test_score_texts_keeps_the_last_tokens_within_the_positions(tmp_path):
     """Decoded text may re-encode to more tokens than were sampled: within_positions (as train.py and eval.py
     call it) keeps the last ones that fit GPT-2's learned positions (past them: an IndexError)."""

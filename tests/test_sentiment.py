@@ -330,9 +330,9 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     for stage in ("sft", "rm", "ppo"):
         args = train.parse_args(["--stage", stage, "--reward-fn", "vader"] if stage == "ppo" else ["--stage", stage])
         assert (args.model, args.dataset) == ("BASE", defaults.SENTIMENT_DATA[stage])
-    for stage in ("sft", "rm"):
-        (tmp_path / "runs" / stage).mkdir(parents=True)
-        (tmp_path / "runs" / stage / "config.json").write_text("{}")
+    (tmp_path / "runs" / "sft" / "checkpoints").mkdir(parents=True)  # stopped before its final model: named
+    (tmp_path / "runs" / "rm").mkdir(parents=True)  # so that loading it says so, never passed over for the base
+    (tmp_path / "runs" / "rm" / "config.json").write_text("{}")
     args = train.parse_args(["--stage", "ppo"])
     assert (args.model, args.reward_model, args.output) == ("runs/sft", "runs/rm", "runs/ppo")
     assert args.gold_fn == "vader"  # the gold judge is logged beside the reward model's score

@@ -305,6 +305,85 @@ def test_rollout_stats_by_hand():
     assert abs(expected - minrlhf.explained_variance(returns, values, mask)) > 0.1  # not symmetric in V and R
 
 
+def test_rollout_stats_are_means_over_valid_tokens_and_samples():
+    """`ppo/returns/mean` over valid tokens (returns in padding are not the rollout's); `advantage_std` over the
+    samples (one advantage each, repeated over its tokens)."""
+    returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0], [6.0, 99.0, 99.0], [7.0, 8.0, 9.0]])
+    stats = train_py.rollout_stats({**RLOO_EXP, "values": torch.zeros(4, 3), "returns": returns}, torch.zeros(4),
+                                   1.0, 1)
+    assert stats["ppo/returns/mean"] == pytest.approx(45 / 9)
+    per_sample = torch.tensor([1.0, -1.0, 3.0, 0.0])
+    exp = {**RLOO_EXP, "advantages": per_sample[:, None].expand(4, 3)}
+    assert train_py.rollout_stats(exp, torch.zeros(4), 1.0, 2)["advantage_std"] == pytest.approx(
+        per_sample.std().item())
+
+
+def test_ppo_advantages_are_gae_at_gamma_and_lambda():
+    """PPO's phases 3-4: the KL-shaped rewards, GAE at --gamma and --lam (not the other way round), whitened."""
+    from argparse import Namespace
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    exp = {"mask": mask, "logprobs": torch.randn(2, 3), "ref_logprobs": torch.randn(2, 3), "values": torch.randn(2, 3)}
+    scores = torch.tensor([1.0, -2.0])
+    args = Namespace(whiten_rewards=False, gamma=0.9, lam=0.5)
+    advantages, returns = train_py.ppo_advantages(exp, scores, 0.3, args)
+    rewards = minrlhf.kl_penalized_rewards(scores, exp["logprobs"], exp["ref_logprobs"], mask, 0.3)
+    expected, expected_returns = minrlhf.compute_gae(rewards, exp["values"], mask, 0.9, 0.5)
+    torch.testing.assert_close(advantages, minrlhf.masked_whiten(expected, mask))
+    torch.testing.assert_close(returns, expected_returns)
+
+
+def test_policy_forward_reads_each_tokens_value_where_its_logits_are(tmp_path):
+    """values[:, i] is the value head's output at position P - 1 + i, the state before response token i."""
+    policy = minrlhf.PolicyWithValueHead(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)))
+    torch.nn.init.normal_(policy.value_head.weight)  # a head that tells positions apart
+    ids, P = torch.randint(3, 60, (2, 7)), 3
+    with torch.no_grad():
+        values = train_py.policy_forward(policy, ids, torch.ones_like(ids), P, 1.0)[2]  # (2, 4)
+        every = policy(ids, torch.ones_like(ids))[1]  # (2, 7)
+    torch.testing.assert_close(values, every[:, P - 1:-1])
+
+
+def test_make_experience_scores_the_reference_at_the_sampling_temperature(tmp_path):
+    """The reference's log-probs at the policy's temperature: the same model gives KL 0 at any temperature."""
+    from argparse import Namespace
+    model = minrlhf.load_causal_lm(save_tiny("llama", tmp_path))
+    policy = minrlhf.PolicyWithValueHead(model, value_head=False)
+    batch = {"input_ids": torch.randint(3, 60, (2, 4)), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    response, mask = torch.randint(3, 60, (2, 3)), torch.ones(2, 3, dtype=torch.long)
+    exp = train_py.make_experience(policy, model, None, batch, response, mask, Namespace(batch_size=1,
+                                                                                          temperature=0.7))
+    torch.testing.assert_close(exp["ref_logprobs"], exp["logprobs"])
+
+
+def test_the_value_heads_loss_joins_the_policys_weighed_by_vf_coef(tmp_path):
+    from argparse import Namespace
+    torch.manual_seed(0)
+    policy = minrlhf.PolicyWithValueHead(minrlhf.load_causal_lm(save_tiny("llama", tmp_path)))
+    ids, mask = torch.randint(3, 60, (2, 6)), torch.ones(2, 3, dtype=torch.long)
+    exp = {"ids": ids, "attention_mask": torch.ones_like(ids), "prompt_len": 3, "mask": mask,
+           "logprobs": torch.zeros(2, 3), "advantages": torch.randn(2, 3), "values": torch.zeros(2, 3),
+           "returns": torch.randn(2, 3)}
+    losses = {}
+    for vf_coef in (0.0, 0.1):
+        args = Namespace(temperature=1.0, cliprange=0.2, cliprange_value=0.2, loss_agg="token", stage="ppo",
+                         vf_coef=vf_coef)
+        losses[vf_coef], critic_loss, stats = train_py.ppo_losses(policy, None, exp, torch.arange(2), 0.1, args)
+        assert critic_loss is None  # one loss for the shared backbone
+    assert (losses[0.1] - losses[0.0]).item() == pytest.approx(0.1 * stats["ppo/loss/value"].item(), rel=1e-5)
+
+
+def test_loss_units_count_the_labels_that_are_predicted():
+    """A {text} row's first token has a label but nothing predicts it: SFT's loss is over the others."""
+    assert train_py.loss_units({"labels": torch.tensor([[5, 6, 7, -100], [-100, 8, 9, 10]])}, "sft") == 5
+
+
+def test_loss_weights_over_several_steps():
+    """Each step's micro-batches weighed by its own units: steps (10, 30) and (20, 20) -> 0.5, 1.5, 1, 1."""
+    train_py.init_distributed()  # a world of one, for the all_reduce
+    assert train_py.loss_weights([10, 30, 20, 20], 2) == pytest.approx([0.5, 1.5, 1.0, 1.0])
+
+
 def test_policy_forward_scores_at_the_sampling_temperature(tmp_path):
     """The policy's log-probs at the sampling temperature, as the reference's (which test_models checks against
     the sampler's own)."""
@@ -537,7 +616,7 @@ def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
     args = train_py.parse_args(["--stage", "ppo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
     assert args.missing_eos_penalty == 0.0  # not the offline example: off
     args.missing_eos_penalty = 1.5
-    shaped = train_py.shaped_scores(torch.tensor([3.0, 3.0, 7.0]), torch.tensor([True, False, False]),
+    shaped = train_py.normalised_scores(torch.tensor([3.0, 3.0, 7.0]), torch.tensor([True, False, False]),
                                  {"mean": 3.0, "std": 2.0}, args)
     torch.testing.assert_close(shaped, torch.tensor([0.0, -1.5, 0.5]))  # in normalised units, whatever the scale
 
@@ -549,12 +628,12 @@ def test_reward_norm_waits_for_a_rollout_whose_scores_differ(monkeypatch):
     args = train_py.parse_args(["--stage", "grpo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
     norm, ended = {}, torch.tensor([True] * 4)
     for tied in (0.0, 5.0, 0.1, 1 / 3):  # E[s²] - E[s]² in float32 is not 0 for the last two
-        assert torch.equal(train_py.shaped_scores(torch.full((4,), tied), ended, norm, args), torch.full((4,), tied))
+        assert torch.equal(train_py.normalised_scores(torch.full((4,), tied), ended, norm, args), torch.full((4,), tied))
         assert norm == {}
-    shaped = train_py.shaped_scores(torch.tensor([0.0, 1.0, 1.0, 0.0]), ended, norm, args)
+    shaped = train_py.normalised_scores(torch.tensor([0.0, 1.0, 1.0, 0.0]), ended, norm, args)
     assert norm == {"mean": 0.5, "std": 0.5}
     torch.testing.assert_close(shaped, torch.tensor([-1.0, 1.0, 1.0, -1.0]))
-    assert torch.equal(train_py.shaped_scores(torch.full((4,), 2.0), ended, norm, args), torch.full((4,), 3.0))  # kept
+    assert torch.equal(train_py.normalised_scores(torch.full((4,), 2.0), ended, norm, args), torch.full((4,), 3.0))  # kept
 
 
 def test_ppo_defaults_a_critic_from_the_reward_model_else_the_value_head():
@@ -731,6 +810,21 @@ def test_resume_refuses_fewer_steps_and_a_damaged_checkpoint(work):
     os.remove(work / "damaged" / "checkpoints" / "step4" / "rng_rank0.pt")
     assert re.search(r"error: --resume: cannot load .*step4 \(FileNotFoundError: .*\); remove it to "
                                    r"resume from the one before$", resume_fails(work, "damaged", "--max-steps", 4))
+    shutil.rmtree(work / "damaged" / "checkpoints" / "step4")  # emptied: DeepSpeed's assert, without a message
+    os.mkdir(work / "damaged" / "checkpoints" / "step4")
+    assert re.search(r"error: --resume: cannot load .*step4 \(AssertionError\(\)\); remove it",
+                     resume_fails(work, "damaged", "--max-steps", 4))
+
+
+def test_resume_reads_the_same_deepspeed_config_from_another_path(work):
+    """A moved checkout (the default --deepspeed_config is an absolute path) or a copy of the file: what counts
+    is its contents, kept in args.json."""
+    for name in ("ds_here.json", "ds_moved.json"):
+        (work / name).write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    train(work, "--stage", "sft", "--max-steps", 2, "--deepspeed_config", work / "ds_here.json", output="moved")
+    log = train(work, "--stage", "sft", "--max-steps", 3, "--deepspeed_config", work / "ds_moved.json", "--resume",
+                output="moved")
+    assert [row["step"] for row in log] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("what", ["checkpoint", "final", "first", "metrics"])
@@ -990,8 +1084,8 @@ def test_reward_norm_of_all_ranks_scores_far_from_zero(tmp_path):
     train_py.init_distributed()
     args = Namespace(reward_norm=True, missing_eos_penalty=0.0)
     scores, ended = torch.tensor([0.5, 2.0, 1.25, 0.0, 3.0, 1.0, 0.75, 2.5]), torch.ones(8, dtype=torch.bool)
-    shaped = train_py.shaped_scores(scores, ended, {}, args)
-    torch.testing.assert_close(train_py.shaped_scores(scores + 1e4, ended, {}, args), shaped)
+    shaped = train_py.normalised_scores(scores, ended, {}, args)
+    torch.testing.assert_close(train_py.normalised_scores(scores + 1e4, ended, {}, args), shaped)
     torch.testing.assert_close(shaped, (scores - scores.mean()) / scores.std(unbiased=False))
     procs = [subprocess.Popen([sys.executable, "-c", SCORE_MOMENTS, str(tmp_path / "rendezvous"), str(rank), ROOT],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for rank in (0, 1)]
@@ -1008,7 +1102,7 @@ def test_no_reward_norm_ignores_statistics_from_a_resumed_checkpoint():
                              "--no-reward-norm"])
     scores = torch.tensor([1.0, 3.0])
     norm = {"mean": 2.0, "std": 0.5}  # as restored from a run that normalised
-    assert torch.equal(train_py.shaped_scores(scores, torch.tensor([True, True]), norm, args), scores)
+    assert torch.equal(train_py.normalised_scores(scores, torch.tensor([True, True]), norm, args), scores)
 
 
 def test_an_sft_step_is_a_token_level_mean_over_micro_batches_and_ranks(work):

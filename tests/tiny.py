@@ -81,7 +81,8 @@ def make_sentencepiece_tokenizer(chat_template: bool = False) -> PreTrainedToken
     specials = ["<unk>", "<s>", "</s>", PAD] + ([IM_START, IM_END] if chat_template else [])
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),  # Llama 2's:
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # one space off the whole
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
     tok.train_from_iterator(CORPUS + ["\n?.!,;:'()+"], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
