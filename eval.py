@@ -97,9 +97,9 @@ def check_positions(models, prompts, tokenizer, max_new_tokens):
                  f"and answer; lower --max-new-tokens or shorten the prompts")
 
 
-def load_prompts(path):
+def load_prompts(path, tokenizer):
     try:
-        rows = M.load_rows(path)
+        rows = M.load_rows(path, chat=bool(tokenizer.chat_template))  # hh-rlhf: its turns for a chat template
     except M.DataError as e:
         fail(f"--prompts {e}")
     if "prompt" not in rows.column_names:
@@ -156,8 +156,8 @@ def load_inputs(args):
         if same_path(args.json, args.prompts):
             fail(f"--json {args.json} is the --prompts file, which it would write over; choose another file")
         check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
-    prompts = load_prompts(args.prompts)
     policy, tokenizer = loaded("--policy", args.policy, load_chat_model)
+    prompts = load_prompts(args.prompts, tokenizer)
     check_template("--policy", args.policy, tokenizer, prompts, f"--prompts {args.prompts}", replies=False)
     try:
         args.base = args.base or default_model()

@@ -9,6 +9,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import zlib
 
 import datasets
@@ -17,6 +18,7 @@ import torch
 from jinja2 import TemplateError
 
 HH_TURN = "\n\nAssistant:"
+HH_SPEAKER = re.compile(r"\n\n(Human|Assistant): ?")  # where each turn of an HH-RLHF transcript starts
 ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they train: their rows are prompts
 REPLIES = ("chosen", "rejected")  # a preference row's replies, in the order pairs are laid out
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -31,15 +33,35 @@ class DataError(ValueError):
     """Bad input data; the message is one line naming the source and what was expected."""
 
 
-def split_hh(row):
+def split_hh(row, chat=False):
     """Anthropic/hh-rlhf rows are two transcripts that differ only in the last assistant reply. The
     shared prompt is their common prefix cut after its last '\\n\\nAssistant:' (a reply may itself
-    contain that string), so prompt + reply gives back each transcript exactly."""
+    contain that string), so prompt + reply gives back each transcript exactly. chat=True (for a tokenizer
+    with a chat template, as TRL converts hh-rlhf): the prompt's turns as chat messages, the replies stripped,
+    for the template to write in the model's own format."""
     cut = os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TURN)
     if cut < 0:
         raise DataError("Anthropic/hh-rlhf row: chosen and rejected share no '\\n\\nAssistant:' turn")
     cut += len(HH_TURN)
-    return {"prompt": row["chosen"][:cut], "chosen": row["chosen"][cut:], "rejected": row["rejected"][cut:]}
+    prompt, chosen, rejected = row["chosen"][:cut], row["chosen"][cut:], row["rejected"][cut:]
+    if chat:
+        return {"prompt": hh_messages(prompt), "chosen": chosen.strip(), "rejected": rejected.strip()}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def hh_messages(transcript):
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> messages user a, assistant b,
+    user c (the open assistant turn is the reply's). Turns of one speaker in a row (4 of HH's 2,312 harmless
+    test rows) are joined: chat templates want the roles to alternate."""
+    parts = HH_SPEAKER.split(transcript)[1:-2]  # speaker, text, speaker, text, ...
+    messages = []
+    for speaker, text in zip(parts[::2], parts[1::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + text.strip()
+        else:
+            messages.append({"role": role, "content": text.strip()})
+    return messages
 
 
 def _shp(row):  # labels == 1: comment A is preferred
@@ -62,6 +84,7 @@ HUB_CONVERTERS = {  # Open-ChatGPT's Hub datasets: published schema -> canonical
     "CarperAI/openai_summarize_comparisons": _tldr_comparison,
     "fka/awesome-chatgpt-prompts": lambda row: {"prompt": row["prompt"]},
 }
+CHAT_CONVERTERS = {"Anthropic/hh-rlhf": functools.partial(split_hh, chat=True)}  # for a chat template
 
 
 def _json_fault(path):
@@ -98,9 +121,10 @@ def _parquet_fault(path):
     return "the data set is empty" if empty else None
 
 
-def load_rows(source, split="train"):
+def load_rows(source, split="train", chat=False):
     """A `datasets.Dataset` of canonical rows from a local .jsonl/.json(.gz) or .parquet file
-    or a Hub dataset: Open-ChatGPT's by name through their converters, any other in canonical columns."""
+    or a Hub dataset: Open-ChatGPT's by name through their converters (chat=True: for a tokenizer with a chat
+    template, `CHAT_CONVERTERS`), any other in canonical columns."""
     ext = os.path.splitext(source.removesuffix(".gz"))[1]
     if ext in LOCAL_FORMATS or os.path.exists(source):
         if ext not in LOCAL_FORMATS or source.endswith(".parquet.gz"):  # parquet compresses inside
@@ -125,7 +149,8 @@ def load_rows(source, split="train"):
             raise DataError(f"{source}: not a local file and not loadable from the Hugging Face Hub "
                             f"({type(e).__name__}); pass a .jsonl/.json/.parquet file") from None
         if source in HUB_CONVERTERS:
-            rows = rows.map(HUB_CONVERTERS[source], remove_columns=rows.column_names)
+            convert = CHAT_CONVERTERS.get(source, HUB_CONVERTERS[source]) if chat else HUB_CONVERTERS[source]
+            rows = rows.map(convert, remove_columns=rows.column_names)
     if len(rows) == 0:
         raise DataError(f"{source}: the data set is empty")
     return rows

@@ -3,6 +3,7 @@ import gzip
 import json
 import math
 import os
+from argparse import Namespace
 
 import datasets
 import pytest
@@ -13,6 +14,8 @@ import minrlhf.data as data
 from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_pair, encode_preference,
                      encode_rl_prompt, encode_sft, ensure_pad_token, load_rows, split_hh, tokenize)
 from minrlhf.data import check_columns, decode_response
+from minrlhf.engine import init_distributed
+from minrlhf.inputs import load_examples
 from tiny import STRICT_TEMPLATE, make_sentencepiece_tokenizer, make_tokenizer
 
 HH_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
@@ -50,6 +53,25 @@ def test_hub_adapters(name, monkeypatch):
     monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
     rows = load_rows(name, split="test")
     assert calls == [(name, "test")] and rows[0] == EXPECTED[name]
+
+
+def test_hh_rlhf_for_a_chat_template_is_its_turns(monkeypatch):
+    """For a tokenizer with a chat template, an HH transcript's turns become the model's own (as TRL converts
+    hh-rlhf): no "Human:" text inside a user turn, replies without HH's leading space; the same template's
+    text as a chat written by hand. Turns of one speaker in a row are joined (templates want them to alternate)."""
+    transcript = "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: Help me.\n\nHuman: Please?\n\nAssistant:"
+    row = {"chosen": transcript + " Sure.", "rejected": transcript + " No."}
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split: datasets.Dataset.from_list([row]))
+    chat = load_rows("Anthropic/hh-rlhf", chat=True)[0]
+    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Help me.\n\nPlease?"}]
+    assert chat == {"prompt": turns, "chosen": "Sure.", "rejected": "No."}
+    assert load_rows("Anthropic/hh-rlhf")[0]["prompt"] == transcript  # no template: the text as it is
+    init_distributed()  # a world of one: load_examples asks for its rank
+    tok = make_tokenizer(chat_template=True)
+    args = Namespace(dataset="Anthropic/hh-rlhf", stage="rm", max_length=256, eval_fraction=0.0, batch_size=1,
+                     grad_accum=1)
+    assert load_examples(args, tok)[0] == [encode_preference({**chat, "prompt": turns}, tok, 256)]  # as train.py
 
 
 def test_hub_failure_is_one_clear_line(monkeypatch):
