@@ -7,8 +7,8 @@ from transformers import AutoModelForSequenceClassification
 
 from minrlhf import (Critic, PolicyWithValueHead, collate_pairs, encode_pair, encode_preference, ensure_pad_token,
                      full_pair_scores, load_causal_lm, load_reward_model, logprobs_from_logits, pad, pair_scores,
-                     reply_logprobs, response_logprobs, response_positions, reward_scores, score_pairs, score_texts,
-                     within_positions)
+                     reply_logprobs, response_logprobs, response_positions, reward_scores, sampled_logprobs, score_pairs,
+                     score_texts, within_positions)
 from tiny import FAMILIES, make_tokenizer, save_tiny
 
 
@@ -62,6 +62,15 @@ def test_generation_logprobs_match_forward(family_dir):
         frozen = response_logprobs(policy.backbone, out.sequences, full_mask, 5, 0.7)  # as the reference model's
     torch.testing.assert_close(logprobs_from_logits(logits / 0.7, response), sampler, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(frozen, sampler, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_logits_are_divided_by_the_temperature_in_float32():
+    """As generate() scales them: bf16 logits / 0.7 in bf16 would round them again (up to ~0.05 in log-prob)."""
+    torch.manual_seed(0)
+    logits, response = (8 * torch.randn(2, 5, 50)).bfloat16(), torch.randint(0, 50, (2, 5))
+    scaled, logprobs = sampled_logprobs(logits, response, 0.7)
+    assert scaled.dtype == torch.float32
+    torch.testing.assert_close(logprobs, logprobs_from_logits(logits.float() / 0.7, response), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family, dropouts", [("gpt2", ("resid_pdrop", "embd_pdrop", "attn_pdrop")),

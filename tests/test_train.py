@@ -621,10 +621,10 @@ def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
     torch.testing.assert_close(shaped, torch.tensor([0.0, -1.5, 0.5]))  # in normalised units, whatever the scale
 
 
-def test_reward_norm_waits_for_a_rollout_whose_scores_differ(monkeypatch):
+def test_reward_norm_waits_for_a_rollout_whose_scores_differ():
     """A 0/1 reward that is 0 for the whole first rollout has no scale: dividing by its std (0) would blow the
     next rollouts' scores up a million-fold and drown the KL penalty."""
-    monkeypatch.setattr(train_py, "mean_across_ranks", dict)  # one rank: the mean is this rank's
+    train_py.init_distributed()  # a world of one, for score_moments' all_reduce
     args = train_py.parse_args(["--stage", "grpo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
     norm, ended = {}, torch.tensor([True] * 4)
     for tied in (0.0, 5.0, 0.1, 1 / 3):  # E[s²] - E[s]² in float32 is not 0 for the last two
@@ -634,6 +634,8 @@ def test_reward_norm_waits_for_a_rollout_whose_scores_differ(monkeypatch):
     assert norm == {"mean": 0.5, "std": 0.5}
     torch.testing.assert_close(shaped, torch.tensor([-1.0, 1.0, 1.0, -1.0]))
     assert torch.equal(train_py.normalised_scores(torch.full((4,), 2.0), ended, norm, args), torch.full((4,), 3.0))  # kept
+    barely, norm = torch.tensor([0.0, 0.0, 0.0, 1e-9]), {}  # a spread, but a std below the floor of 1e-6
+    torch.testing.assert_close(train_py.normalised_scores(barely, ended, norm, args), (barely - barely.mean()) / 1e-6)
 
 
 def test_ppo_defaults_a_critic_from_the_reward_model_else_the_value_head():
