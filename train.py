@@ -78,17 +78,21 @@ def loss_units(batch, stage):
 
 
 def evaluate(engine, examples, loss_fn, collate, args, pad_id, device):
-    """Held-out stats as means over label tokens (sft) or pairs (each batch weighed by its `loss_units`),
-    over rows split evenly across ranks (ZeRO-3 needs equal forward counts)."""
+    """Held-out stats as means over label tokens (sft) or pairs (each batch weighed by its `loss_units`) of
+    every row. ZeRO-3 needs equal forward counts on all ranks: each rank takes an equal share in batches, then
+    one of the rows left over, a rank without one a row that weighs 0."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = examples[: len(examples) // world * world][rank::world]
+    even = len(examples) // world * world
+    mine, left = examples[:even][rank::world], examples[even:]  # len(left) < world
+    chunks = [(mine[i:i + args.batch_size], 1) for i in range(0, len(mine), args.batch_size)]
+    if left:
+        chunks.append(([left[rank]], 1) if rank < len(left) else ([left[0]], 0))
     sums, weight = {}, 0
     engine.eval()
     with torch.no_grad():
-        for i in range(0, len(mine), args.batch_size):
-            rows = mine[i:i + args.batch_size]
+        for rows, counts in chunks:
             batch = M.to_device(collate(rows, pad_id), device)
-            n = loss_units(batch, args.stage)
+            n = loss_units(batch, args.stage) * counts
             for k, v in loss_fn(engine, batch)[1].items():
                 sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v * n
             weight += n

@@ -11,6 +11,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch.utils.cpp_extension import get_default_build_root
 
 from .cli import fail, first_line, lost_peer
@@ -144,6 +145,9 @@ def build_engine(model, cfg, total_steps, config_path, part=None, lr=None):
         if lost_peer(e):  # ... and its collectives meet a rank that has ended
             raise
         fail(f"--deepspeed_config {config_path}: {type(e).__name__}: {first_line(e)}")
+    if isinstance(engine.optimizer, FP16_UnfusedOptimizer):  # bf16 without ZeRO: it stepped AdamW on zero
+        engine.optimizer.optimizer.state.clear()  # gradients to make its state, whose step count 1 would
+        # scale the first updates by Adam's bias correction (x0.73, x0.85, ...): Adam starts at 0, as in ZeRO
     if not hasattr(engine.optimizer, "overflow"):
         engine.optimizer.register_step_pre_hook(skip_nonfinite_step)
     if dist.get_world_size() == 1 and cfg["zero_optimization"]["stage"] == 0:

@@ -116,15 +116,21 @@ def check_resume_flags(args, saved):
 
 
 def batches(n, batch_size, seed, start=0):
-    """This rank's batches of example indices from batch `start` on, for ever: each epoch a fresh
-    permutation seeded by (seed, epoch), dealt across ranks. Resuming at step s just starts at s."""
+    """This rank's batches of example indices from batch `start` on, for ever: the epochs' permutations (each
+    seeded by (seed, epoch)) one after another, dealt across ranks batch by batch. A batch may span two
+    epochs, so each epoch reads every example once (--epochs 2 reads each twice, whatever n % batch).
+    Resuming at step s just starts at s."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    per_epoch = n // (batch_size * world)
+    orders = {}  # epoch -> its permutation: the one or two that the batch reads
     for i in range(start, 2**62):
-        epoch, j = divmod(i, per_epoch)
-        if i == start or j == 0:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-        yield order[(j * world + rank) * batch_size:(j * world + rank + 1) * batch_size]
+        first = (i * world + rank) * batch_size  # where this rank's batch starts in the stream of epochs
+        epochs = {first // n, (first + batch_size - 1) // n}
+        orders = {e: orders.get(e) or epoch_order(n, seed, e) for e in epochs}
+        yield [orders[p // n][p % n] for p in range(first, first + batch_size)]
+
+
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
 
 
 def mean_across_ranks(stats):
