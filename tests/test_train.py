@@ -18,6 +18,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import minrlhf
 import train as train_py  # train.py; `train` below runs it as a process
+from minrlhf.engine import deepspeed_config, param_groups
+from minrlhf.lora import add_lora
+from minrlhf.run import check_resume_flags
 from tiny import make_tokenizer, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -660,6 +663,65 @@ def test_online_defaults_and_the_mini_batch():
     base = ["--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"]
     assert [train_py.parse_args([*base, "--stage", s]).num_generations for s in ("ppo", "grpo", "rloo")] == [1, 4, 4]
     assert train_py.parse_args([*base, "--stage", "ppo", "--batch-size", "2", "--mini-batch-size", "8"]).grad_accum == 4
+
+
+def test_the_defaults_that_help_and_the_readme_promise():
+    base = ["--model", ROOT, "--dataset", "x.jsonl"]
+    online = {s: train_py.parse_args([*base, "--stage", s, "--reward-fn", "m:f"]) for s in ("ppo", "grpo", "rloo")}
+    offline = {s: train_py.parse_args([*base, "--stage", s]) for s in ("sft", "rm", "dpo")}
+    assert {s: a.lr for s, a in {**offline, **online}.items()} == {"sft": 1e-5, "rm": 5e-5, "dpo": 1e-5,
+                                                                   "ppo": 2e-5, "grpo": 2e-5, "rloo": 2e-5}
+    sft = offline["sft"]
+    assert (sft.epochs, sft.save_every, sft.keep_checkpoints, sft.log_every, sft.grad_accum) == (1.0, 100, 2, 1, 1)
+    assert [(a.ppo_epochs, a.rollout_batch_size, a.kl_coef, a.max_new_tokens) for a in online.values()] == [
+        (2, 16, 0.1, 48), (1, 4, 0.1, 48), (1, 4, 0.1, 48)]
+    assert (online["ppo"].vf_coef, online["ppo"].lam) == (0.1, 1.0)  # the value head's (no --reward-model here)
+
+
+@pytest.mark.parametrize("name", ["max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "gold_fn",
+                                  "skip_nonfinite", "gradient_checkpointing", "deepspeed_config"])
+def test_resume_may_change_how_long_a_run_goes_logs_and_saves(tmp_path, name):
+    """Each flag that the README says --resume may change, given another value, is accepted; another is not."""
+    args = train_py.parse_args(["--stage", "sft", "--model", ROOT, "--dataset", "x.jsonl", "--output",
+                                str(tmp_path)])
+    saved = {**vars(args), "world_size": 1, name: "another value"}
+    check_resume_flags(args, saved)  # no error
+    with pytest.raises(SystemExit):
+        check_resume_flags(args, {**saved, "batch_size": 99})
+
+
+def test_zero_stage_0_overrides_the_configs_stage(work):
+    args = train_py.parse_args(["--stage", "sft", "--model", ROOT, "--dataset", "x.jsonl", "--zero-stage", "0",
+                                "--deepspeed_config", str(work / "zero3.json")])
+    assert deepspeed_config(args, 1)["zero_optimization"]["stage"] == 0
+
+
+def test_only_trainable_weights_reach_the_optimizer(tmp_path):
+    """LoRA: Adam state (and bf16's fp32 master copies) for the adapters alone, not the frozen base."""
+    model = minrlhf.load_causal_lm(save_tiny("llama", tmp_path))
+    add_lora(model, 4, 8)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in param_groups(model)) == trainable < sum(p.numel() for p in model.parameters())
+
+
+def test_evaluate_leaves_the_model_training(tmp_path):
+    """transformers checkpoints activations only in training mode: after an evaluation, the run trains on."""
+    from argparse import Namespace
+    train_py.init_distributed()
+    model = minrlhf.load_causal_lm(save_tiny("llama", tmp_path)).train()
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}] * 3
+    stats = train_py.evaluate(model, rows, train_py.sft_loss, minrlhf.collate_sft,
+                              Namespace(batch_size=2, stage="sft"), 0, "cpu")
+    assert model.training and "eval/loss" in stats
+
+
+def test_epochs_count_optimizer_steps_of_the_whole_batch(work):
+    """--epochs 1 over N rows with micro-batches of 2 accumulated twice: N // 4 steps, the last one logged
+    whatever --log-every says."""
+    rows = sum(1 for _ in open(work / "pref.jsonl"))
+    log = train(work, "--stage", "sft", "--epochs", 1, "--batch-size", 2, "--grad-accum", 2, "--eval-fraction", 0,
+                "--log-every", 5, "--save-every", 0, output="epochs")
+    assert [m["step"] for m in log] == [*range(5, rows // 4, 5), rows // 4]
 
 
 ONLINE_PPO = ["--stage", "ppo", "--max-new-tokens", 8, "--rollout-batch-size", 16, "--batch-size", 8,
