@@ -236,7 +236,7 @@ def decode_response(tokenizer, prompt_ids, response_ids):
     text is then cut off. Decoded alone, a SentencePiece response loses the space it starts with ("\u2581I"
     -> "I", Llama 2, Mistral), and `encode_pair` would give the reward model other tokens than generated."""
     head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    whole = tokenizer.decode(list(prompt_ids) + list(response_ids), skip_special_tokens=True)
+    whole = tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=True)  # lists of ids
     if whole.startswith(head):
         return whole[len(head):]
     return tokenizer.decode(response_ids, skip_special_tokens=True)  # a clean-up rewrote the boundary

@@ -59,9 +59,10 @@ def check_output(args):
     if saved.get("stage", args.stage) != args.stage:
         fail(f"--output {args.output} holds a --stage {saved['stage']} run; choose another --output for "
              f"--stage {args.stage}")
-    if args.resume and not checkpoints(args.output):  # found out now, not after loading the models
+    found = checkpoints(args.output)
+    if args.resume and not found:  # found out now, not after loading the models
         fail(f"--resume: no complete checkpoint in {os.path.join(args.output, 'checkpoints')}")
-    if checkpoints(args.output):
+    if found:
         if not args.resume:
             fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose "
                  f"another --output")
