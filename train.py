@@ -11,7 +11,6 @@ Shapes: B batch, P prompt length, R response length, T = P + R, V vocab, G sampl
 """
 import argparse
 import functools
-import math
 import os
 import signal
 import warnings
@@ -29,8 +28,7 @@ from minrlhf.data import ONLINE
 from minrlhf.engine import build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed
 from minrlhf.inputs import (RewardFunction, adapt, check_online_args, check_stage_flags, load_critic,
                             load_examples, load_model, load_tokenizer, offline_defaults, reference)
-from minrlhf.run import (Run, Stopwatch, batches, check_output, lock_output, mean_across_ranks,
-                         score_moments)
+from minrlhf.run import Run, Stopwatch, across_ranks, batches, check_output, lock_output, mean_across_ranks
 from minrlhf.sampling import pure_sampling
 
 warnings.filterwarnings(
@@ -285,9 +283,9 @@ def normalised_scores(scores, ended, norm, args):
     rollout whose scores all tie (a 0/1 reward, all 0) has no scale to give: the scores stay as they are until
     a rollout with spread fills `norm` (in place). Phase 3 then shapes them with the KL penalty."""
     if args.reward_norm and not norm:
-        mean, std, spread = score_moments(scores)  # every rank's scores together; spread 0: all tie
-        if spread > 0 and math.isfinite(mean) and math.isfinite(std):  # else the next rollout sets it
-            norm.update(mean=mean, std=max(std, 1e-6))
+        every = across_ranks(scores).double()  # every rank's; float64: scores far from 0 keep their spread
+        if every.max() > every.min() and every.isfinite().all():  # else the next rollout sets it
+            norm.update(mean=every.mean().item(), std=max(every.std(unbiased=False).item(), 1e-6))
     if args.reward_norm and norm:
         scores = (scores - norm["mean"]) / norm["std"]
     return scores - args.missing_eos_penalty * (~ended).float()
@@ -385,12 +383,12 @@ def rollout_stats(exp, scores, kl_coef, group_size):
     mask = exp["mask"]
     stats = {"reward": scores.mean().item(), "kl": M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], mask)
              .mean().item(), "kl_coef": kl_coef, "response_length": mask.sum(1).float().mean().item()}
-    if "values" in exp:  # PPO's critic: how much of the returns' variance it predicts
-        variance = M.explained_variance(exp["values"], exp["returns"], mask).item()
-        return stats | {"ppo/val/explained_variance": variance,
-                        "ppo/returns/mean": M.masked_mean(exp["returns"], mask).item()}
+    if "values" in exp:  # PPO's critic: how much of the returns' variance it predicts, on every rank's tokens
+        values, returns = (across_ranks(exp[k][mask.bool()]) for k in ("values", "returns"))  # (N,) each
+        variance = M.explained_variance(values, returns, torch.ones_like(values)).item()
+        return stats | {"ppo/val/explained_variance": variance, "ppo/returns/mean": returns.mean().item()}
     tied = scores.view(-1, group_size).std(1) == 0  # groups whose samples all score alike: no signal
-    return stats | {"advantage_std": exp["advantages"][:, 0].std().item(),
+    return stats | {"advantage_std": across_ranks(exp["advantages"][:, 0]).std().item(),  # every rank's
                     "frac_reward_zero_std": tied.float().mean().item()}
 
 

@@ -142,18 +142,12 @@ def mean_across_ranks(stats):
     return dict(zip(keys, (values / dist.get_world_size()).tolist()))
 
 
-def score_moments(scores):
-    """(mean, std, spread: max - min) of every rank's scores (B,) together, in float64. The std is the root
-    mean square deviation from that mean; E[s^2] - E[s]^2 rounds away the spread of scores far from 0."""
-    scores = scores.double()
-    count_sum = torch.tensor([len(scores), scores.sum().item()], dtype=torch.float64)
-    dist.all_reduce(count_sum)
-    count, mean = count_sum[0].item(), (count_sum[1] / count_sum[0]).item()
-    moments = torch.tensor([((scores - mean) ** 2).sum().item()], dtype=torch.float64)
-    dist.all_reduce(moments)
-    ends = torch.tensor([scores.max().item(), -scores.min().item()], dtype=torch.float64)
-    dist.all_reduce(ends, op=dist.ReduceOp.MAX)  # the largest score and the smallest of all ranks
-    return mean, math.sqrt(moments.item() / count), ends.sum().item()
+def across_ranks(values):
+    """Every rank's `values` (1-D, of any length: e.g. a rollout's valid tokens) in one tensor, in rank order,
+    on every rank: statistics that are not means of means (a std, the explained variance) of the whole."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values.detach().cpu())
+    return torch.cat(parts)
 
 
 class Stopwatch:

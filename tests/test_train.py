@@ -294,6 +294,7 @@ def test_rloo_takes_the_sequence_kl_from_the_score():
 def test_rollout_stats_by_hand():
     """What the online stages log against hand-computed values: the KL, the share of groups that tie, the critic's
     explained variance."""
+    train_py.init_distributed()  # a world of one: some stats are of every rank's rollout
     exp, mask = {**RLOO_EXP, "advantages": torch.zeros(4, 3)}, RLOO_EXP["mask"]
     assert train_py.rollout_stats(exp, torch.zeros(4), 1.0, 2)["kl"] == pytest.approx(0.55)
     six = {"mask": torch.ones(6, 2), "logprobs": torch.zeros(6, 2), "ref_logprobs": torch.zeros(6, 2),
@@ -311,6 +312,7 @@ def test_rollout_stats_by_hand():
 def test_rollout_stats_are_means_over_valid_tokens_and_samples():
     """`ppo/returns/mean` over valid tokens (returns in padding are not the rollout's); `advantage_std` over the
     samples (one advantage each, repeated over its tokens)."""
+    train_py.init_distributed()
     returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0], [6.0, 99.0, 99.0], [7.0, 8.0, 9.0]])
     stats = train_py.rollout_stats({**RLOO_EXP, "values": torch.zeros(4, 3), "returns": returns}, torch.zeros(4),
                                    1.0, 1)
@@ -630,7 +632,7 @@ def test_missing_eos_penalty_comes_after_normalisation_where_eos_is_missing():
 def test_reward_norm_waits_for_a_rollout_whose_scores_differ():
     """A 0/1 reward that is 0 for the whole first rollout has no scale: dividing by its std (0) would blow the
     next rollouts' scores up a million-fold and drown the KL penalty."""
-    train_py.init_distributed()  # a world of one, for score_moments' all_reduce
+    train_py.init_distributed()  # a world of one, for across_ranks' all_gather
     args = train_py.parse_args(["--stage", "grpo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"])
     norm, ended = {}, torch.tensor([True] * 4)
     for tied in (0.0, 5.0, 0.1, 1 / 3):  # E[s²] - E[s]² in float32 is not 0 for the last two
@@ -1145,19 +1147,9 @@ def test_a_reward_model_reads_re_encoded_text_within_its_positions(work):
     assert len(log) == 2
 
 
-SCORE_MOMENTS = """import sys, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[3])
-from minrlhf.run import score_moments
-rank = int(sys.argv[2])
-dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
-print(score_moments(torch.tensor([[0.0, 0.0], [1.0, 1.0]][rank])))
-"""
-
-
-def test_reward_norm_of_all_ranks_scores_far_from_zero(tmp_path):
+def test_reward_norm_far_from_zero():
     """The scores' normalisation makes PPO blind to an affine change of the reward, also one far from 0 (float32
-    E[s^2] - E[s]^2 gave scores + 1e4 a std of 1e-6), and takes every rank's scores together: ranks whose own
-    scores tie, [0, 0] and [1, 1], have spread 1 and std 0.5 together."""
+    E[s^2] - E[s]^2 gave scores + 1e4 a std of 1e-6)."""
     from argparse import Namespace
     train_py.init_distributed()
     args = Namespace(reward_norm=True, missing_eos_penalty=0.0)
@@ -1165,14 +1157,65 @@ def test_reward_norm_of_all_ranks_scores_far_from_zero(tmp_path):
     shaped = train_py.normalised_scores(scores, ended, {}, args)
     torch.testing.assert_close(train_py.normalised_scores(scores + 1e4, ended, {}, args), shaped)
     torch.testing.assert_close(shaped, (scores - scores.mean()) / scores.std(unbiased=False))
-    procs = [subprocess.Popen([sys.executable, "-c", SCORE_MOMENTS, str(tmp_path / "rendezvous"), str(rank), ROOT],
+
+
+TWO_ROLLOUTS = [  # rank 0's and rank 1's (B = 2, R = 3): ranks whose own scores tie, [0, 0] and [1, 1]
+    {"scores": [0.0, 0.0], "mask": [[1, 1, 0], [1, 0, 0]], "values": [[0.5, 1.0, 0.0], [2.0, 9.0, 9.0]],
+     "returns": [[1.0, 2.0, 0.5], [3.0, 9.0, 9.0]], "advantages": [0.3, -1.0]},
+    {"scores": [1.0, 1.0], "mask": [[1, 1, 0], [1, 1, 1]], "values": [[-1.0, 0.0, 9.0], [0.0, 1.5, 2.0]],
+     "returns": [[-2.0, 1.0, 9.0], [0.5, 1.0, 4.0]], "advantages": [2.0, 0.1]},
+]
+
+
+def rollout_of(columns):
+    """A rollout of TWO_ROLLOUTS' columns -> its scores, and its stats as PPO (a critic) and GRPO (groups of 2)
+    log them."""
+    scores, mask, values, returns, advantages = (torch.tensor(columns[k]) for k in TWO_ROLLOUTS[0])
+    exp = {"mask": mask, "logprobs": torch.zeros(mask.shape), "ref_logprobs": torch.zeros(mask.shape)}
+    ppo = train_py.rollout_stats({**exp, "values": values, "returns": returns}, scores, 0.1, 1)
+    grpo = train_py.rollout_stats({**exp, "advantages": advantages[:, None].expand(mask.shape)}, scores, 0.1, 2)
+    return scores, ppo, grpo
+
+
+ACROSS_RANKS = """import json, sys, torch, torch.distributed as dist
+from argparse import Namespace
+sys.path.insert(0, sys.argv[3]); sys.path.insert(0, sys.argv[3] + "/tests")
+import test_train
+rank = int(sys.argv[2])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
+scores, ppo, grpo = test_train.rollout_of(test_train.TWO_ROLLOUTS[rank])
+norm = {}
+shaped = test_train.train_py.normalised_scores(scores, torch.ones(2, dtype=torch.bool), norm,
+                                               Namespace(reward_norm=True, missing_eos_penalty=0.0))
+print(json.dumps([norm, shaped.tolist(), ppo, grpo]))
+"""
+
+
+def test_rollout_statistics_of_all_ranks_together(tmp_path):
+    """On N ranks, the reward normalisation and the logged stats that are not means of equal parts (the critic's
+    explained variance, the returns' token mean, the advantages' std) are of every rank's rollout together: on 2
+    ranks what one rank computes from both rollouts. Ranks whose own scores tie, [0, 0] and [1, 1], have spread 1
+    and std 0.5 together."""
+    train_py.init_distributed()  # a world of one, for the expected numbers
+    _, ppo, grpo = rollout_of({k: TWO_ROLLOUTS[0][k] + TWO_ROLLOUTS[1][k] for k in TWO_ROLLOUTS[0]})
+    procs = [subprocess.Popen([sys.executable, "-c", ACROSS_RANKS, str(tmp_path / "rendezvous"), str(rank), ROOT],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for rank in (0, 1)]
     try:
         outs = [proc.communicate(timeout=300) for proc in procs]
     finally:  # one rank failed: the other would wait for it
         for proc in procs:
             proc.kill()
-    assert [out.splitlines()[-1] for out, _ in outs] == ["(0.5, 0.5, 1.0)"] * 2, outs[0][1][-2000:]  # after a banner
+    logged = [json.loads(out.splitlines()[-1]) for out, _ in outs]  # after a banner
+    assert [norm for norm, *_ in logged] == [{"mean": 0.5, "std": 0.5}] * 2, outs[0][1][-2000:]
+    assert [shaped for _, shaped, *_ in logged] == [[-1.0, -1.0], [1.0, 1.0]]
+    for rank_ppo, rank_grpo in (entry[2:] for entry in logged):
+        for key in ("ppo/val/explained_variance", "ppo/returns/mean"):
+            assert rank_ppo[key] == pytest.approx(ppo[key]), key
+        assert rank_grpo["advantage_std"] == pytest.approx(grpo["advantage_std"])
+    each = [rollout_of(columns)[1:] for columns in TWO_ROLLOUTS]  # what each rank's own rollout gives
+    for key in ("ppo/val/explained_variance", "ppo/returns/mean"):  # not the mean of each rank's
+        assert abs(ppo[key] - (each[0][0][key] + each[1][0][key]) / 2) > 0.05, key
+    assert abs(grpo["advantage_std"] - (each[0][1]["advantage_std"] + each[1][1]["advantage_std"]) / 2) > 0.05
 
 
 def test_no_reward_norm_ignores_statistics_from_a_resumed_checkpoint():
