@@ -2,6 +2,7 @@
 signals, the non-finite policy, checkpoints and the final model. Calls, not callbacks: the loops stay
 in train.py, which calls `Run.end_step` once per step."""
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -106,6 +107,9 @@ def check_resume_flags(args, saved):
     if "deepspeed_config_json" in saved and saved["deepspeed_config_json"] != config:
         fail(f"--resume: --deepspeed_config {args.deepspeed_config} differs from the file the checkpoints' "
              f"run read (kept in its args.json); only how long it runs, logs and saves may change")
+    if saved.get("dataset_sha256", file_digest(args.dataset)) != file_digest(args.dataset):
+        fail(f"--resume: --dataset {args.dataset} has changed since the checkpoints' run read it (another sha256), "
+             f"so its data order and held-out rows would not go on; resume with that data")
     for name, value in saved.items():
         if name in PATHS and isinstance(value, str) and same_path(value, current.get(name)):
             continue  # the same file or folder, however spelled
@@ -114,6 +118,14 @@ def check_resume_flags(args, saved):
             fail(f"--resume: {flag} is {current[name]}, where the checkpoints' run had {value} "
                  f"({os.path.join(args.output, 'args.json')}); only how long it runs, logs and saves may "
                  f"change")
+
+
+def file_digest(path):
+    """The sha256 of a local file's bytes (None for a Hub dataset's name)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def batches(n, batch_size, seed, start=0):
@@ -183,8 +195,9 @@ class Run:
         """args.json and metrics.jsonl in --output (`check_output` made it); on --resume the lines logged
         after the checkpoint (and any a crash cut short) are dropped. Both are rewritten under a temporary
         name and renamed, so a kill meanwhile leaves the old ones whole."""
-        run = {**vars(self.args), "world_size": dist.get_world_size(),
-               "deepspeed_config_json": read_config(self.args.deepspeed_config)}  # what --resume compares
+        run = {**vars(self.args), "world_size": dist.get_world_size(),  # and below: what --resume compares
+               "deepspeed_config_json": read_config(self.args.deepspeed_config),
+               "dataset_sha256": file_digest(self.args.dataset)}
         write_atomically(os.path.join(self.args.output, "args.json"), json.dumps(run, indent=1))
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
         if self.args.resume and os.path.exists(path):

@@ -121,7 +121,7 @@ def w(tmp_path_factory):
     make_tokenizer().save_pretrained(d / "adapter")  # a PEFT adapter folder: adapters and tokenizer, no model
     (d / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     for name, saved in {"resume_run": {"batch_size": 4}, "ranks_run": {"world_size": 2},
-                        "path_run": {"dataset": "pref.jsonl"}}.items():
+                        "path_run": {"dataset": "pref.jsonl"}, "data_run": {"dataset_sha256": "0" * 64}}.items():
         os.makedirs(d / name / "checkpoints" / "step1")
         (d / name / "args.json").write_text(json.dumps({"stage": "sft", "max_steps": 1, **saved}))
     return d
@@ -262,6 +262,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
                             r"only how long it runs, logs and saves may change"),
     "resume, the data spelled otherwise": (["--output", "{w}/path_run", "--resume", "--dataset", "./pref.jsonl"],
                                            r"--resume: cannot load .*path_run/checkpoints/step1"),  # past the flags
+    "resume, the data edited": (["--output", "{w}/data_run", "--resume"],
+                                r"--resume: --dataset .*pref\.jsonl has changed since the checkpoints' run read it \(another "
+                                r"sha256\), so its data order and held-out rows would not go on; resume with that data"),
     "resume without args.json": (["--output", "{w}/ckpt_run", "--resume"],
                                  r"--resume: .*ckpt_run/args\.json is missing or unreadable, so the checkpoints' "
                                  r"flags are unknown"),
