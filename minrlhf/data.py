@@ -324,8 +324,7 @@ def encode_sft(row, tokenizer, max_length):
     if not response.strip():
         return None
     if prompt is None:  # plain text: every token is a label, no chat template
-        response_ids = tokenizer(response)["input_ids"]
-        prompt_ids, response_ids = [], ending_with_eos(response_ids, tokenizer) if ended else response_ids
+        prompt_ids, response_ids = [], ending_with_eos(tokenizer(response)["input_ids"], tokenizer)
     else:
         prompt_ids, response_ids = encode_pair(tokenizer, prompt, response, ended)
     ids = (prompt_ids + response_ids)[:max_length]
