@@ -172,12 +172,15 @@ def skip_nonfinite_step(optimizer, args, kwargs):
 
 
 def frozen(model, cfg, device):
-    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3. bf16 casts
-    their weights only, as DeepSpeed casts the policy's (`bf16_weights`)."""
+    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3 (and with
+    --offload on the CPU, as DeepSpeed-Chat offloads its reference). bf16 casts their weights only, as DeepSpeed
+    casts the policy's (`bf16_weights`)."""
     model.requires_grad_(False).eval()
-    if cfg["zero_optimization"]["stage"] == 3:
+    zero = cfg["zero_optimization"]
+    if zero["stage"] == 3:
         keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
-        return deepspeed.initialize(model=model, config={"zero_optimization": {"stage": 3},
+        offload = {"offload_param": zero["offload_param"]} if "offload_param" in zero else {}
+        return deepspeed.initialize(model=model, config={"zero_optimization": {"stage": 3, **offload},
                                                          **{k: cfg[k] for k in keys if k in cfg}})[0]
     if cfg.get("bf16", {}).get("enabled"):
         bf16_weights(model)

@@ -790,10 +790,27 @@ def test_critic_resume_reproduces_the_uninterrupted_run(work):
     assert norm["std"] != 1.0
 
 
+def test_frozen_models_offload_under_zero3_with_offload(work):
+    """--offload under ZeRO-3 puts the frozen models' weights (reference, reward model) on the CPU too, as the
+    policy's; their outputs stay the model's."""
+    from minrlhf.engine import frozen
+    train_py.init_distributed()
+    ids = torch.tensor([[1, 2, 3]])
+    for offload in ({"offload_param": {"device": "cpu"}}, {}):
+        model = AutoModelForCausalLM.from_pretrained(work / "model")
+        expected = model(ids).logits
+        cfg = {"zero_optimization": {"stage": 3, **offload}, "train_micro_batch_size_per_gpu": 1,
+               "gradient_accumulation_steps": 1, "train_batch_size": 1}
+        engine = frozen(model, cfg, torch.device("cpu"))
+        assert (engine.zero_offload_param() is not None) == bool(offload)
+        torch.testing.assert_close(engine(ids).logits, expected)
+
+
 def test_zero3_generation_matches_plain(work):
-    """ZeRO-3 partitions the weights; gathered for generation, it must sample the very same tokens."""
+    """ZeRO-3 partitions the weights; gathered for generation, it must sample the very same tokens (here with
+    --offload: the policy's, the reference's and the reward model's weights on the CPU)."""
     plain = train(work, *PPO, "--max-steps", 1, output="z0")
-    zero3 = train(work, *PPO, "--max-steps", 1, "--deepspeed_config", work / "zero3.json", output="z3")
+    zero3 = train(work, *PPO, "--max-steps", 1, "--deepspeed_config", work / "zero3.json", "--offload", output="z3")
     for key in ("reward", "kl", "response_length"):  # same samples, same log-probs
         assert zero3[0][key] == pytest.approx(plain[0][key], rel=1e-4, abs=1e-5), key
     for key in ("ppo/loss/policy", "ppo/loss/value"):  # partitioned updates sum gradients in another order
