@@ -196,7 +196,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         engine.train()
         stats |= ppo_update(engine, critic, exp, kl_ctl.value, args)  # 5. K epochs, clipped
         clock.lap("update")
-        stats |= rollout_stats(exp, scores, kl_ctl.value, G) | clock.times
+        stats |= rollout_stats(exp, scores, normalised, kl_ctl.value, G) | clock.times
         kl_ctl.update(mean_across_ranks({"kl": stats["kl"]})["kl"])  # every rank: the same coefficient
         if run.end_step(step, stats, {"kl_coef": kl_ctl.value, "reward_norm": norm}):
             return  # stopped by a signal, checkpoint written
@@ -306,8 +306,9 @@ def ppo_advantages(exp, normalised, kl_coef, args):
 def critic_free_advantages(exp, normalised, kl_coef, args):
     """3-4. GRPO and RLOO: no critic; each sample's baseline comes from the other samples of its prompt.
     RLOO puts the KL in the reward, summed over the sequence (Ahmadian et al. 2024); GRPO puts it in the
-    loss, per token (`ppo_update`). Both then take PPO's clipped surrogate, as TRL does; at ratio 1 (the
-    first mini-batch) it is REINFORCE. -> (B, R): every token of a sample gets the sample's advantage."""
+    loss, per token (`ppo_update`). Both then take PPO's clipped surrogate per token, as TRL's GRPO does
+    (TRL's RLOO clips the ratio of the whole sequence, one action); at ratio 1 (the first mini-batch) both are
+    REINFORCE. -> (B, R): every token of a sample gets the sample's advantage."""
     if args.stage == "rloo":
         kl = M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], exp["mask"])  # (B,)
         advantages = M.rloo_advantages(normalised - kl_coef * kl, args.num_generations)
@@ -377,9 +378,10 @@ def ppo_update(engine, critic, exp, kl_coef, args):
     return {k: v / count for k, v in sums.items()} | clock.times
 
 
-def rollout_stats(exp, scores, kl_coef, group_size):
+def rollout_stats(exp, scores, normalised, kl_coef, group_size):
     """The rollout's log: the mean raw score (before normalising and the EOS penalty) as `reward`, the mean
-    KL to the reference per response (summed over its tokens, what --target-kl aims at) as `kl`."""
+    KL to the reference per response (summed over its tokens, what --target-kl aims at) as `kl`; GRPO's and
+    RLOO's groups that tie in the scores their advantages come from (`normalised`: EOS penalty and all)."""
     mask = exp["mask"]
     stats = {"reward": scores.mean().item(), "kl": M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], mask)
              .mean().item(), "kl_coef": kl_coef, "response_length": mask.sum(1).float().mean().item()}
@@ -387,7 +389,7 @@ def rollout_stats(exp, scores, kl_coef, group_size):
         values, returns = (across_ranks(exp[k][mask.bool()]) for k in ("values", "returns"))  # (N,) each
         variance = M.explained_variance(values, returns, torch.ones_like(values)).item()
         return stats | {"ppo/val/explained_variance": variance, "ppo/returns/mean": returns.mean().item()}
-    tied = scores.view(-1, group_size).std(1) == 0  # groups whose samples all score alike: no signal
+    tied = normalised.view(-1, group_size).std(1) == 0  # groups whose samples all score alike: no signal
     return stats | {"advantage_std": across_ranks(exp["advantages"][:, 0]).std().item(),  # every rank's
                     "frac_reward_zero_std": tied.float().mean().item()}
 

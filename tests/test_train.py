@@ -296,14 +296,17 @@ def test_rollout_stats_by_hand():
     explained variance."""
     train_py.init_distributed()  # a world of one: some stats are of every rank's rollout
     exp, mask = {**RLOO_EXP, "advantages": torch.zeros(4, 3)}, RLOO_EXP["mask"]
-    assert train_py.rollout_stats(exp, torch.zeros(4), 1.0, 2)["kl"] == pytest.approx(0.55)
+    assert train_py.rollout_stats(exp, torch.zeros(4), torch.zeros(4), 1.0, 2)["kl"] == pytest.approx(0.55)
     six = {"mask": torch.ones(6, 2), "logprobs": torch.zeros(6, 2), "ref_logprobs": torch.zeros(6, 2),
            "advantages": torch.zeros(6, 2)}
     scores = torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 4.0])  # two of three groups tie
-    assert train_py.rollout_stats(six, scores, 1.0, 2)["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    assert train_py.rollout_stats(six, scores, scores, 1.0, 2)["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    cut_off = scores - torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # the EOS penalty of the first group's second
+    assert train_py.rollout_stats(six, scores, cut_off, 1.0, 2)["frac_reward_zero_std"] == pytest.approx(1 / 3)
     torch.manual_seed(0)
     values, returns = torch.randn(4, 3), 3 * torch.randn(4, 3)
-    stats = train_py.rollout_stats({**RLOO_EXP, "values": values, "returns": returns}, torch.zeros(4), 1.0, 1)
+    stats = train_py.rollout_stats({**RLOO_EXP, "values": values, "returns": returns}, torch.zeros(4), torch.zeros(4),
+                                  1.0, 1)
     expected = 1 - minrlhf.masked_var(returns - values, mask) / minrlhf.masked_var(returns, mask)
     assert stats["ppo/val/explained_variance"] == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected - minrlhf.explained_variance(returns, values, mask)) > 0.1  # not symmetric in V and R
@@ -315,11 +318,11 @@ def test_rollout_stats_are_means_over_valid_tokens_and_samples():
     train_py.init_distributed()
     returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0], [6.0, 99.0, 99.0], [7.0, 8.0, 9.0]])
     stats = train_py.rollout_stats({**RLOO_EXP, "values": torch.zeros(4, 3), "returns": returns}, torch.zeros(4),
-                                   1.0, 1)
+                                   torch.zeros(4), 1.0, 1)
     assert stats["ppo/returns/mean"] == pytest.approx(45 / 9)
     per_sample = torch.tensor([1.0, -1.0, 3.0, 0.0])
     exp = {**RLOO_EXP, "advantages": per_sample[:, None].expand(4, 3)}
-    assert train_py.rollout_stats(exp, torch.zeros(4), 1.0, 2)["advantage_std"] == pytest.approx(
+    assert train_py.rollout_stats(exp, torch.zeros(4), torch.zeros(4), 1.0, 2)["advantage_std"] == pytest.approx(
         per_sample.std().item())
 
 
@@ -1189,8 +1192,9 @@ def rollout_of(columns):
     log them."""
     scores, mask, values, returns, advantages = (torch.tensor(columns[k]) for k in TWO_ROLLOUTS[0])
     exp = {"mask": mask, "logprobs": torch.zeros(mask.shape), "ref_logprobs": torch.zeros(mask.shape)}
-    ppo = train_py.rollout_stats({**exp, "values": values, "returns": returns}, scores, 0.1, 1)
-    grpo = train_py.rollout_stats({**exp, "advantages": advantages[:, None].expand(mask.shape)}, scores, 0.1, 2)
+    ppo = train_py.rollout_stats({**exp, "values": values, "returns": returns}, scores, scores, 0.1, 1)
+    grpo = train_py.rollout_stats({**exp, "advantages": advantages[:, None].expand(mask.shape)}, scores, scores, 0.1,
+                                  2)
     return scores, ppo, grpo
 
 
