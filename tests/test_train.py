@@ -208,7 +208,7 @@ PPO = ["--stage", "ppo", "--reward-fn", "rewards:count_e", "--max-new-tokens", 8
        "--batch-size", 8, "--ppo-epochs", 2, "--temperature", 1.0, "--lr", 3e-3]
 
 
-class FakeEngine(minrlhf.PolicyWithValueHead):
+class Accumulating:
     """What ppo_update asks of a DeepSpeed engine: as DeepSpeed, `backward` divides the loss by the micro-batches
     per step (`accum`), `step` acts at the step's last; it keeps the weights (and the gradients, for a look)."""
     accum, micro = 1, 0
@@ -221,6 +221,14 @@ class FakeEngine(minrlhf.PolicyWithValueHead):
         if self.micro % self.accum == 0:
             self.grads = [p.grad.clone() for p in self.parameters()]
             self.zero_grad()
+
+
+class FakeEngine(Accumulating, minrlhf.PolicyWithValueHead):
+    """The policy's engine."""
+
+
+class FakeCritic(Accumulating, minrlhf.Critic):
+    """A separate critic's engine."""
 
 
 @pytest.mark.parametrize("loss_agg", ["token", "sequence"])
@@ -278,6 +286,34 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
     kl_grads = [p.grad for p in engine.parameters()]
     assert any(k.abs().max() > 1e-4 for k in kl_grads)
     assert all(torch.allclose(b, a + k, rtol=1e-4, atol=1e-6) for a, b, k in zip(*grads, kl_grads))
+
+
+def test_a_separate_critics_step_is_a_token_level_mean_over_micro_batches(tmp_path):
+    """The critic's value loss, as the policy's, weighs every token of a mini-batch alike: two micro-batches of
+    unequal tokens accumulated into one step give the critic the gradient of one micro-batch of them all."""
+    from argparse import Namespace
+    train_py.init_distributed()  # a world of one, for loss_weights' all_reduce
+    path = save_tiny("llama", tmp_path)
+    engine = FakeEngine(minrlhf.load_causal_lm(path), value_head=False)
+    critic = FakeCritic(minrlhf.load_reward_model(path, make_tokenizer().pad_token_id))
+    P, ids = 3, torch.randint(3, 60, (4, 9))  # 3 prompt tokens, 6 response tokens
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    attention_mask = torch.cat([torch.ones(4, P, dtype=torch.long), mask], 1)
+    with torch.no_grad():
+        _, logprobs, values = train_py.policy_forward(engine, ids, attention_mask, P, 1.0, critic)
+    exp = {"ids": ids, "attention_mask": attention_mask, "mask": mask, "prompt_len": P, "logprobs": logprobs,
+           "values": values, "returns": values + torch.randn(4, 6), "advantages": torch.randn(4, 6)}
+    args = Namespace(stage="ppo", ppo_epochs=1, batch_size=4, grad_accum=1, temperature=1.0, cliprange=0.2,
+                     cliprange_value=0.2, loss_agg="token")
+    whole = train_py.ppo_update(engine, critic, exp, 0.1, args)
+    grads = critic.grads
+    engine.accum = critic.accum = args.grad_accum = 2
+    engine.micro = critic.micro = 0
+    args.batch_size = 2  # any two rows of the four: 12 and 5, 8 and 9 or 9 and 8 tokens
+    split = train_py.ppo_update(engine, critic, exp, 0.1, args)
+    assert split["ppo/loss/value"] == pytest.approx(whole["ppo/loss/value"], rel=1e-5)
+    assert any(g.abs().max() > 1e-4 for g in grads)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(critic.grads, grads))
 
 
 RLOO_EXP = {"mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]), "logprobs": torch.zeros(4, 3),
