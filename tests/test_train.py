@@ -20,7 +20,7 @@ import minrlhf
 import train as train_py  # train.py; `train` below runs it as a process
 from minrlhf.engine import deepspeed_config, param_groups
 from minrlhf.lora import add_lora
-from minrlhf.run import check_resume_flags
+from minrlhf.run import check_resume_flags, checkpoints, write_atomically
 from tiny import make_tokenizer, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1137,6 +1137,32 @@ def test_divergence_stops_before_a_nan_checkpoint(work):
     for ckpt in os.listdir(work / "nan" / "checkpoints"):
         state = checkpoint_weights(work / "nan" / "checkpoints" / ckpt)
         assert all(torch.isfinite(t).all() for t in state.values()), ckpt
+
+
+def test_non_finite_weights_after_finite_stats_stop_before_a_checkpoint(work, capsys):
+    """An lr past float32's range: step 1's loss and gradient are finite, the update it makes is not. The
+    weights are checked before the checkpoint, which is not written (no held-out set: its loss would be inf)."""
+    argv = ["--model", str(work / "model"), "--dataset", str(work / "pref.jsonl"), "--output", str(work / "inf_weights"),
+            "--stage", "sft", "--max-steps", 2, "--save-every", 1, "--lr", 1e39, "--eval-fraction", 0]
+    with pytest.raises(SystemExit) as exit_info:
+        in_process(work, list(map(str, argv)))
+    assert exit_info.value.code == 2
+    assert "error: step 1: non-finite weights after the update; stopped without writing a checkpoint" in (
+        capsys.readouterr().err)
+    assert [m["step"] for m in metrics(work / "inf_weights")] == [1]  # its stats were finite, and logged
+    assert not checkpoints(str(work / "inf_weights"))
+
+
+def test_a_failed_rewrite_leaves_the_old_file_whole(tmp_path):
+    """args.json and metrics.jsonl (cut back on --resume) are rewritten whole or not at all: a write that fails
+    midway, here on text that cannot be encoded, as on a full disk, leaves the file as it was."""
+    path = str(tmp_path / "metrics.jsonl")
+    write_atomically(path, '{"step": 1}\n')
+    with pytest.raises(UnicodeEncodeError):
+        write_atomically(path, '{"step": 1}\n{"step": "\ud800"}\n')
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    write_atomically(path, '{"step": 2}\n')
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 2}\n'
 
 
 def test_nan_gradient_stops_the_run_naming_it(work):
