@@ -876,15 +876,22 @@ def test_sft_under_zero_bf16_and_offload(work, flags):
 
 @pytest.mark.parametrize("stage", ["rm", "ppo", "dpo", "grpo", "critic"])  # rloo: grpo's loop, another advantage
 def test_two_ranks_zero3(work, stage):
-    flags = {"ppo": PPO + ["--max-steps", 2], "grpo": ["--stage", "grpo", *GROUP, "--max-steps", 2],
+    flags = {"ppo": PPO + ["--epochs", 1, "--target-kl", 0.05],  # 64 prompts, 16 a rank: 2 iterations
+             "grpo": ["--stage", "grpo", *GROUP, "--max-steps", 2],
              "critic": CRITIC_PPO + ["--max-steps", 2],
              # 7 held-out pairs: 3 a rank, the 7th on rank 0 (rank 1 reads one that weighs 0: ZeRO-3's forwards)
              "rm": ["--stage", "rm", "--max-steps", 6, "--lr", 1e-3, "--batch-size", 3, "--eval-fraction", 0.11],
              }.get(stage, ["--stage", stage, "--max-steps", 6, "--lr", 1e-3])
     log = train(work, *flags, "--deepspeed_config", work / "zero3.json", output=f"{stage}_2ranks",
                 launcher=TWO_RANKS)
-    steps = flags[flags.index("--max-steps") + 1]
+    steps = 2 if stage == "ppo" else flags[flags.index("--max-steps") + 1]
     assert [m["step"] for m in log] == list(range(1, steps + 1))  # every step, logged once: by rank 0 alone
+    if stage == "ppo":  # the KL coefficient of the mean KL of all ranks' samples, the same on each rank
+        step = work / "ppo_2ranks" / "checkpoints" / "step2"  # ZeRO-3: each rank saves its own client state
+        coefs = [torch.load(step / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", weights_only=False)["kl_coef"]
+                 for r in (0, 1)]
+        error = log[-1]["kl"] / 0.05 - 1  # not clipped: ranks whose KLs differ would adapt it differently
+        assert abs(error) < 0.2 and coefs[0] == coefs[1] == pytest.approx(log[-1]["kl_coef"] * (1 + 0.1 * error))
     assert json.loads((work / f"{stage}_2ranks" / "args.json").read_text())["world_size"] == 2  # --resume checks it
     if stage == "rm":  # every held-out pair counts, as on one rank with the same global batch
         one = train(work, *flags[:-4], "--batch-size", 6, "--eval-fraction", 0.11, "--deepspeed_config",
