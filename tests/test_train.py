@@ -2,6 +2,7 @@
 ZeRO-3, resume after SIGKILL, outputs that plain transformers loads. Launchers, signals, kills and exit statuses
 run train.py as a process, as a user does; other one-rank runs call its main() here (`train`), which gives the
 same numbers (test_same_seed_same_metrics) without the ~4 s of imports per run."""
+import contextlib
 import json
 import math
 import os
@@ -63,6 +64,13 @@ def killed_on_rank1(prompts, responses):  # as the system kills a rank (out of m
     calls.append(1)
     if os.environ["RANK"] == "1" and len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
+    return count_e(prompts, responses)
+
+def terminated_on_rank1(prompts, responses):  # as a cluster preempts one rank's node in iteration 2
+    import os, signal
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
     return count_e(prompts, responses)
 
 def fail_on_rank1(prompts, responses):
@@ -1055,6 +1063,25 @@ def test_a_signal_on_the_last_step_still_saves_the_model(work):
     train(work, *PPO, "--max-steps", 3, "--save-every", 0, "--reward-fn", "rewards:interrupt_on_third_call",
           output="last_signal")
     assert (work / "last_signal" / "config.json").exists()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_one_checkpoint(work):
+    """SIGTERM to rank 1 alone, in iteration 2 of 4: every rank finishes that step, they checkpoint it together
+    and exit 0, without a final model (the other rank, going on alone, would wait in a collective for ever)."""
+    cmd = [*TWO_RANKS, os.path.join(ROOT, "train.py"), "--model", work / "model", "--dataset", work / "pref.jsonl",
+           "--output", work / "rank1_sigterm", *PPO, "--max-steps", 4, "--save-every", 0, "--reward-fn",
+           "rewards:terminated_on_rank1"]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:  # the launcher and both ranks, should one hang
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert [m["step"] for m in metrics(work / "rank1_sigterm")] == [1, 2]
+    assert os.listdir(work / "rank1_sigterm" / "checkpoints") == ["step2"]
+    assert not (work / "rank1_sigterm" / "config.json").exists()
 
 
 def test_ctrl_c_while_loading_exits_quietly(work):
