@@ -853,6 +853,25 @@ def test_frozen_models_offload_under_zero3_with_offload(work):
         torch.testing.assert_close(engine(ids).logits, expected)
 
 
+def test_resume_with_more_steps_reschedules_the_critics_lr(work, monkeypatch):
+    """--resume with a longer --max-steps: the separate critic's lr, as the policy's, is where the new schedule puts
+    it at the checkpoint's step, not where the checkpoint's run left it (0, at its end). Unchanged, the schedule
+    gives each lr the checkpoint holds: a resumed run reproduces the uninterrupted one without this."""
+    from minrlhf.run import Run
+    flags = [*CRITIC_PPO, "--save-every", 0]
+    train(work, *flags, "--max-steps", 2, output="critic_longer")  # 2 iterations of 4 updates: its lr ends at 0
+    resume, lrs = Run.resume, []
+
+    def resume_and_look(run):  # each engine's lr once resumed, which the first update after the checkpoint uses
+        done = resume(run)
+        lrs.append((run.engine.get_lr(), run.critic.get_lr()))
+        return done
+    monkeypatch.setattr(Run, "resume", resume_and_look)
+    log = train(work, *flags, "--max-steps", 4, "--resume", output="critic_longer")
+    assert [m["step"] for m in log] == [1, 2, 3, 4]
+    assert lrs == [(pytest.approx([3e-3 * (1 - 8 / 16)]), pytest.approx([1e-4 * (1 - 8 / 16)]))]  # --value-lr's
+
+
 def test_zero3_generation_matches_plain(work):
     """ZeRO-3 partitions the weights; gathered for generation, it must sample the very same tokens (here with
     --offload: the policy's, the reference's and the reward model's weights on the CPU)."""
