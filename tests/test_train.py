@@ -264,7 +264,8 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
     for kl_coef in (0.0, 1.0):
         stats.append(train_py.ppo_update(engine, None, exp, kl_coef, args))
         grads.append(engine.grads)
-    engine.accum = args.grad_accum = 2
+    engine.accum, engine.micro = 2, 0  # a step of two micro-batches from here
+    args.grad_accum = 2
     args.batch_size = 2
     torch.manual_seed(0)  # the micro-batches: rows (0, 1) and (3, 2), 12 and 5 tokens
     split = train_py.ppo_update(engine, None, exp, 1.0, args)
@@ -278,10 +279,12 @@ def test_ppo_update_aggregates_as_told_and_puts_grpo_kl_in_the_loss(tmp_path, lo
     assert minrlhf.aggregate(entropy, mask, "token") != pytest.approx(minrlhf.aggregate(entropy, mask, "sequence"))
     assert minrlhf.aggregate(-advantages, mask, "token") != minrlhf.aggregate(-advantages, mask, "sequence")
     exp["logprobs"] = logprobs + 0.3 * torch.randn_like(logprobs)  # ratios off 1: clipfrac, approx_kl > 0
-    engine.accum = args.grad_accum = 1
+    engine.accum, engine.micro = 1, 0
+    args.grad_accum = 1
     args.batch_size = 4
     whole = train_py.ppo_update(engine, None, exp, 1.0, args)
-    engine.accum = args.grad_accum = 2
+    engine.accum, engine.micro = 2, 0  # a step of two micro-batches from here
+    args.grad_accum = 2
     args.batch_size = 2
     torch.manual_seed(0)
     split = train_py.ppo_update(engine, None, exp, 1.0, args)
