@@ -173,8 +173,8 @@ def skip_nonfinite_step(optimizer, args, kwargs):
 
 def frozen(model, cfg, device):
     """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3 (and with
-    --offload on the CPU, as DeepSpeed-Chat offloads its reference). bf16 casts their weights only, as DeepSpeed
-    casts the policy's (`bf16_weights`)."""
+    --offload on the CPU, as DeepSpeed-Chat offloads its reference). bf16 casts their weights only, as
+    DeepSpeed casts the policy's (`bf16_weights`)."""
     model.requires_grad_(False).eval()
     zero = cfg["zero_optimization"]
     if zero["stage"] == 3:

@@ -107,9 +107,10 @@ def check_resume_flags(args, saved):
     if "deepspeed_config_json" in saved and saved["deepspeed_config_json"] != config:
         fail(f"--resume: --deepspeed_config {args.deepspeed_config} differs from the file the checkpoints' "
              f"run read (kept in its args.json); only how long it runs, logs and saves may change")
-    if saved.get("dataset_sha256", file_digest(args.dataset)) != file_digest(args.dataset):
-        fail(f"--resume: --dataset {args.dataset} has changed since the checkpoints' run read it (another sha256), "
-             f"so its data order and held-out rows would not go on; resume with that data")
+    digest = file_digest(args.dataset)
+    if saved.get("dataset_sha256", digest) != digest:
+        fail(f"--resume: --dataset {args.dataset} has changed since the checkpoints' run read it (another "
+             f"sha256), so its data order and held-out rows would not go on; resume with that data")
     for name, value in saved.items():
         if name in PATHS and isinstance(value, str) and same_path(value, current.get(name)):
             continue  # the same file or folder, however spelled
