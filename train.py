@@ -423,12 +423,7 @@ def parse_args(argv=None):
       help="DeepSpeed config; batch keys, lr, ZeRO stage, bf16 and offload are filled from the flags")
     a("--bf16", action="store_true", help="bf16 weights and compute with fp32 master weights (CPU and GPU)")
     a("--offload", action="store_true", help="ZeRO-Offload: optimizer state (ZeRO-3: weights too) on the CPU")
-    a("--save-every", type=bounded(int, 0), default=100, help="checkpoint every N steps (0: only at the end)")
-    a("--keep-checkpoints", type=positive_int, default=2, help="keep the newest N checkpoints")
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    a("--log-every", type=positive_int, default=1, help="log metrics every N steps")
-    a("--skip-nonfinite", action="store_true",
-      help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
+    add_run_flags(p.add_argument_group("checkpoints and logging").add_argument)
     a("--ref-model", type=nonempty,
       help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
     a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
@@ -449,6 +444,15 @@ def parse_args(argv=None):
         check_online_args(args)  # their defaults (as --help says) filled in, contradictions refused
     args.grad_accum = args.grad_accum or 1
     return args
+
+
+def add_run_flags(g):
+    g("--save-every", type=bounded(int, 0), default=100, help="checkpoint every N steps (0: only at the end)")
+    g("--keep-checkpoints", type=positive_int, default=2, help="keep the newest N checkpoints")
+    g("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    g("--log-every", type=positive_int, default=1, help="log metrics every N steps")
+    g("--skip-nonfinite", action="store_true",
+      help="skip updates whose loss, reward or gradient is NaN/inf, count them in skipped_steps")
 
 
 def add_lora_flags(g):
