@@ -1,5 +1,5 @@
 """The project's rules that a reader relies on: the pieces people copy (losses.py, models.py, data.py) do not
-import DeepSpeed, and no line of the code a learner reads is over 110 characters."""
+import DeepSpeed, no line of the code a learner reads is over 110 characters, and no function over 50 lines."""
 import ast
 import glob
 import os
@@ -30,4 +30,14 @@ def test_the_copied_modules_do_not_import_deepspeed():
 def test_no_line_over_110_characters():
     long = [f"{os.path.relpath(path, ROOT)}:{number}" for path in READ
             for number, line in enumerate(open(path, encoding="utf-8"), 1) if len(line.rstrip("\n")) > 110]
+    assert not long
+
+
+def test_no_function_over_50_lines():
+    long = []
+    for path in READ:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        long += [f"{os.path.relpath(path, ROOT)}:{node.name}" for node in ast.walk(tree)
+                 if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 50]
     assert not long
