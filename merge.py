@@ -127,7 +127,7 @@ def check_like_base(path, policy, tokenizer, base, base_tokenizer, base_path):
 
 def check_finite(merged, scale):
     """One line naming --scale unless every merged weight is finite: a scaled change can pass its dtype's
-    range (float16's 65504), which would be saved as inf."""
+    range (float32's 3.4e38), which would be saved as inf."""
     for key, weight in merged.items():
         if weight.is_floating_point() and not weight.isfinite().all():
             dtype = str(weight.dtype).removeprefix("torch.")

@@ -77,14 +77,16 @@ class WithoutAdapters:
 
 def merged_state_dict(model, state):
     """`state` (model.state_dict(), or ZeRO-3's gathered copy) with every adapter merged into its layer,
-    W + (alpha / r) B A, under the names the model has without LoRALinear: what plain transformers loads."""
-    state = dict(state)
+    W + (alpha / r) B A, under the names the model has without LoRALinear: what plain transformers loads. The
+    sums in float32, and with any, the whole state: under --bf16 W is bf16, beside which most of a small
+    update B A would round away in a bf16 sum (the saved model would not be the one trained)."""
+    state, merged = dict(state), False
     for name, layer in model.named_modules():
         if isinstance(layer, LoRALinear):
             A, B, W = (state.pop(f"{name}.{key}") for key in ("lora_A", "lora_B", "base.weight"))
             delta = layer.scaling * (B.float() @ A.float())  # (out, in)
-            state[f"{name}.weight"] = (W.float() + (delta if isinstance(layer.base, nn.Linear) else delta.T)
-                                       ).to(W.dtype)
+            state[f"{name}.weight"] = W.float() + (delta if isinstance(layer.base, nn.Linear) else delta.T)
             if f"{name}.base.bias" in state:
                 state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
-    return state
+            merged = True
+    return {k: v.float() if merged and v.is_floating_point() else v for k, v in state.items()}

@@ -25,12 +25,15 @@ def dropout_free_config(path, **overrides):
     return config
 
 
-def load_causal_lm(path, dtype=None):
-    """A causal LM; a checkpoint that lacks some of its weights (an encoder) is refused, where transformers
-    would initialise the missing head at random and carry on, and so is a reward model, whose LM head may be
-    tied to its embeddings (SmolLM2, GPT-2): then no weight is missing, but its score head is left over."""
-    model, info = AutoModelForCausalLM.from_pretrained(path, config=dropout_free_config(path), dtype=dtype,
-                                                       output_loading_info=True)
+def load_causal_lm(path):
+    """A causal LM, in float32 whatever the checkpoint's dtype: transformers' default keeps that dtype (most
+    Hub models: bf16), and bf16 weights trained without fp32 master copies round most small Adam updates
+    away (--bf16: DeepSpeed keeps the masters). A checkpoint that lacks some of its weights (an encoder) is
+    refused, where transformers would initialise the missing head at random and carry on, and so is a
+    reward model, whose LM head may be tied to its embeddings (SmolLM2, GPT-2): then no weight is missing,
+    but its score head is left over."""
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, config=dropout_free_config(path), dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"]:
         missing = ", ".join(sorted(info["missing_keys"])[:3])
         raise ValueError(f"not a causal LM checkpoint, weights missing: {missing}")
@@ -163,13 +166,13 @@ class Critic(nn.Module):
         return (self.reward_model.score(hidden).squeeze(-1).float() - self.shift) / self.scale
 
 
-def load_reward_model(path, pad_token_id, dtype=None, new_head=True):
-    """A reward model: backbone + scalar head read at the last non-pad token (transformers'
-    sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn with mean 0
-    and std 1/sqrt(H+1), H its input's width (Stiennon et al. 2020; Huang et al. 2024, "The N+ implementation
-    details"); new_head=False refuses a checkpoint without a trained head."""
+def load_reward_model(path, pad_token_id, new_head=True):
+    """A reward model, in float32 as `load_causal_lm`: backbone + scalar head read at the last non-pad token
+    (transformers' sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn
+    with mean 0 and std 1/sqrt(H+1), H its input's width (Stiennon et al. 2020; Huang et al. 2024, "The N+
+    implementation details"); new_head=False refuses a checkpoint without a trained head."""
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, config=dropout_free_config(path, num_labels=1), dtype=dtype, output_loading_info=True)
+        path, config=dropout_free_config(path, num_labels=1), dtype=torch.float32, output_loading_info=True)
     if any(key.startswith("score.") for key in info["missing_keys"]):
         if not new_head:
             raise ValueError("not a reward model: it has no trained score head")

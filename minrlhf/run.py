@@ -369,6 +369,9 @@ def save_complete(folder, module, state, tokenizer, extras=None):
     tmp = os.path.join(folder, "final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a failed attempt's
     module.save_pretrained(tmp, state_dict=state)
+    weights = next(v.dtype for v in state.values() if v.is_floating_point())  # LoRA merged under --bf16: fp32
+    module.config.dtype = str(weights).removeprefix("torch.")  # config.json names the weights' dtype, not the
+    module.config.save_pretrained(tmp)  # bf16 module's: transformers' default load keeps that dtype
     tokenizer.save_pretrained(tmp)
     for name, value in (extras or {}).items():
         torch.save(value, os.path.join(tmp, name))

@@ -225,4 +225,12 @@ def test_lora_sft_with_checkpointing_under_zero_and_bf16(work, flags):
                 "--max-steps", 6, "--lr", 1e-2, "--batch-size", 8, *flags, output=name)
     losses = [m["loss"] for m in log]  # each step lower: adapters that learned nothing would hold it
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.9 * losses[0]
-    AutoModelForCausalLM.from_pretrained(work / name)
+    # the saved model is the trained one: its bf16 weights W and the adapters merged in float32 (in a bf16
+    # sum most of (alpha / r) B A rounds away), and it loads in float32 by transformers' default
+    saved = AutoModelForCausalLM.from_pretrained(work / name).state_dict()
+    trained = checkpoint_weights(work / name / "checkpoints" / "step6")
+    layers = [k.removesuffix(".lora_A") for k in trained if k.endswith(".lora_A")]
+    assert layers and {v.dtype for v in saved.values()} == {torch.float32}
+    for layer in layers:
+        W, A, B = (trained[f"{layer}.{key}"].float() for key in ("base.weight", "lora_A", "lora_B"))
+        torch.testing.assert_close(saved[f"{layer}.weight"], W + 8 / 4 * B @ A, rtol=1e-6, atol=1e-7)

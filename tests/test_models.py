@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from minrlhf import (Critic, PolicyWithValueHead, collate_pairs, encode_pair, encode_preference, ensure_pad_token,
                      full_pair_scores, load_causal_lm, load_reward_model, logprobs_from_logits, pad, pair_scores,
@@ -280,3 +280,18 @@ def test_critic_starts_as_the_reward_model_of_every_prefix(family_dir):
         torch.testing.assert_close(values, scores, rtol=1e-4, atol=1e-5)
         critic.set_normalisation(2.0, 4.0)
         torch.testing.assert_close(critic(padded, mask)[:, 2:], (scores - 2) / 4, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bf16_checkpoint_loads_in_float32(tmp_path):
+    """Most Hub models are saved in bf16, which transformers' default load keeps: trained as fp32 (no --bf16,
+    so no fp32 master weights), most small Adam updates would round away. minrlhf loads every model in float32
+    (--bf16: DeepSpeed casts and keeps the masters), the bf16 values exactly."""
+    path = save_tiny("llama", tmp_path / "model")
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    bf16.save_pretrained(tmp_path / "bf16")
+    make_tokenizer().save_pretrained(tmp_path / "bf16")
+    assert next(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").parameters()).dtype == torch.bfloat16
+    for model in (load_causal_lm(tmp_path / "bf16"), load_reward_model(tmp_path / "bf16", 0)):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(load_causal_lm(tmp_path / "bf16").state_dict(),
+                               {k: v.float() for k, v in bf16.state_dict().items()}, rtol=0, atol=0)
