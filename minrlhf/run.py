@@ -369,8 +369,8 @@ def save_complete(folder, module, state, tokenizer, extras=None):
     tmp = os.path.join(folder, "final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a failed attempt's
     module.save_pretrained(tmp, state_dict=state)
-    # its config.json names the module's dtype (bf16 under --bf16), the weights may be float32 (LoRA's, merged),
-    # and transformers' default load takes the config's: it names the weights'
+    # its config.json names the module's dtype (bf16 under --bf16), the weights may be float32 (LoRA's,
+    # merged), and transformers' default load takes the config's: it names the weights'
     weights = next(v.dtype for v in state.values() if v.is_floating_point())
     module.config.dtype = str(weights).removeprefix("torch.")
     module.config.save_pretrained(tmp)
