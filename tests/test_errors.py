@@ -16,7 +16,7 @@ import eval as eval_py
 import train
 import minrlhf.offline
 from minrlhf import load_reward_model
-from minrlhf.inputs import RewardFunction
+from minrlhf.inputs import RewardFunction, load_model
 from test_train import ENV
 from tiny import STRICT_TEMPLATE, make_tokenizer, save_tiny
 
@@ -38,6 +38,7 @@ def leave(prompts, responses):
     sys.exit("bye")
 def forgot(prompts, responses):
     scores = [1.0 for _ in responses]
+threshold = 0.5  # a module's setting, not a function
 """
 EXITS = "import sys\nsys.exit('usage: exits.py [-h]')\n"  # a script with argparse, imported
 
@@ -93,6 +94,7 @@ def w(tmp_path_factory):
              "accum_ds.json": json.dumps({"gradient_accumulation_steps": 3}),
              "total_ds.json": json.dumps({"train_batch_size": 7}),
              "zero_ds.json": json.dumps({"zero_optimization": {"stage": 7}}),
+             "bool_stage_ds.json": json.dumps({"zero_optimization": {"stage": True}}),
              "fp16_ds.json": json.dumps({"fp16": {"enabled": True}}),
              "sched_ds.json": json.dumps({"scheduler": {"type": "WarmupLR"}}),
              "stage_ds.json": json.dumps({"zero_optimization": {"stage": "2"}}),
@@ -379,6 +381,25 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "lora all-linear and names": (["--lora-rank", 2, "--lora-targets", "all-linear,q_proj"],
                                   r"--lora-targets all-linear,q_proj: all-linear adapts every projection; pass it "
                                   r"alone, or names alone"),
+    "lora names and all-linear": (["--lora-rank", 2, "--lora-targets", "q_proj,all-linear"],  # not only first
+                                  r"--lora-targets q_proj,all-linear: all-linear adapts every projection"),
+    "lora targets without rank": (["--lora-targets", "q_proj"], r"--lora-alpha and --lora-targets shape LoRA adapters: "
+                                                                r"pass --lora-rank R > 0 with them"),
+    "both rewards": (PPO + ["--reward-model", "{w}/rm", "--reward-fn", "vader"],
+                     r"--stage ppo needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION"),
+    "whiten rewards for grpo": (["--stage", "grpo", "--reward-fn", "err_rewards:boom", "--whiten-rewards"],
+                                r"--whiten-rewards: --stage grpo does not use it \(a flag of ppo\)"),
+    "reward model tokenizer without EOS": (PPO + ["--reward-model", "{w}/no_eos"],
+                                           r"--reward-model .*no_eos: unusable tokenizer \(.*has no EOS token\)"),
+    "a LoRA policy's reference reading other tokens": (["--stage", "dpo", "--lora-rank", 2, "--ref-model",
+                                                        "{w}/chat_model"],  # --ref-model, not the adapters off
+                                                       r"--ref-model .*chat_model: a tokenizer other than --model's"),
+    "critic without a score head": (PPO + ["--reward-fn", "vader", "--critic-model", "{w}/model"],
+                                    r"--critic-model .*model: cannot load as a reward model \(not a reward model"),
+    "reward fn not callable": (PPO + ["--reward-fn", "err_rewards:threshold"],
+                               r"--reward-fn err_rewards:threshold: not callable$"),
+    "ds stage a bool": (["--deepspeed_config", "{w}/bool_stage_ds.json"],  # True == 1, but no stage
+                        r"bool_stage_ds\.json: zero_optimization\.stage True; expected 0, 1, 2 or 3"),
 }
 
 
@@ -479,14 +500,29 @@ def test_reward_function_scores_are_checked_one_by_one():
     """A reward function may return numbers of any kind, numpy's, or a tensor (of one-element tensors); not a
     dict (whose list is its keys), an int past any float, or a float past float32's range (the scores' dtype)."""
     reward = RewardFunction("--reward-fn", "vader")
-    for returned in ([0.5, 2], np.array([0.5, 2.0]), torch.tensor([0.5, 2.0]), [torch.tensor(0.5), np.int64(2)]):
+    for returned in ([0.5, 2], np.array([0.5, 2.0]), torch.tensor([0.5, 2.0]), [torch.tensor(0.5), np.int64(2)],
+                     torch.tensor([[0.5], [2.0]])):  # the last: one-element tensors of one dimension
         reward.fn = returning(returned)
         assert reward.checked_call(["a", "b"], ["x", "y"])[0].tolist() == [0.5, 2.0]
     for returned, error in [({0: 0.9, 1: 0.9}, r"returned \{0: 0\.9, 1: 0\.9\}; expected a list of 2 numbers"),
+                            ({0.5, 2.0}, r"returned \{.*\}; expected a list of 2 numbers"),  # a set: in no order
+                            ([0.5, 2.0, 1.0], r"returned 3 scores for 2 responses"),  # more is wrong too
+                            ([True, 0.5], r"score 0 is True; expected a finite number"),  # not 1.0
                             ([10**400, 0], r"score 0 is 1000.*; expected a finite number"),
                             ([0, 1e39], r"score 1 is 1e\+39; expected a finite number \(float32: \|x\| < 3\.4e38\)")]:
         reward.fn = returning(returned)
         assert re.search(error, reward.checked_call(["a", "b"], ["x", "y"])[1])
+
+
+def test_a_longest_sequence_of_exactly_the_positions_fits(w, capsys):
+    """A model of 16 positions reads a run whose longest sequence is 16 tokens; one of 17 is the one line."""
+    from minrlhf.cli import quiet_libraries
+    quiet_libraries()  # as train.py: no progress bars
+    load_model("--model", str(w / "short"), make_tokenizer(), False, longest=16)
+    with pytest.raises(SystemExit) as exit_info:
+        load_model("--model", str(w / "short"), make_tokenizer(), False, longest=17)
+    assert_one_error_line(exit_info, capsys, r"--model .*short: 16 positions, fewer than the 17 tokens of the run's "
+                                             r"longest sequence")
 
 
 def test_quiet_libraries_silences_the_hub_clients_retry_warnings():
