@@ -127,6 +127,7 @@ def test_lora_trains_the_adapters_and_a_reward_models_score_head(tmp_path, kind)
     trainable = {name.split(".")[-1] if "lora_" in name else name
                  for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B"} | ({"score.weight"} if kind == "rm" else set())
+    assert {m.scaling for m in model.modules() if isinstance(m, LoRALinear)} == {2.0}  # --lora-alpha's default 2r
 
 
 def assert_same_numbers(plain, checkpointed, abs):
@@ -186,6 +187,8 @@ def test_lora_ppo_with_a_critic_saves_it_merged(work):
     start = AutoModelForSequenceClassification.from_pretrained(work / "random_rm").state_dict()
     moved = {k for k, w in critic.state_dict().items() if not torch.equal(w, start[k])}
     assert "score.weight" in moved and any(k.endswith("q_proj.weight") for k in moved)  # head and merged adapters
+    deltas = {k: critic.state_dict()[k] - start[k] for k in moved if k.endswith("proj.weight")}
+    assert {torch.linalg.matrix_rank(d).item() for d in deltas.values()} == {4}  # the adapters trained, not the body
 
 
 def test_gradient_checkpointing_changes_no_number(work):

@@ -197,6 +197,17 @@ def test_pad_token_added_when_only_eos_exists():
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
 
 
+def test_a_model_loaded_for_a_tokenizer_given_a_pad_token_takes_its_row_and_id(tmp_path):
+    """A base without a pad token: train.py adds one to its tokenizer; the model loaded for it gets one more
+    embedding row, and the pad id in its config (saved with it), as its tokenizer says."""
+    from minrlhf.inputs import load_model, load_tokenizer
+    path = save_tiny("llama", tmp_path, pad=False)
+    tokenizer, resize = load_tokenizer("--model", path)
+    model = load_model("--model", path, tokenizer, resize)
+    assert resize and model.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id is not None
+
+
 def test_pad_token_reuses_a_distinct_special_token():
     """A pad token that was EOS becomes another special token the tokenizer has (here BOS): nothing to resize."""
     tokenizer = make_tokenizer(chat_template=True, pad_is_eos=True)  # EOS <|im_end|>, BOS <|endoftext|>

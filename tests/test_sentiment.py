@@ -338,6 +338,7 @@ def test_no_flags_run_the_offline_example(tmp_path, monkeypatch):
     assert args.gold_fn == "vader"  # the gold judge is logged beside the reward model's score
     assert (args.critic_model, args.lam) == ("runs/rm", 0.95)  # InstructGPT's critic, from the reward model
     assert args.missing_eos_penalty == 1.0  # answers that run into the token cap lose, in the offline example
+    assert train.parse_args(["--stage", "ppo", "--reward-fn", "vader"]).reward_model is None  # the reward asked for
     assert train.parse_args(["--stage", "sft"]).model == "BASE"  # SFT always starts from the base model
     named = train.parse_args(["--stage", "ppo", "--dataset", os.path.relpath(defaults.SENTIMENT_DATA["ppo"])])
     assert (named.gold_fn, named.missing_eos_penalty) == ("vader", 1.0)  # the built-in prompts, named

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import minrlhf
 import train as train_py  # train.py; `train` below runs it as a process
-from minrlhf.engine import deepspeed_config, param_groups
+from minrlhf.engine import build_engine, deepspeed_config, param_groups, skip_nonfinite_step
 from minrlhf.lora import add_lora
 from minrlhf.run import check_resume_flags, checkpoints, write_atomically
 from tiny import make_tokenizer, save_tiny
@@ -715,6 +715,9 @@ def test_online_defaults_and_the_mini_batch():
     base = ["--model", ROOT, "--dataset", "x.jsonl", "--reward-fn", "m:f"]
     assert [train_py.parse_args([*base, "--stage", s]).num_generations for s in ("ppo", "grpo", "rloo")] == [1, 4, 4]
     assert train_py.parse_args([*base, "--stage", "ppo", "--batch-size", "2", "--mini-batch-size", "8"]).grad_accum == 4
+    # the rollout's responses, G per prompt, make whole mini-batches: 2 prompts x 2 samples, one mini-batch of 4
+    grpo = train_py.parse_args([*base, "--stage", "grpo", "--rollout-batch-size", "2", "--num-generations", "2"])
+    assert grpo.grad_accum == 1
 
 
 def test_the_defaults_that_help_and_the_readme_promise():
@@ -728,6 +731,7 @@ def test_the_defaults_that_help_and_the_readme_promise():
     assert [(a.ppo_epochs, a.rollout_batch_size, a.kl_coef, a.max_new_tokens) for a in online.values()] == [
         (2, 16, 0.1, 48), (1, 4, 0.1, 48), (1, 4, 0.1, 48)]
     assert (online["ppo"].vf_coef, online["ppo"].lam) == (0.1, 1.0)  # the value head's (no --reward-model here)
+    assert {a.missing_eos_penalty for a in online.values()} == {0.0}  # 1 on the offline example's prompts alone
 
 
 @pytest.mark.parametrize("name", ["max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "gold_fn",
@@ -746,6 +750,49 @@ def test_zero_stage_0_overrides_the_configs_stage(work):
     args = train_py.parse_args(["--stage", "sft", "--model", ROOT, "--dataset", "x.jsonl", "--zero-stage", "0",
                                 "--deepspeed_config", str(work / "zero3.json")])
     assert deepspeed_config(args, 1)["zero_optimization"]["stage"] == 0
+
+
+def test_the_batch_keys_count_every_rank_and_zero_stage_defaults_to_0(tmp_path):
+    """DeepSpeed's train_batch_size is the global batch: --batch-size x --grad-accum x ranks. A config without a ZeRO
+    stage runs without ZeRO, as DeepSpeed would."""
+    (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    args = train_py.parse_args(["--stage", "sft", "--model", ROOT, "--dataset", "x.jsonl", "--batch-size", "2",
+                                "--grad-accum", "3", "--deepspeed_config", str(tmp_path / "ds.json")])
+    cfg = deepspeed_config(args, 4)
+    assert [cfg[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")] == [
+        2, 3, 24]
+    assert cfg["zero_optimization"]["stage"] == 0
+
+
+def test_the_fewest_training_rows_are_one_batch_of_every_rank(tmp_path, monkeypatch, capsys):
+    """Two ranks: 64 rows are one step of --batch-size 8 x --grad-accum 4 x 2 ranks, exactly; not one of
+    --grad-accum 8."""
+    from argparse import Namespace
+    import minrlhf.inputs
+    monkeypatch.setattr(minrlhf.inputs, "dist", Namespace(get_world_size=lambda: 2, get_rank=lambda: 0))
+    rows = [{"prompt": f"{s} was", "response": " great"} for s in SUBJECTS] * 8
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = Namespace(dataset=str(tmp_path / "sft.jsonl"), stage="sft", max_length=64, eval_fraction=0.0, batch_size=8,
+                     grad_accum=4)
+    assert len(minrlhf.inputs.load_examples(args, make_tokenizer())[0]) == 64
+    with pytest.raises(SystemExit):
+        minrlhf.inputs.load_examples(Namespace(**{**vars(args), "grad_accum": 8}), make_tokenizer())
+    assert re.search(r"sft\.jsonl: 64 usable training rows .*; need at least one batch of 128 \(--batch-size x "
+                     r"--grad-accum x ranks\)", capsys.readouterr().err)
+
+
+def test_several_ranks_without_zero_keep_deepspeeds_gradient_all_reduce(tmp_path, monkeypatch):
+    """One rank at ZeRO stage 0 turns DeepSpeed's all-reduce of the gradients off (nothing to average); on two ranks
+    it must stay on, or each rank would step on its own gradients and their weights drift apart."""
+    import minrlhf.engine
+    from argparse import Namespace
+    train_py.init_distributed()
+    args = train_py.parse_args(["--stage", "sft", "--model", ROOT, "--dataset", "x.jsonl"])
+    cfg = deepspeed_config(args, 1)
+    path = save_tiny("llama", tmp_path)
+    assert not build_engine(minrlhf.load_causal_lm(path), cfg, 1, args.deepspeed_config).enable_backward_allreduce
+    monkeypatch.setattr(minrlhf.engine, "dist", Namespace(get_world_size=lambda: 2))
+    assert build_engine(minrlhf.load_causal_lm(path), cfg, 1, args.deepspeed_config).enable_backward_allreduce
 
 
 def test_only_trainable_weights_reach_the_optimizer(tmp_path):
@@ -827,6 +874,13 @@ def test_ppo_in_bf16_with_a_critic_and_a_reward_model(work):
         assert {w.dtype for k, w in weights.items() if k.endswith("weight")} == {torch.bfloat16}
     AutoModelForCausalLM.from_pretrained(work / "ppo_bf16")
     AutoModelForSequenceClassification.from_pretrained(work / "ppo_bf16" / "critic")
+
+
+def test_zero3_bf16_reference_is_cast_as_the_policy(work):
+    """ZeRO-3 partitions the frozen reference in an engine of its own, which --bf16 casts as the policy's: before the
+    first update their log-probs agree to the bit (KL exactly 0), as without ZeRO."""
+    log = train(work, *PPO, "--max-steps", 1, "--bf16", "--deepspeed_config", work / "zero3.json", output="z3_bf16")
+    assert log[0]["kl"] == 0.0
 
 
 def test_critic_resume_reproduces_the_uninterrupted_run(work):
@@ -1081,6 +1135,22 @@ def test_a_reference_and_a_critic_are_resized_by_their_own_tokenizers(work):
           output="critic_nopad")
 
 
+def test_a_critic_saved_by_ppo_keeps_its_values_scale(tmp_path):
+    """--critic-model OUTPUT/critic of an earlier PPO run: its values are in the units of that run's normalised
+    scores, by the mean and std saved beside it (CRITIC_NORMALISATION), not raw reward-model scores."""
+    from argparse import Namespace
+    from minrlhf.inputs import load_critic
+    from minrlhf.run import CRITIC_NORMALISATION
+    path, tokenizer = save_tiny("llama", tmp_path / "model"), make_tokenizer()
+    minrlhf.load_reward_model(path, tokenizer.pad_token_id).save_pretrained(tmp_path / "critic")
+    tokenizer.save_pretrained(tmp_path / "critic")
+    torch.save({"mean": 2.0, "std": 4.0}, tmp_path / "critic" / CRITIC_NORMALISATION)
+    args = Namespace(critic_model=str(tmp_path / "critic"), longest=8, lora_rank=0, lora_alpha=None,
+                     lora_targets="all-linear", gradient_checkpointing=False)
+    critic = load_critic(args, tokenizer, minrlhf.load_causal_lm(path))
+    assert (critic.shift.item(), critic.scale.item()) == (2.0, 4.0)
+
+
 def test_a_signal_on_the_last_step_still_saves_the_model(work):
     train(work, *PPO, "--max-steps", 3, "--save-every", 0, "--reward-fn", "rewards:interrupt_on_third_call",
           output="last_signal")
@@ -1238,6 +1308,23 @@ def test_skip_nonfinite_skips_a_nan_gradient_and_counts_it(work, flags):
     assert log[2]["lr"] == log[1]["lr"] < log[0]["lr"]  # step 2 did not advance the schedule either
     model = AutoModelForCausalLM.from_pretrained(work / out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skip_nonfinite_step_drops_an_inf_gradient_and_moves_no_weight():
+    """The fp32 optimizer's pre-hook: an inf gradient, as a NaN, skips the update. The gradients are dropped, not
+    zeroed: AdamW's momentum would move a weight on a zero gradient."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, weight_decay=0.0)
+    weight.grad = torch.ones(3)
+    optimizer.step()  # some momentum
+    optimizer.register_step_pre_hook(skip_nonfinite_step)
+    before = weight.detach().clone()
+    weight.grad = torch.tensor([0.0, float("inf"), 0.0])
+    optimizer.step()
+    assert optimizer.overflow and weight.grad is None and torch.equal(weight, before)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert not optimizer.overflow and not torch.equal(weight, before)
 
 
 def test_skip_nonfinite_skips_a_nan_reward(work):
@@ -1415,8 +1502,10 @@ def test_prompts_cut_to_max_length_are_counted(work, capsys):
     """The online stages keep a long prompt's last --max-length tokens (where the answer begins): a line counts them,
     as the other stages count the rows they drop."""
     train(work, *PPO, "--max-length", 2, "--max-steps", 1, output="ppo_cut")
+    out = capsys.readouterr().out
     assert re.search(r"pref\.jsonl: \d+ of 64 prompts longer than --max-length 2: the policy reads their last 2 "
-                     r"tokens, the reward the whole prompt", capsys.readouterr().out)
+                     r"tokens, the reward the whole prompt", out)
+    assert "holds out none" not in out  # the online stages hold out no rows, whatever --eval-fraction's default
 
 
 def test_an_eval_fraction_that_holds_out_no_row_says_so(work, capsys):
