@@ -59,6 +59,12 @@ def w(tmp_path_factory):
     load_reward_model(tied, make_tokenizer().pad_token_id).save_pretrained(d / "tied_rm")
     make_tokenizer().save_pretrained(d / "tied_rm")
     chat = save_tiny("llama", d / "chat_model", chat_template=True)  # another tokenizer than the policy's
+    shutil.copytree(d / "model", d / "swapped_model")  # as many tokens as the policy's, two of them swapped
+    with open(d / "swapped_model" / "tokenizer.json") as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġfilm"] = vocab["Ġfilm"], vocab["Ġthe"]
+    (d / "swapped_model" / "tokenizer.json").write_text(json.dumps(spec))
     load_reward_model(chat, make_tokenizer(chat_template=True).pad_token_id).save_pretrained(d / "chat_rm")
     make_tokenizer(chat_template=True).save_pretrained(d / "chat_rm")
     strict = make_tokenizer(chat_template=True)  # Gemma's, Mistral's: no system turn
@@ -209,6 +215,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "a critic reading other tokens": (PPO + ["--reward-model", "{w}/chat_rm"],
                                       r"--critic-model .*chat_rm \(default: --reward-model\): a tokenizer other than "
                                       r"--model's, whose tokens a critic reads; pass --critic-model head"),
+    "a reference reading tokens swapped": (["--stage", "dpo", "--ref-model", "{w}/swapped_model"],
+                                           r"--ref-model .*swapped_model: a tokenizer other than --model's"),
     "a reference reading other tokens": (["--stage", "dpo", "--ref-model", "{w}/chat_model"],
                                          r"--ref-model .*chat_model: a tokenizer other than --model's, so its "
                                          r"log-probs would be of other tokens; pass a reference with --model's"),
