@@ -199,11 +199,14 @@ def encode_prompt(tokenizer, prompt):
     return ids or [tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id]
 
 
-def encode_pair(tokenizer, prompt, response, ended=True):
+def encode_pair(tokenizer, prompt, response, ended=True, generated=False):
     """(prompt_ids, response_ids) with EOS ending the response. With a chat template the response is
     the assistant turn exactly as the template writes it after the generation prompt. ended=False: a
-    response cut off at the token limit, encoded as it was generated, with no end of turn and no EOS."""
+    response cut off at the token limit, encoded as it was generated, with no end of turn and no EOS.
+    generated=True (what a policy wrote, `score_texts`): see `generated_reply`."""
     prompt_ids = encode_prompt(tokenizer, prompt)
+    if generated and spells_special_token(tokenizer, response):
+        return prompt_ids, generated_reply(tokenizer, prompt, response, ended)
     if not tokenizer.chat_template:  # plain text
         response_ids = ids_after(tokenizer, prompt, prompt_ids, response, special_tokens=True)
         return prompt_ids, ending_with_eos(response_ids, tokenizer) if ended else response_ids
@@ -214,10 +217,33 @@ def encode_pair(tokenizer, prompt, response, ended=True):
     if not full.startswith(head):
         raise DataError(f"{tokenizer.name_or_path}: chat template output does not extend the prompt")
     response_ids = ids_after(tokenizer, head, prompt_ids, full[len(head):])
-    turn = chat_text(tokenizer, _as_messages(prompt) + [{"role": "assistant", "content": "REPLY"}])
-    closed = tokenizer.eos_token in turn.rpartition("REPLY")[2]  # the template's end of turn holds EOS
+    closed = tokenizer.eos_token in end_of_turn(tokenizer, prompt)  # the template's end of turn holds EOS
     # (ChatML: <|im_end|>), not just the reply's text (Qwen2.5 base: turns end <|im_end|>, EOS <|endoftext|>)
     return prompt_ids, response_ids + ([] if closed else [tokenizer.eos_token_id])
+
+
+def end_of_turn(tokenizer, prompt):
+    """The text the chat template writes after an assistant's reply to `prompt` (ChatML: "<|im_end|>\n")."""
+    turn = chat_text(tokenizer, _as_messages(prompt) + [{"role": "assistant", "content": "REPLY"}])
+    return turn.rpartition("REPLY")[2]
+
+
+def spells_special_token(tokenizer, text):
+    """Whether `text` holds a special token's string, which encoding reads as that token."""
+    return any(t.special and t.content in text for t in tokenizer.added_tokens_decoder.values())
+
+
+def generated_reply(tokenizer, prompt, response, ended):
+    """The ids of a reply a policy generated that spells a special token's string from ordinary tokens (a
+    policy may write "<|im_end|>" so): those strings read as text, as generated, not as the special tokens
+    (which could end its turn early in the reward model's eyes); then, if it ended, the template's end of turn
+    and EOS, as `encode_pair` ends a reply. Encoded alone: a SentencePiece reply gets a leading space."""
+    ids = tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if not ended:
+        return ids
+    end = end_of_turn(tokenizer, prompt) if tokenizer.chat_template else ""
+    end_ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+    return ids + end_ids + ([] if tokenizer.eos_token in end else [tokenizer.eos_token_id])
 
 
 def ids_after(tokenizer, head, head_ids, tail, special_tokens=False):

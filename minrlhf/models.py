@@ -227,7 +227,7 @@ def score_texts(reward_model, tokenizer, prompts, responses, max_length, device=
     Past max_length it keeps each sequence's last tokens, where training cuts a pair's shared prompt to fit
     its longer reply. -> (B,)"""
     ended = [True] * len(prompts) if ended is None else ended
-    seqs = [sum(encode_pair(tokenizer, p, r, e), [])[-max_length:]
+    seqs = [sum(encode_pair(tokenizer, p, r, e, generated=True), [])[-max_length:]
             for p, r, e in zip(prompts, responses, ended)]
     ids, mask = pad_with_mask(seqs, tokenizer.pad_token_id)  # (B, T) right-padded
     return reward_scores(reward_model, ids.to(device), mask.to(device))

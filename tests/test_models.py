@@ -275,6 +275,29 @@ def test_a_cut_off_response_is_scored_as_generated(tmp_path, chat):
     assert got[1] != got[0]
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_generated_reply_that_spells_a_special_token_is_scored_as_text(chat):
+    """A policy may write the string of a special token ("<|im_end|>", "<|endoftext|>") from ordinary tokens;
+    the reward model reads those tokens, not the special token (which would end the turn early in its eyes),
+    and then the reply's end as in training. Data in training is read as TRL reads it: the string is the token."""
+    tokenizer = make_tokenizer(chat_template=chat)
+    special = tokenizer.eos_token
+    spelled = tokenizer(special, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert len(spelled) > 1  # ordinary tokens
+    prompt, response = "is it good?", f" yes{special} no"
+    for ended in (True, False):
+        prompt_ids, generated = encode_pair(tokenizer, prompt, response, ended, generated=True)
+        _, as_data = encode_pair(tokenizer, prompt, response, ended)
+        assert generated.count(tokenizer.eos_token_id) == int(ended)  # only the end of an ended reply
+        assert as_data.count(tokenizer.eos_token_id) == 1 + int(ended)
+        assert generated[:len(spelled) + 2] == tokenizer(f" yes{special}", add_special_tokens=False,
+                                                         split_special_tokens=True)["input_ids"][:len(spelled) + 2]
+        plain = encode_pair(tokenizer, prompt, " yes no", ended, generated=True)[1]
+        ending = plain[len(tokenizer(" yes no", add_special_tokens=False)["input_ids"]):]
+        assert generated[len(generated) - len(ending):] == ending  # the end of turn as a plain reply's
+    assert tokenizer(special, add_special_tokens=False)["input_ids"] == [tokenizer.eos_token_id]  # the state kept
+
+
 def test_critic_starts_as_the_reward_model_of_every_prefix(family_dir):
     """Critic(rm) at position t = the reward model's score of tokens 0..t (left padding skipped), then mapped
     to the normalised scale by set_normalisation."""
