@@ -242,8 +242,8 @@ def generated_reply(tokenizer, prompt, response, ended):
     if not ended:
         return ids
     end = end_of_turn(tokenizer, prompt) if tokenizer.chat_template else ""
-    end_ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
-    return ids + end_ids + ([] if tokenizer.eos_token in end else [tokenizer.eos_token_id])
+    closing = tokenizer(end, add_special_tokens=False)["input_ids"]  # [] for ""
+    return ids + closing + ([] if tokenizer.eos_token in end else [tokenizer.eos_token_id])
 
 
 def ids_after(tokenizer, head, head_ids, tail, special_tokens=False):
