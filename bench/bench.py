@@ -279,7 +279,7 @@ def case_hh(args, tmp, files):
                                         "--eval", "2000:2312", "--batch-size", 8, "--max-length", 256,
                                         "--lr", 1e-5], args)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = M.load_reward_model(out, tokenizer.pad_token_id, new_head=False).float().eval()  # scored in fp32
+    model = M.load_reward_model(out, tokenizer.pad_token_id, new_head=False).eval()  # loads in fp32
     with torch.no_grad():
         margins = torch.cat([M.score_texts(model, tokenizer, [r["prompt"]] * 2,
                                            [r["chosen"], r["rejected"]], 256)
