@@ -381,7 +381,8 @@ def ppo_update(engine, critic, exp, kl_coef, args):
 def rollout_stats(exp, scores, normalised, kl_coef, group_size):
     """The rollout's log: the mean raw score (before normalising and the EOS penalty) as `reward`, the mean
     KL to the reference per response (summed over its tokens, what --target-kl aims at) as `kl`; GRPO's and
-    RLOO's groups that tie in the scores their advantages come from (`normalised`: EOS penalty and all)."""
+    RLOO's groups whose scores tie (`normalised`: EOS penalty and all), where the reward ranks no sample
+    (RLOO's advantages may still differ there: their KL term is part of its reward)."""
     mask = exp["mask"]
     stats = {"reward": scores.mean().item(), "kl": M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], mask)
              .mean().item(), "kl_coef": kl_coef, "response_length": mask.sum(1).float().mean().item()}
@@ -389,7 +390,7 @@ def rollout_stats(exp, scores, normalised, kl_coef, group_size):
         values, returns = (across_ranks(exp[k][mask.bool()]) for k in ("values", "returns"))  # (N,) each
         variance = M.explained_variance(values, returns, torch.ones_like(values)).item()
         return stats | {"ppo/val/explained_variance": variance, "ppo/returns/mean": returns.mean().item()}
-    tied = normalised.view(-1, group_size).std(1) == 0  # groups whose samples all score alike: no signal
+    tied = normalised.view(-1, group_size).std(1) == 0  # groups whose samples all score alike
     return stats | {"advantage_std": across_ranks(exp["advantages"][:, 0]).std().item(),  # every rank's
                     "frac_reward_zero_std": tied.float().mean().item()}
 

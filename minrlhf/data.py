@@ -193,10 +193,16 @@ def encode_prompt(tokenizer, prompt):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if not isinstance(prompt, str):
         raise DataError(f"chat messages, but {tokenizer.name_or_path} has no chat template to write them")
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if ids[-1:] == [tokenizer.eos_token_id] and not prompt.endswith(tokenizer.eos_token):
-        ids = ids[:-1]  # the tokenizer appends EOS (Llama's add_eos_token=True): a prompt ends no episode
+    ids = without_appended_eos(tokenizer, tokenizer(prompt, add_special_tokens=True)["input_ids"], prompt)
     return ids or [tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id]
+
+
+def without_appended_eos(tokenizer, ids, text):
+    """`ids` of `text` without the EOS a tokenizer appends to every text (Llama's add_eos_token=True): a prompt
+    ends no episode, and a reply cut off at the token limit did not end; an EOS the text spells stays."""
+    if ids[-1:] == [tokenizer.eos_token_id] and not text.endswith(tokenizer.eos_token):
+        return ids[:-1]
+    return ids
 
 
 def encode_pair(tokenizer, prompt, response, ended=True, generated=False):
@@ -208,7 +214,8 @@ def encode_pair(tokenizer, prompt, response, ended=True, generated=False):
     if generated and spells_special_token(tokenizer, response):
         return prompt_ids, generated_reply(tokenizer, prompt, response, ended)
     if not tokenizer.chat_template:  # plain text
-        response_ids = ids_after(tokenizer, prompt, prompt_ids, response, special_tokens=True)
+        response_ids = without_appended_eos(
+            tokenizer, ids_after(tokenizer, prompt, prompt_ids, response, special_tokens=True), response)
         return prompt_ids, ending_with_eos(response_ids, tokenizer) if ended else response_ids
     head = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
     if not ended:  # as generated (cut off): no end of turn, no EOS

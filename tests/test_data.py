@@ -265,6 +265,23 @@ def test_a_tokenizer_that_appends_eos_ends_no_prompt_with_it():
     assert prompt_ids[-1] != tok.eos_token_id and reply_ids.count(tok.eos_token_id) == 1
 
 
+def test_a_tokenizer_that_appends_eos_ends_no_cut_off_reply_with_it():
+    """A reply cut off at the token limit did not end: with a tokenizer that appends EOS to every text, it must
+    still reach the reward model (online, and in its pairs) and SFT's labels without one; an ended one, once."""
+    tok = make_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", tok.eos_token_id)])
+    eos = tok.eos_token_id
+    for generated in (False, True):
+        assert encode_pair(tok, "the film was", " great", ended=False, generated=generated)[1][-1] != eos
+        assert encode_pair(tok, "the film was", " great", generated=generated)[1].count(eos) == 1
+    row = {"prompt": "the film was", "response": " great and the food", "response_ended": False}
+    assert eos not in encode_sft(row, tok, 64)["labels"]
+    pair = encode_preference({"prompt": "the film was", "chosen": " great", "rejected": " bad and the",
+                              "rejected_ended": False}, tok, 64)
+    assert pair["chosen"].count(eos) == 1 and eos not in pair["rejected"]
+
+
 def test_sft_truncation_keeps_the_start_and_labels_the_response():
     tok = make_tokenizer()
     prompt_ids, response_ids = encode_pair(tok, "the film was", " great, I loved it and the food was great")
