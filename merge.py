@@ -14,13 +14,14 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minrlhf.cli import (LOAD_ERRORS, WRITE_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load,
-                         first_line, nonempty, non_negative, quiet_libraries)
+                         first_line, nonempty, non_negative, quiet_libraries, same_path)
 from minrlhf.sampling import load_chat_model
 from transformers import AutoTokenizer  # after minrlhf: Hub offline mode where the Hub does not resolve
 
@@ -98,31 +99,71 @@ def writing(output):
         fail(f"--output {output}: cannot write the merged policy there ({e})")
 
 
-def save_base(path, folder, output):
+def trained_from(path):
+    """The `model` that the train.py run saved in `path` was trained from (its args.json), or None."""
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            model = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):  # no args.json (not a train.py run), or not its contents
+        return None
+    return model if isinstance(model, str) else None
+
+
+def check_policy_paths(policies, base):
+    """One line for a policy passed twice (its change would count twice in the mean), or one whose args.json
+    names another model than --base: its change from --base is no task vector. A recorded path that does not
+    exist here (relative to another folder, a Hub name) cannot be compared, and passes."""
+    for i, path in enumerate(policies):
+        twice = [other for other in policies[:i] if same_path(path, other)]
+        if twice:
+            fail(f"--policies {path}: passed twice (also as {twice[0]}); pass each policy once")
+        model = trained_from(path)
+        if model is not None and os.path.exists(model) and not same_path(model, base):
+            fail(f"--policies {path}: trained from {model} (its args.json), not from --base {base}; pass "
+                 f"--base {model}, or policies trained from {base}")
+
+
+def open_policies(paths, base_tokenizer, base_path):
+    """Every policy opened (`SavedWeights`) and checked before the base is saved: the base's tokens, and the
+    first policy's weights (names and shapes as saved); `check_like` compares that one with the saved base."""
+    policies = []
+    for path in paths:
+        policy, tokenizer = load("--policies", path, saved_policy)
+        if tokenizer.get_vocab() != base_tokenizer.get_vocab():
+            fail(f"--policies {path}: a tokenizer other than --base {base_path}'s; pass policies trained "
+                 f"from it")
+        if policies:
+            check_like(path, policy, policies[0], f"--policies {paths[0]}")
+        policies.append(policy)
+    return policies
+
+
+def save_base(args, folder):
     """Load the base as train.py loads the model it trains (a pad token added if it has none distinct from
-    EOS, the embeddings resized for it) and save it in `folder` as train.py saves its policies; returns its
-    tokenizer. Saved, its weights have the policies' names (transformers renames some in memory: GPT-NeoX's
-    embed_out, MoE experts fused), shapes and tied weights (saved once), so both sides merge as saved."""
-    model, tokenizer = load("--base", path, load_chat_model)
-    with writing(output):
+    EOS, the embeddings resized for it), open and check the policies, and save the base in `folder` as
+    train.py saves its policies -> (the saved base's `SavedWeights`, the policies'). Saved, its weights have
+    the policies' names (transformers renames some in memory: GPT-NeoX's embed_out, MoE experts fused),
+    shapes and tied weights (saved once), so both sides merge as saved."""
+    model, tokenizer = load("--base", args.base, load_chat_model)
+    policies = open_policies(args.policies, tokenizer, args.base)
+    with writing(args.output):
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    return tokenizer
+    base = SavedWeights(folder)
+    check_like(args.policies[0], policies[0], base, f"--base {args.base}")
+    return base, policies
 
 
-def check_like_base(path, policy, tokenizer, base, base_tokenizer, base_path):
-    """One line unless the policy has the base's tokens, the weights of `base` (the saved base's
-    `SavedWeights`) with their shapes, and no others (a reward model's score head)."""
-    if tokenizer.get_vocab() != base_tokenizer.get_vocab():
-        fail(f"--policies {path}: a tokenizer other than --base {base_path}'s; pass policies trained from it")
-    for key in base.shards:
-        if policy.shape(key) != base.shape(key):
+def check_like(path, policy, reference, where):
+    """One line unless the policy has the weights of `reference` (a `SavedWeights`: the saved base, or the
+    first policy; `where` names it) with their shapes, and no others (a reward model's score head)."""
+    for key in reference.shards:
+        if policy.shape(key) != reference.shape(key):
             found = f"shape {policy.shape(key)}" if key in policy.shards else "no such weight"
-            fail(f"--policies {path}: {key}: {found}, where --base {base_path} has {base.shape(key)}; "
-                 f"pass policies trained from it")
-    for key in sorted(policy.shards.keys() - base.shards.keys()):
-        fail(f"--policies {path}: {key}: a weight that --base {base_path} has not; pass causal LMs trained "
-             f"from it")
+            fail(f"--policies {path}: {key}: {found}, where {where} has {reference.shape(key)}; pass "
+                 f"policies trained from --base")
+    for key in sorted(policy.shards.keys() - reference.shards.keys()):
+        fail(f"--policies {path}: {key}: a weight that {where} has not; pass causal LMs trained from --base")
 
 
 def check_finite(merged, scale):
@@ -147,28 +188,52 @@ def write_merged(folder, base, policies, scale):
         os.replace(f"{path}.tmp", path)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    quiet_libraries()
-    if os.path.isdir(args.output) and os.listdir(args.output):  # never write over a model
-        fail(f"--output {args.output}: not empty; choose a new folder")
+def missing_folders(path):
+    """`path` and those of its parent folders that do not exist yet, innermost first."""
+    path, missing = os.path.abspath(path), []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def merge(args):
+    """The merge, made in a new folder beside --output, then moved there whole -> the number of policies."""
     check_writable("--output", args.output, args.output)
-    with writing(args.output):  # the merge is made in a new folder beside --output, then moved there whole
+    with writing(args.output):
         folder = tempfile.mkdtemp(prefix=".merging-", dir=os.path.dirname(os.path.abspath(args.output)))
     try:
-        tokenizer = save_base(args.base, folder, args.output)
-        base, policies = SavedWeights(folder), []
-        for path in args.policies:
-            policy, policy_tokenizer = load("--policies", path, saved_policy)
-            check_like_base(path, policy, policy_tokenizer, base, tokenizer, args.base)
-            policies.append(policy)
+        base, policies = save_base(args, folder)
         with writing(args.output):
             write_merged(folder, base, policies, args.scale)
+            # mkdtemp's 0700 would hide the model from others: --output's mode (the umask's) instead
+            os.chmod(folder, stat.S_IMODE(os.stat(args.output).st_mode))
             os.replace(folder, args.output)  # onto the empty --output: a whole merge there, or nothing
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # a failed attempt's; a merge moved in is gone from here
-    print(f"{args.output}: {args.base} + {args.scale:g} x the mean change of {len(policies)} policies")
+    return len(policies)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    quiet_libraries()
+    check_policy_paths(args.policies, args.base)
+    if os.path.isdir(args.output) and os.listdir(args.output):  # never write over a model
+        fail(f"--output {args.output}: not empty; choose a new folder")
+    created = missing_folders(args.output)
+    try:
+        count = merge(args)
+    except BaseException:  # a failure leaves no folder it made: --output (and its parents) as they were
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+    print(f"{args.output}: {args.base} + {args.scale:g} x the mean change of {count} policies")
 
 
 if __name__ == "__main__":
+    # save_pretrained imports deepspeed (accelerate's unwrap_model), whose accelerator detection prints a
+    # banner on stdout unless told which: merge.py runs on the CPU (set here, not in main(): a process that
+    # trains after calling main() keeps its own choice)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     main()

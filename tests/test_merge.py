@@ -1,4 +1,9 @@
 """merge.py: the task-vector merge by hand, end to end on tiny saved policies, and its one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
@@ -27,8 +32,11 @@ def test_merge_task_vectors_by_hand():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     d = tmp_path_factory.mktemp("merge")
-    for name, seed in {"base": 0, "a": 1, "b": 2}.items():  # three models of one architecture and tokenizer
+    for name, seed in {"base": 0, "a": 1, "b": 2, "from_a": 3}.items():  # one architecture and tokenizer
         save_tiny("llama", d / name, seed=seed)
+    (d / "a" / "args.json").write_text(json.dumps({"model": f"{d}/./base/"}))  # train.py's: --base, spelled
+    (d / "b" / "args.json").write_text(json.dumps({"model": "elsewhere/base"}))  # relative to another folder
+    (d / "from_a" / "args.json").write_text(json.dumps({"model": str(d / "a")}))  # trained from another model
     save_tiny("llama", d / "wide", config={"hidden_size": 64})
     save_tiny("llama", d / "chat", chat_template=True)
     for name, seed in {"tied_base": 0, "tied_a": 1, "tied_b": 2}.items():  # an LM head that is the embedding
@@ -123,6 +131,13 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "a reward model": (["--base", "{d}/tied_base", "--policies", "{d}/tied_rm"],
                        r"--policies .*tied_rm: score\.weight: a weight that --base .*tied_base has not"),
     "output not empty": (["--output", "{d}/a"], r"--output .*a: not empty; choose a new folder"),
+    "trained from another base": (["--policies", "{d}/from_a"],
+                                  r"--policies .*from_a: trained from .*/a \(its args\.json\), not from "
+                                  r"--base .*base; pass --base .*/a, or policies trained from .*base$"),
+    "a policy twice": (["--policies", ["{d}/a", "{d}/b", "{d}/./a/"]],
+                       r"--policies .*/\./a/: passed twice \(also as .*/a\); pass each policy once"),
+    "a new --output in new folders": (["--output", "{t}/new/deeper/out", "--base", "{d}/nope", "--policies",
+                                       "{d}/b"], r"--base .*nope: cannot load as a causal LM"),
     "negative scale": (["--scale", "-1"], r"argument --scale: -1: expected a number >= 0"),
     "a scale past float32": (["--scale", "1e300"],
                              r"--scale 1e\+300: \S+: merged weights not finite in float32; pass a smaller --scale"),
@@ -141,8 +156,8 @@ def config_then_disk_full(model, folder, *args, **kwargs):
 
 @pytest.mark.parametrize("where", ["the base's save", "the merged weights"])
 def test_merge_py_a_failed_write_is_one_line_and_leaves_no_model(where, saved, tmp_path, capsys, monkeypatch):
-    """A full disk: one line, and --output left empty (no config.json: no half a model that the next stage
-    would load, nor one that a rerun would refuse as not empty), no temporary folder beside it."""
+    """A full disk: one line, and no --output (no config.json: no half a model that the next stage would
+    load, nor one that a rerun would refuse as not empty), no temporary folder beside it."""
     if where == "the base's save":
         monkeypatch.setattr(PreTrainedModel, "save_pretrained", config_then_disk_full)
     else:
@@ -152,7 +167,7 @@ def test_merge_py_a_failed_write_is_one_line_and_leaves_no_model(where, saved, t
         merge.main(argv)
     assert_one_error_line(exit_info, capsys,
                           r"--output .*: cannot write the merged policy there \(\[Errno 28\]")
-    assert not any((tmp_path / "out").iterdir()) and [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp
+    assert not any(tmp_path.iterdir())  # no --output (it made it), no temporary folder
     monkeypatch.undo()  # room again: the same command writes the merge
     merge.main(argv)
     assert (tmp_path / "out" / "config.json").exists()
@@ -160,12 +175,67 @@ def test_merge_py_a_failed_write_is_one_line_and_leaves_no_model(where, saved, t
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_merge_py_bad_input_fails_with_one_line(name, saved, tmp_path, capsys):
+    """One line, and no folder left that it made: not --output, nor its new parents."""
     flags, message = CASES[name]
-    argv = {"--base": "{d}/base", "--policies": "{d}/a", "--output": str(tmp_path / "out")}
+    argv = {"--base": "{d}/base", "--policies": "{d}/a", "--output": "{t}/out"}
     for flag, value in zip(flags[::2], flags[1::2]):
         argv[flag] = value
+    values = [[value] if isinstance(value, str) else value for value in argv.values()]  # --policies: several
     with pytest.raises(SystemExit) as exit_info:
-        merge.main([s.format(d=saved) for pair in argv.items() for s in pair])
+        merge.main([arg.format(d=saved, t=tmp_path) for flag, value in zip(argv, values)
+                    for arg in [flag, *value]])
     assert_one_error_line(exit_info, capsys, message)
-    assert not (tmp_path / "out" / "config.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merging-")]  # no temporary folder left
+    assert not any(tmp_path.iterdir())  # no --output, no temporary folder
+    assert (saved / "a" / "config.json").exists()
+
+
+def saved_too_soon(*args, **kwargs):
+    raise AssertionError("the base saved before every policy was checked")
+
+
+@pytest.mark.parametrize("policy, message", [
+    ("nope", r"--policies .*nope: cannot load as a causal LM"),
+    ("chat", r"--policies .*chat: a tokenizer other than --base .*base's"),
+    ("wide", r"--policies .*wide: lm_head\.weight: shape \(\d+, 64\), where --policies .*a has \(\d+, 32\)")])
+def test_merge_py_checks_every_policy_before_saving_the_base(policy, message, saved, tmp_path, capsys,
+                                                             monkeypatch):
+    """A typo or a stray model among the policies: one line before the base is saved (minutes for 7B)."""
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", saved_too_soon)
+    with pytest.raises(SystemExit) as exit_info:
+        merge.main(["--base", str(saved / "base"), "--policies", str(saved / "a"), str(saved / policy),
+                    "--output", str(tmp_path / "out")])
+    assert_one_error_line(exit_info, capsys, message)
+
+
+def mode(path):
+    return oct(os.stat(path).st_mode & 0o777)
+
+
+def test_merge_py_gives_the_merge_the_mode_of_a_new_folder(saved, tmp_path):
+    """Not mkdtemp's 0700 (a model others cannot read): the mode that the umask gives a new folder, or that of
+    the empty --output made before, which a failed merge leaves as it was."""
+    argv = ["--base", str(saved / "base"), "--policies", str(saved / "a"), "--output"]
+    umask = os.umask(0o027)
+    try:
+        merge.main([*argv, str(tmp_path / "new")])
+    finally:
+        os.umask(umask)
+    assert mode(tmp_path / "new") == oct(0o750)
+    (tmp_path / "made").mkdir()
+    os.chmod(tmp_path / "made", 0o711)
+    with pytest.raises(SystemExit):
+        merge.main(["--base", str(saved / "nope"), "--policies", str(saved / "b"), "--output",
+                    str(tmp_path / "made")])
+    assert mode(tmp_path / "made") == oct(0o711) and not any((tmp_path / "made").iterdir())
+    merge.main([*argv, str(tmp_path / "made")])
+    assert mode(tmp_path / "made") == oct(0o711) and (tmp_path / "made" / "config.json").exists()
+
+
+def test_merge_py_as_a_process_prints_no_banner(saved, tmp_path):
+    """stdout is merge.py's line alone: no DeepSpeed accelerator banner (save_pretrained imports it)."""
+    script = os.path.join(os.path.dirname(merge.__file__), "merge.py")
+    argv = ["--base", str(saved / "base"), "--policies", str(saved / "a"), "--output", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == f"{tmp_path / 'out'}: {saved / 'base'} + 1 x the mean change of 1 policies\n"
