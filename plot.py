@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
-from minrlhf.cli import OneLineArgumentParser, check_writable, fail  # noqa: E402
+from minrlhf.cli import OneLineArgumentParser, check_writable, fail, same_path  # noqa: E402
 
 PANELS = [("reward", "reward (RM or --reward-fn)"), ("kl", "KL to reference (nats)"),
           ("gold", "gold score (VADER)")]
@@ -48,16 +48,34 @@ def read_metrics(run_dir):
 
 
 def read_eval(run_dir):
-    """RUN_DIR/eval.json's held-out gold and KL (`eval.py --json`), or None when there is none."""
+    """RUN_DIR/eval.json's held-out KL and gold (`eval.py --json`), or None when there is none; one line if
+    its `policy` is another folder (a relative path is read from here: one that does not resolve passes)."""
     path = os.path.join(run_dir, "eval.json")
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
             figures = json.load(f)
-        return float(figures["kl"]), float(figures["gold"])
+        held_out, policy = (float(figures["kl"]), float(figures["gold"])), figures.get("policy")
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{path}: {type(e).__name__}: {e}; expected the figures of eval.py --json")
+    if isinstance(policy, str) and os.path.exists(policy) and not same_path(policy, run_dir):
+        fail(f"{path}: the figures of eval.py --policy {policy}, not of {run_dir}; run eval.py --policy "
+             f"{run_dir} --json {path}")
+    return held_out
+
+
+def gold_and_kl(run_dir):
+    """A run's (KL, gold) per training step that logs gold, and held out (eval.json's, or None); one line if
+    it has neither. A folder with an eval.json and no metrics.jsonl (merge.py's) has no steps."""
+    held_out = read_eval(run_dir)
+    merged = held_out and not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+    rows = [] if merged else read_metrics(run_dir)
+    points = [(r["kl"], r["gold"]) for r in rows if "gold" in r and "kl" in r]  # --skip-nonfinite: one
+    if not (points or held_out):
+        path = os.path.join(run_dir, "eval.json")
+        fail(f"{run_dir}: no gold logged and no {path}; run eval.py --policy {run_dir} --json {path} first")
+    return points, held_out
 
 
 def plot(rows, run_dir, out):
@@ -77,23 +95,16 @@ def plot(rows, run_dir, out):
 
 def compare(run_dirs, out):
     """Gold against KL for each run: a dot per training step (a rollout, where it logs gold) and a star at its
-    held-out figures (eval.json): where each method gets, and at what distance from the SFT policy. A folder
-    with an eval.json and no metrics.jsonl (merge.py's) is a star alone."""
+    held-out figures (eval.json): where each method gets, and at what distance from the SFT policy. Every run
+    is read before anything is drawn."""
+    runs = [gold_and_kl(run_dir) for run_dir in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False  # any dot or star at all
-    for i, run_dir in enumerate(run_dirs):
+    for i, (run_dir, (points, held_out)) in enumerate(zip(run_dirs, runs)):
         color, name = f"C{i}", os.path.basename(os.path.normpath(run_dir))
-        held_out = read_eval(run_dir)
-        merged = held_out and not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
-        rows = [] if merged else read_metrics(run_dir)
-        points = [(r["kl"], r["gold"]) for r in rows if "gold" in r and "kl" in r]  # --skip-nonfinite: one
         if points:  # named by its star, if it has one
             ax.plot(*zip(*points), ".", color=color, alpha=0.4, label=None if held_out else name)
         if held_out:
             ax.plot(*held_out, "*", color=color, markersize=16, label=name)
-        drawn = drawn or bool(points or held_out)
-    if not drawn:
-        fail(f"{', '.join(run_dirs)}: no gold logged and no eval.json; nothing to compare")
     ax.set_xlabel("KL to the SFT policy (nats per response)")
     ax.set_ylabel("gold score (VADER): held out (stars), rollouts (dots)")
     ax.grid(alpha=0.3)

@@ -581,9 +581,13 @@ PLOT_CASES = {  # plot.py: name -> (run folders, flags, the one line expected on
     "a value not a number": (["text_value"], [], r"text_value/metrics\.jsonl: line 2: a value that is not a number"),
     "default out a directory": (["png_dir"], [], r"png_dir/ppo\.png: cannot write the plot there \(Is a directory\); "
                                                  r"pass --out"),
-    "two sft runs": (["sft", "sft"], [], r"sft, .*sft: no gold logged and no eval\.json; nothing to compare"),
-    "broken eval.json": (["sft", "bad_eval"], [], r"bad_eval/eval\.json: KeyError: 'kl'; expected the figures of "
+    "a run without gold or eval.json": (["gold", "sft"], [], r"/sft: no gold logged and no \S*/sft/eval\.json; run "
+                                                             r"eval\.py --policy \S*/sft --json \S*/sft/eval\.json first$"),
+    "broken eval.json": (["bad_eval", "sft"], [], r"bad_eval/eval\.json: KeyError: 'kl'; expected the figures of "
                                                   r"eval\.py --json"),
+    "eval.json of another policy": (["gold", "other_eval"], [], r"other_eval/eval\.json: the figures of eval\.py "
+                                                                r"--policy \S*/gold, not of \S*/other_eval; run "
+                                                                r"eval\.py --policy \S*/other_eval --json"),
     "out not an image": (["sft"], ["--out", "x.txt"], r"--out x\.txt: expected an image file name ending in \.png"),
     "out not writable": (["sft"], ["--out", "{t}/a_file/x.png"], r"--out .*a_file/x\.png: cannot write there"),
 }
@@ -595,11 +599,14 @@ def test_plot_bad_input_fails_with_one_line(name, tmp_path, capsys):
     metrics = {"sft": '{"step": 1, "loss": 2.0}\n', "broken": '{"step": 1, "kl": 1.0}\n{"step": 2, oops\n', "no_step": '{"loss": 2.0}\n',
                "bad_eval": '{"step": 1, "loss": 2.0}\n', "empty": "",
                "text_value": '{"step": 1, "reward": 1.0}\n{"step": 2, "reward": "1.0"}\n',
-               "png_dir": '{"step": 1, "reward": 1.0}\n'}
+               "png_dir": '{"step": 1, "reward": 1.0}\n', "gold": '{"step": 1, "kl": 0.5, "gold": 0.5}\n',
+               "other_eval": '{"step": 1, "kl": 0.5, "gold": 0.5}\n'}
     for run, text in metrics.items():
         os.makedirs(tmp_path / run)
         (tmp_path / run / "metrics.jsonl").write_text(text)
     (tmp_path / "bad_eval" / "eval.json").write_text('{"gold": 0.5}')
+    (tmp_path / "other_eval" / "eval.json").write_text(json.dumps({"policy": str(tmp_path / "gold"), "kl": 1.0,
+                                                                   "gold": 0.6}))  # eval.py --json's of gold
     os.makedirs(tmp_path / "png_dir" / "ppo.png")
     (tmp_path / "a_file").write_text("not a directory")
     runs, flags, message = PLOT_CASES[name]

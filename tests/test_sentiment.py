@@ -146,19 +146,19 @@ def test_plot_draws_a_panel_per_logged_metric(tmp_path):
 
 
 def test_plot_compares_runs(tmp_path):
-    """Several runs: gold against KL, from the training log where it has gold, and eval.json where written:
-    each run in its own colour, a run with neither drawing nothing."""
-    for name, gold, held_out in (("ppo", 0.5, True), ("dpo", None, True), ("none", None, False)):
+    """Several runs: gold against KL, from the training log where it has gold, and eval.json where written
+    (for that run's folder, however eval.py was given it): each run in its own colour."""
+    for name, gold in (("ppo", 0.5), ("dpo", None)):
         os.makedirs(tmp_path / name)
         write_metrics(tmp_path / name / "metrics.jsonl",
                       [{"step": s, "kl": s / 2, **({"gold": gold} if gold else {})} for s in range(1, 4)]
                       + [{"step": 4, "gold": 0.6}])  # --skip-nonfinite dropped this step's infinite kl
-        if held_out:
-            with open(tmp_path / name / "eval.json", "w") as f:
-                json.dump({"kl": 1.0 + (gold is None), "gold": 0.7}, f)
-    plot.main([str(tmp_path / n) for n in ("ppo", "dpo", "none")] + ["--out", str(tmp_path / "methods.png")])
-    ppo, dpo, none = (colour_share(tmp_path / "methods.png", f"C{i}") for i in range(3))
-    assert ppo > dpo > 0 and none == 0  # ppo: its rollouts' dots and its star; dpo: a star; the third: nothing
+        with open(tmp_path / name / "eval.json", "w") as f:
+            policy = os.path.relpath(tmp_path / name) + "/" if gold else f"{tmp_path}/./{name}"
+            json.dump({"policy": policy, "kl": 1.0 + (gold is None), "gold": 0.7}, f)
+    plot.main([str(tmp_path / n) for n in ("ppo", "dpo")] + ["--out", str(tmp_path / "methods.png")])
+    ppo, dpo = (colour_share(tmp_path / "methods.png", f"C{i}") for i in range(2))
+    assert ppo > dpo > 0  # ppo: its rollouts' dots and its star; dpo: a star
 
 
 def test_plot_names_each_run_draws_merges_and_skips_a_line_cut_short(tmp_path, monkeypatch):
