@@ -21,8 +21,8 @@ from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
                          check_writable, fail, fail_to_load, first_line, nonempty, positive_int,
                          quiet_libraries, same_path, samples_per_prompt, sampling_temperature)
+from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model, sample
-from transformers import AutoTokenizer  # after minrlhf (above)
 
 
 def parse_args(argv=None):
@@ -71,7 +71,7 @@ def summed_logprobs(model, rows, temperature, pad_id, batch_size):
 
 def load_reward_model(path):
     """(a reward model with a trained score head, its own tokenizer)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer_of(path)
     added = M.ensure_pad_token(tokenizer)
     model = M.load_reward_model(path, tokenizer.pad_token_id, new_head=False)
     if added:  # a pad token of its own, distinct from EOS, needs an embedding row

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from minrlhf.cli import (LOAD_ERRORS, WRITE_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load,
                          first_line, nonempty, non_negative, quiet_libraries, same_path)
+from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model
-from transformers import AutoTokenizer  # after minrlhf: Hub offline mode where the Hub does not resolve
 
 
 def merge_task_vectors(base, policies, scale):
@@ -87,7 +87,7 @@ def load(flag, path, loader):
 
 def saved_policy(path):
     """(`SavedWeights`, tokenizer) of a policy folder."""
-    return SavedWeights(path), AutoTokenizer.from_pretrained(path)
+    return SavedWeights(path), load_tokenizer_of(path)
 
 
 @contextlib.contextmanager

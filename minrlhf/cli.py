@@ -35,8 +35,10 @@ def fail(message, this_rank=False):
 
 
 def first_line(error):
-    """An exception's message for a one-line error: its first line, or its repr if it has no message."""
-    return (str(error) or repr(error)).splitlines()[0]
+    """An exception's message for a one-line error: its first line, or its repr if it has no message. A
+    first line that ends in a colon introduces the lines after it, which are joined to it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
+    return " ".join(lines) if lines[0].endswith(":") else lines[0]
 
 
 def check_template(flag, path, tokenizer, prompts, source, replies=True):
@@ -125,8 +127,8 @@ def quiet_libraries():
 
 
 def fail_to_load(flag, path, reason):
-    """One line for a model folder that does not load, with `reason`; two folders without a model's
-    config.json are named as what they are: a train.py run stopped before its final model, a PEFT adapter."""
+    """One line for a model folder that does not load, with `reason`; a folder without a model's config.json
+    is named as what it is: a train.py run stopped before its final model, a PEFT adapter, not a model."""
     if os.path.isfile(path):
         fail(f"{flag} {path}: a file; expected a model folder or a Hub name")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -136,6 +138,8 @@ def fail_to_load(flag, path, reason):
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             fail(f"{flag} {path}: a PEFT adapter, not a whole model; merge it into its base model (peft's "
                  f"merge_and_unload(), then save_pretrained) and pass that folder")
+        if os.path.isdir(path):  # else a Hub name, or nothing: the reason says which
+            fail(f"{flag} {path}: not a model folder (no config.json)")
     fail(f"{flag} {path}: {reason}")
 
 

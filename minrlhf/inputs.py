@@ -10,7 +10,6 @@ from collections.abc import Mapping, Set
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
 from .cli import LOAD_ERRORS, check_embeddings, fail, fail_to_load, fail_together, first_line, same_path
 from .data import (ONLINE, DataError, check_columns, ensure_pad_token, held_out, load_rows, sequence_length,
@@ -18,7 +17,7 @@ from .data import (ONLINE, DataError, check_columns, ensure_pad_token, held_out,
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen
 from .lora import LoRALinear, WithoutAdapters, add_lora
-from .models import Critic, load_causal_lm, load_reward_model, position_limit, vocab_size
+from .models import Critic, load_causal_lm, load_reward_model, load_tokenizer_of, position_limit, vocab_size
 from .run import CRITIC_NORMALISATION
 
 
@@ -101,7 +100,7 @@ def check_stage_flags(args, parser):
 def load_tokenizer(flag, path):
     """-> (tokenizer with a pad token distinct from EOS, True if that token was added: resize the model)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer_of(path)
     except LOAD_ERRORS as e:
         fail_to_load(flag, path, f"cannot load its tokenizer ({first_line(e)})")
     try:

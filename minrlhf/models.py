@@ -8,7 +8,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .data import encode_pair, pad_with_mask, prompts_before_replies
 from .losses import logprobs_from_logits
@@ -40,6 +40,17 @@ def load_causal_lm(path):
     if any(key.startswith("score.") for key in info["unexpected_keys"]):
         raise ValueError("not a causal LM checkpoint: a reward model (it has a score head)")
     return model
+
+
+def load_tokenizer_of(path):
+    """The tokenizer saved with a model. One that encodes text to no tokens is refused: for a folder without
+    tokenizer files (a model's config and weights alone) transformers builds an empty GPT-2 tokenizer of one
+    token, which turns every prompt into no tokens and every figure computed from them into noise."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.encode("a", add_special_tokens=False):
+        raise ValueError("an empty tokenizer that encodes text to no tokens: what transformers loads from a "
+                         "folder without tokenizer files; expected tokenizer.json, vocab.json or the like")
+    return tokenizer
 
 
 def bf16_weights(model):

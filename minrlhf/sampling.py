@@ -1,16 +1,16 @@
 """Pure sampling (no top-k, no nucleus, no penalties): PPO's generation config, and batched sampling with it
 from a chat model outside training (the data scripts, eval.py), so what is sampled here is what PPO sees."""
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from .data import collate_prompts, decode_response, encode_prompt, ensure_pad_token
-from .models import load_causal_lm
+from .models import load_causal_lm, load_tokenizer_of
 
 
 def load_chat_model(path):
     """(model in eval mode, tokenizer with a pad token distinct from EOS, which the model's config names), as
     train.py loads a model."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer_of(path)
     model = load_causal_lm(path)
     if ensure_pad_token(tokenizer):
         model.resize_token_embeddings(len(tokenizer))

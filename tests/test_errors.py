@@ -18,7 +18,7 @@ import minrlhf.offline
 from minrlhf import load_reward_model
 from minrlhf.inputs import RewardFunction, load_model
 from test_train import ENV
-from tiny import STRICT_TEMPLATE, make_tokenizer, save_tiny
+from tiny import STRICT_TEMPLATE, make_causal_lm, make_tokenizer, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +91,11 @@ def w(tmp_path_factory):
     no_eos = make_tokenizer()
     no_eos.eos_token = None
     no_eos.save_pretrained(d / "no_eos")
+    os.makedirs(d / "empty_dir")  # not a model folder
+    make_tokenizer().save_pretrained(d / "tokenizer_only")  # a tokenizer without a model's config.json
+    # a model's config and weights alone: for a GPT-2 one transformers loads an empty tokenizer, for Llama none
+    make_causal_lm("gpt2", len(make_tokenizer())).save_pretrained(d / "no_tokenizer")
+    shutil.copytree(d / "model", d / "llama_no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*"))
     rows = [{"prompt": "the film was", "chosen": " great", "rejected": " awful"}] * 8
     files = {"pref.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "rows.csv": "prompt\nhi\n",
              "bad.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n', "empty.jsonl": "",
@@ -367,7 +372,15 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "model a PEFT adapter": (["--model", "{w}/adapter"], r"--model .*adapter: a PEFT adapter, not a whole model; merge "
                                                          r"it into its base model .*and pass that folder"),
     "config of the wrong type": (["--model", "{w}/typed_config"], r"--model .*typed_config: .*\(Validation error for "
-                                                                  r"field 'hidden_size'"),
+                                                                  r"field 'hidden_size': TypeError: Field "
+                                                                  r"'hidden_size' expected int"),  # the line after
+    "model an empty folder": (["--model", "{w}/empty_dir"], r"--model .*empty_dir: not a model folder \(no config\.json\)$"),
+    "model a tokenizer alone": (["--model", "{w}/tokenizer_only"],
+                                r"--model .*tokenizer_only: not a model folder \(no config\.json\)$"),
+    "model without tokenizer files": (["--model", "{w}/no_tokenizer"],
+                                      r"--model .*no_tokenizer: cannot load its tokenizer \(an empty tokenizer that "
+                                      r"encodes text to no tokens: what transformers loads from a folder without "
+                                      r"tokenizer files; expected tokenizer\.json, vocab\.json or the like\)$"),
     "config damaged": (["--model", "{w}/bad_config"], r"--model .*bad_config: cannot load its tokenizer \(It looks like "
                                                       r"the config file at .*config\.json' is not a valid JSON file"),
     "tokenizer damaged": (["--model", "{w}/bad_tokenizer"], r"--model .*bad_tokenizer: cannot load its tokenizer \(invalid type: "
@@ -468,6 +481,17 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
     "policy a PEFT adapter": (["--policy", "{w}/adapter"], r"--policy .*adapter: a PEFT adapter, not a whole model"),
     "policy tokenizer damaged": (["--policy", "{w}/bad_tokenizer"], r"--policy .*bad_tokenizer: invalid type"),
     "weights cut short": (["--policy", "{w}/cut_model"], r"--policy .*cut_model: Error while deserializing header"),
+    "policy without tokenizer files": (["--policy", "{w}/no_tokenizer", "--base", "{w}/no_tokenizer"],
+                                       r"--policy .*no_tokenizer: an empty tokenizer that encodes text to no tokens: "
+                                       r"what transformers loads from a folder without tokenizer files"),
+    "policy without tokenizer files, llama": (["--policy", "{w}/llama_no_tokenizer"],  # the list after the colon
+                                              r"--policy .*llama_no_tokenizer: Couldn't instantiate the backend "
+                                              r"tokenizer from one of: \(1\) a `tokenizers` library serialization "
+                                              r"file, .*\(3\) .*\.$"),
+    "policy an empty folder": (["--policy", "{w}/empty_dir"], r"--policy .*empty_dir: not a model folder \(no "
+                                                              r"config\.json\)$"),
+    "base a tokenizer alone": (["--base", "{w}/tokenizer_only"], r"--base .*tokenizer_only: not a model folder \(no "
+                                                                 r"config\.json\)$"),
 }
 
 

@@ -12,7 +12,7 @@ import merge
 from minrlhf import load_causal_lm, load_reward_model
 from minrlhf.sampling import load_chat_model
 from test_errors import assert_one_error_line
-from tiny import save_tiny
+from tiny import make_causal_lm, make_tokenizer, save_tiny
 
 
 def test_merge_task_vectors_by_hand():
@@ -49,6 +49,8 @@ def saved(tmp_path_factory):
     AutoTokenizer.from_pretrained(d / "tied_base").save_pretrained(d / "tied_rm")
     for name, seed in {"neox_base": 0, "neox_a": 1, "neox_b": 2}.items():  # embed_out on disk, lm_head loaded
         save_tiny("gpt_neox", d / name, seed=seed)
+    (d / "empty_dir").mkdir()  # not a model folder
+    make_causal_lm("gpt2", len(make_tokenizer())).save_pretrained(d / "no_tokenizer")  # config and weights alone
     save_tiny("llama", d / "nopad_base", pad=False)  # train.py adds a pad token: 400 -> 401 embeddings
     for name, seed in {"nopad_a": 1, "nopad_b": 2}.items():
         save_trained(d / "nopad_base", d / name, seed)
@@ -130,6 +132,13 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "missing policy": (["--policies", "{d}/nope"], r"--policies .*nope: cannot load as a causal LM"),
     "a reward model": (["--base", "{d}/tied_base", "--policies", "{d}/tied_rm"],
                        r"--policies .*tied_rm: score\.weight: a weight that --base .*tied_base has not"),
+    "base an empty folder": (["--base", "{d}/empty_dir"], r"--base .*empty_dir: not a model folder \(no "
+                                                          r"config\.json\)$"),
+    "policy an empty folder": (["--policies", "{d}/empty_dir"], r"--policies .*empty_dir: not a model folder \(no "
+                                                                r"config\.json\)$"),
+    "base without tokenizer files": (["--base", "{d}/no_tokenizer"],
+                                     r"--base .*no_tokenizer: cannot load as a causal LM \(an empty tokenizer that "
+                                     r"encodes text to no tokens"),
     "output not empty": (["--output", "{d}/a"], r"--output .*a: not empty; choose a new folder"),
     "trained from another base": (["--policies", "{d}/from_a"],
                                   r"--policies .*from_a: trained from .*/a \(its args\.json\), not from "
