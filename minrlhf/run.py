@@ -18,7 +18,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .cli import WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, same_path
+from .cli import (WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, same_path, saved_args,
+                  write_atomically)
 from .engine import read_config
 from .lora import merged_state_dict
 
@@ -83,16 +84,6 @@ def lock_output(output):
         fail(f"--output {output}: another run is writing there; wait for it to end, or choose another "
              f"--output")
     return lock
-
-
-def saved_args(output):
-    """The flags of the run in `output` (its args.json, with its number of ranks), or {}."""
-    try:
-        with open(os.path.join(output, "args.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
 
 
 def check_resume_flags(args, saved):
@@ -388,13 +379,6 @@ def reschedule(engine):
     scheduler = engine.lr_scheduler
     for group, base, decay in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * decay(scheduler.last_epoch)
-
-
-def write_atomically(path, text):
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
 
 
 def logged_step(line):

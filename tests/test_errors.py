@@ -96,6 +96,9 @@ def w(tmp_path_factory):
     # a model's config and weights alone: for a GPT-2 one transformers loads an empty tokenizer, for Llama none
     make_causal_lm("gpt2", len(make_tokenizer())).save_pretrained(d / "no_tokenizer")
     shutil.copytree(d / "model", d / "llama_no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*"))
+    shutil.copytree(d / "model", d / "hot_run")  # a policy whose train.py run's temperature is garbled
+    (d / "hot_run" / "args.json").write_text(json.dumps({"stage": "ppo", "model": str(d / "model"),
+                                                         "temperature": "hot"}))
     rows = [{"prompt": "the film was", "chosen": " great", "rejected": " awful"}] * 8
     files = {"pref.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "rows.csv": "prompt\nhi\n",
              "bad.jsonl": '{"prompt": "a"}\n{"prompt": oops}\n', "empty.jsonl": "",
@@ -481,6 +484,13 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
     "policy a PEFT adapter": (["--policy", "{w}/adapter"], r"--policy .*adapter: a PEFT adapter, not a whole model"),
     "policy tokenizer damaged": (["--policy", "{w}/bad_tokenizer"], r"--policy .*bad_tokenizer: invalid type"),
     "weights cut short": (["--policy", "{w}/cut_model"], r"--policy .*cut_model: Error while deserializing header"),
+    "json a policy's file": (["--json", "{w}/model/config.json"], r"--json .*model/config\.json: inside --policy "
+                                                                  r".*model, where only eval\.json may be written; "
+                                                                  r"choose another file"),
+    "json in the base": (["--policy", "{w}/tied", "--json", "{w}/model/metrics.jsonl"],
+                         r"--json .*model/metrics\.jsonl: inside --base .*model, which it only reads"),
+    "json in the reward model": (["--reward-model", "{w}/rm", "--json", "{w}/rm/model.safetensors"],
+                                 r"--json .*rm/model\.safetensors: inside --reward-model .*rm, which it only reads"),
     "policy without tokenizer files": (["--policy", "{w}/no_tokenizer", "--base", "{w}/no_tokenizer"],
                                        r"--policy .*no_tokenizer: an empty tokenizer that encodes text to no tokens: "
                                        r"what transformers loads from a folder without tokenizer files"),
@@ -492,6 +502,8 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
                                                               r"config\.json\)$"),
     "base a tokenizer alone": (["--base", "{w}/tokenizer_only"], r"--base .*tokenizer_only: not a model folder \(no "
                                                                  r"config\.json\)$"),
+    "the run's temperature garbled": (["--policy", "{w}/hot_run"], r".*hot_run/args\.json: temperature: invalid float "
+                                                                   r"value: 'hot'; pass --temperature"),
 }
 
 

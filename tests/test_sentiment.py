@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 
 import eval as eval_py
 import minrlhf as M
+import minrlhf.cli
 import plot
 from minrlhf import defaults
 from minrlhf.sampling import pure_sampling, sample, sample_n
@@ -414,3 +415,65 @@ def test_eval_end_to_end_against_itself(tiny_chat, tmp_path, capsys):
                   str(tmp_path / "one.json")])
     one = json.loads((tmp_path / "one.json").read_text(), parse_constant=pytest.fail)  # NaN is not JSON
     assert one["gold_se"] is None and one["kl"] == 0.0
+
+
+def save_policy_and_base(tiny_chat, tmp_path, run):
+    """A policy, the base it was trained from (another model, of its tokenizer), its train.py run's args.json
+    (`run`), and a prompts file -> eval.py's argv without --base, --temperature or --json."""
+    model, tokenizer = tiny_chat
+    base = make_causal_lm("llama", len(tokenizer), seed=1, eos_token_id=tokenizer.eos_token_id)
+    for name, m in (("policy", model), ("base", base)):
+        m.save_pretrained(tmp_path / name), tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "policy" / "args.json").write_text(json.dumps(run))
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "is it worth watching?"}\n{"prompt": "the film was"}\n')
+    return ["--policy", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"), "--samples", "2",
+            "--max-new-tokens", "4"]
+
+
+def test_eval_defaults_to_the_policys_run_and_records_its_settings(tiny_chat, tmp_path, capsys, monkeypatch):
+    """No --base or --temperature: those of the train.py run that saved the policy (its args.json: the reference,
+    else the model it started from; its temperature), named in a note; else SmolLM2 and 0.7. --json records
+    them with the other settings, and may be the policy's eval.json (which plot.py reads)."""
+    argv = save_policy_and_base(tiny_chat, tmp_path, {"stage": "ppo", "model": str(tmp_path / "base"),
+                                                      "ref_model": None, "temperature": 1.3})
+    monkeypatch.setattr(eval_py, "default_model", pytest.fail)  # SmolLM2 is not the base here
+    eval_py.main([*argv, "--json", str(tmp_path / "policy" / "eval.json")])
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"note: from {tmp_path / 'policy' / 'args.json'}, the run that trained --policy: --base "
+        f"{tmp_path / 'base'} (its model), --temperature 1.3")
+    figures = json.loads((tmp_path / "policy" / "eval.json").read_text())
+    assert {k: figures[k] for k in eval_py.SETTINGS} == {
+        "policy": str(tmp_path / "policy"), "base": str(tmp_path / "base"), "prompts": str(tmp_path / "prompts.jsonl"),
+        "samples": 2, "temperature": 1.3, "max_new_tokens": 4, "seed": 0}
+    assert figures["kl"] != 0.0 and figures["responses"] == 4  # KL to another model: the base's
+    (tmp_path / "policy" / "args.json").write_text(json.dumps({"model": "start", "ref_model": "reference"}))
+    assert (eval_py.parse_args(argv).base, eval_py.parse_args(argv).temperature) == ("reference", 0.7)
+    args = eval_py.parse_args([*argv, "--base", "mine", "--temperature", "0.5"])  # given: as given
+    assert (args.base, args.temperature) == ("mine", 0.5)
+    (tmp_path / "policy" / "args.json").unlink()
+    capsys.readouterr()
+    assert (eval_py.parse_args(argv).base, eval_py.parse_args(argv).temperature) == (None, 0.7)  # None: SmolLM2
+    assert capsys.readouterr().out == ""  # nothing taken from a run: no note
+
+
+def test_eval_json_is_whole_or_untouched(tiny_chat, tmp_path, monkeypatch):
+    """A disk that fills up while --json is written leaves the file there whole (an earlier eval.json)."""
+    argv = save_policy_and_base(tiny_chat, tmp_path, {"model": str(tmp_path / "base")})
+    earlier = '{"kl": 1.0, "gold": 0.5}'
+    (tmp_path / "policy" / "eval.json").write_text(earlier)
+
+    def full_disk_open(path, mode="r", *args, **kwargs):  # a file opened for writing takes no bytes
+        f = open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = disk_full
+        return f
+
+    for module in (eval_py, minrlhf.cli):  # where eval.py writes it (before: eval.py itself)
+        monkeypatch.setattr(module, "open", full_disk_open, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        eval_py.main([*argv, "--base", str(tmp_path / "base"), "--json", str(tmp_path / "policy" / "eval.json")])
+    assert (tmp_path / "policy" / "eval.json").read_text() == earlier
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
