@@ -132,11 +132,11 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "missing policy": (["--policies", "{d}/nope"], r"--policies .*nope: cannot load as a causal LM"),
     "a reward model": (["--base", "{d}/tied_base", "--policies", "{d}/tied_rm"],
                        r"--policies .*tied_rm: score\.weight: a weight that --base .*tied_base has not"),
-    "base an empty folder": (["--base", "{d}/empty_dir"], r"--base .*empty_dir: not a model folder \(no "
-                                                          r"config\.json\)$"),
+    "base an empty folder": (["--base", "{d}/empty_dir", "--policies", "{d}/nopad_a"],  # no args.json naming a base
+                             r"--base .*empty_dir: not a model folder \(no config\.json\)$"),
     "policy an empty folder": (["--policies", "{d}/empty_dir"], r"--policies .*empty_dir: not a model folder \(no "
                                                                 r"config\.json\)$"),
-    "base without tokenizer files": (["--base", "{d}/no_tokenizer"],
+    "base without tokenizer files": (["--base", "{d}/no_tokenizer", "--policies", "{d}/nopad_a"],
                                      r"--base .*no_tokenizer: cannot load as a causal LM \(an empty tokenizer that "
                                      r"encodes text to no tokens"),
     "output not empty": (["--output", "{d}/a"], r"--output .*a: not empty; choose a new folder"),
