@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minrlhf.cli import (LOAD_ERRORS, WRITE_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load,
-                         first_line, nonempty, non_negative, quiet_libraries, same_path)
+                         first_line, nonempty, non_negative, quiet_libraries, same_path, saved_args)
 from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model
 
@@ -99,16 +99,6 @@ def writing(output):
         fail(f"--output {output}: cannot write the merged policy there ({e})")
 
 
-def trained_from(path):
-    """The `model` that the train.py run saved in `path` was trained from (its args.json), or None."""
-    try:
-        with open(os.path.join(path, "args.json")) as f:
-            model = json.load(f).get("model")
-    except (OSError, ValueError, AttributeError):  # no args.json (not a train.py run), or not its contents
-        return None
-    return model if isinstance(model, str) else None
-
-
 def check_policy_paths(policies, base):
     """One line for a policy passed twice (its change would count twice in the mean), or one whose args.json
     names another model than --base: its change from --base is no task vector. A recorded path that does not
@@ -117,8 +107,8 @@ def check_policy_paths(policies, base):
         twice = [other for other in policies[:i] if same_path(path, other)]
         if twice:
             fail(f"--policies {path}: passed twice (also as {twice[0]}); pass each policy once")
-        model = trained_from(path)
-        if model is not None and os.path.exists(model) and not same_path(model, base):
+        model = saved_args(path).get("model")  # what the train.py run in `path` was trained from
+        if isinstance(model, str) and os.path.exists(model) and not same_path(model, base):
             fail(f"--policies {path}: trained from {model} (its args.json), not from --base {base}; pass "
                  f"--base {model}, or policies trained from {base}")
 

@@ -198,8 +198,8 @@ def encode_prompt(tokenizer, prompt):
 
 
 def without_appended_eos(tokenizer, ids, text):
-    """`ids` of `text` without the EOS a tokenizer appends to every text (Llama's add_eos_token=True): a
-    prompt ends no episode, and a reply cut off at the token limit did not end; an EOS the text spells stays."""
+    """`ids` of `text` less the EOS a tokenizer appends to every text (Llama's add_eos_token=True): a prompt
+    ends no episode, a reply cut off at the token limit did not end. An EOS the text spells stays."""
     if ids[-1:] == [tokenizer.eos_token_id] and not text.endswith(tokenizer.eos_token):
         return ids[:-1]
     return ids
