@@ -35,15 +35,19 @@ class DataError(ValueError):
 
 def split_hh(row, chat=False):
     """Anthropic/hh-rlhf rows are two transcripts that differ only in the last assistant reply. The
-    shared prompt is their common prefix cut after its last '\\n\\nAssistant:' (a reply may itself
-    contain that string), so prompt + reply gives back each transcript exactly. chat=True (for a tokenizer
-    with a chat template, as TRL converts hh-rlhf): the prompt's turns as chat messages, the replies stripped,
-    for the template to write in the model's own format."""
+    shared prompt is their common prefix cut after its last '\\n\\nAssistant:', so prompt + reply gives back
+    each transcript exactly. A reply that holds a turn marker (transcripts that differ before their last
+    reply) would teach the turns after it, the human's too: both replies are emptied, and `tokenize` drops
+    and counts the row. chat=True (for a tokenizer with a chat template, as TRL converts hh-rlhf): the
+    prompt's turns as chat messages, the replies stripped, for the template to write in the model's own
+    format."""
     cut = os.path.commonprefix([row["chosen"], row["rejected"]]).rfind(HH_TURN)
     if cut < 0:
         raise DataError("Anthropic/hh-rlhf row: chosen and rejected share no '\\n\\nAssistant:' turn")
     cut += len(HH_TURN)
     prompt, chosen, rejected = row["chosen"][:cut], row["chosen"][cut:], row["rejected"][cut:]
+    if HH_SPEAKER.search(chosen) or HH_SPEAKER.search(rejected):  # turns after the reply
+        chosen = rejected = ""
     if chat:
         return {"prompt": hh_messages(prompt), "chosen": chosen.strip(), "rejected": rejected.strip()}
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}

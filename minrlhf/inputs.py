@@ -215,7 +215,8 @@ def load_examples(args, tokenizer):
         examples, dropped = tokenize(rows, args.stage, tokenizer, args.max_length)
     except (DataError, UnicodeDecodeError) as e:  # the latter: text that is not UTF-8, read lazily
         fail(f"{args.dataset}: {e}")
-    why = f"an empty reply, no response token within --max-length {args.max_length} or a pair's replies alike"
+    why = (f"an empty reply (hh-rlhf: transcripts that differ before the last reply), no response token "
+           f"within --max-length {args.max_length} or a pair's replies alike")
     if dropped and dist.get_rank() == 0:
         print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: {why}")
     cut = sum(e.get("cut", False) for e in examples)  # the online stages' prompts past --max-length

@@ -82,9 +82,24 @@ def test_hub_failure_is_one_clear_line(monkeypatch):
         load_rows("Anthropic/hh-rlhf")
 
 
-def test_hh_split_keeps_replies_that_contain_turn_markers():
-    row = {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c", "rejected": "\n\nHuman: a\n\nAssistant: d"}
-    assert split_hh(row) == {"prompt": "\n\nHuman: a\n\nAssistant:", "chosen": " b\n\nAssistant: c", "rejected": " d"}
+@pytest.mark.parametrize("chat", [False, True])
+def test_hh_transcripts_that_differ_before_the_last_reply_are_dropped_and_counted(chat, monkeypatch, capsys):
+    """Their "reply" would carry the turns after it (the human's next one too), which SFT would teach the policy
+    to write, and a reward model judge: such a row is dropped and counted with the rows of empty replies."""
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: Hello!\n\nHuman: thanks!\n\nAssistant: you are welcome.",
+             "rejected": "\n\nHuman: hi\n\nAssistant: Hello!\n\nHuman: tell me a joke.\n\nAssistant: no."},
+            {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c", "rejected": "\n\nHuman: a\n\nAssistant: d"},
+            HUB_ROWS["Anthropic/hh-rlhf"]]
+    assert split_hh(rows[1]) == {"prompt": "\n\nHuman: a\n\nAssistant:", "chosen": "", "rejected": ""}
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split: datasets.Dataset.from_list(rows))
+    init_distributed()  # a world of one: load_examples asks for its rank
+    tok = make_tokenizer(chat_template=chat)
+    for stage in ("sft", "rm", "dpo"):
+        args = Namespace(dataset="Anthropic/hh-rlhf", stage=stage, max_length=64, eval_fraction=0.0, batch_size=1,
+                         grad_accum=1)
+        assert len(load_examples(args, tok)[0]) == 1
+        assert ("Anthropic/hh-rlhf: dropped 2 of 3 rows: an empty reply (hh-rlhf: transcripts that differ before "
+                "the last reply)") in capsys.readouterr().out
 
 
 def test_hh_split_keeps_the_earlier_turns_in_the_prompt():
@@ -99,10 +114,15 @@ def test_hh_adapter_on_real_rows():
     with gzip.open(HH_FILE, "rt") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 2312
+    dropped = 0
     for row in rows:
         out = split_hh(row)
-        assert out["prompt"] + out["chosen"] == row["chosen"] and out["prompt"] + out["rejected"] == row["rejected"]
         assert out["prompt"].endswith("\n\nAssistant:") and out["prompt"].startswith("\n\nHuman:")
+        if out["chosen"] == out["rejected"] == "":  # transcripts that differ before the last reply
+            dropped += 1
+        else:
+            assert out["prompt"] + out["chosen"] == row["chosen"] and out["prompt"] + out["rejected"] == row["rejected"]
+    assert dropped == 5
 
 
 ROWS = [{"prompt": "is it good?", "chosen": " yes", "rejected": " no"}, {"prompt": "hi", "chosen": " hey", "rejected": " bye"}]

@@ -156,7 +156,7 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "empty parquet": (["--dataset", "{w}/empty.parquet"], r"empty\.parquet: the data set is empty$"),
     "not parquet": (["--dataset", "{w}/bad.parquet"], r"bad\.parquet: .*(magic|Parquet)"),
     "all rows too long": (["--max-length", 3],
-                          r"pref\.jsonl: 0 usable training rows \(8 dropped: an empty reply, no response token within "
+                          r"pref\.jsonl: 0 usable training rows \(8 dropped: an empty reply .*, no response token within "
                           r"--max-length 3 or a pair's replies alike\); need at least one batch"),
     "model missing": (["--model", "{w}/nope"], r"--model .*nope: cannot load its tokenizer"),
     "tokenizer without EOS": (["--model", "{w}/no_eos"], r"--model .*no_eos: unusable tokenizer \(.*has no EOS token\)"),
