@@ -21,6 +21,7 @@ HH_TURN = "\n\nAssistant:"
 HH_SPEAKER = re.compile(r"\n\n(Human|Assistant): ?")  # where each turn of an HH-RLHF transcript starts
 ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they train: their rows are prompts
 REPLIES = ("chosen", "rejected")  # a preference row's replies, in the order pairs are laid out
+READ_COLUMNS = ("prompt", "response", "messages", "text", *REPLIES)  # and a reply's "*_ended" mark
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STAGE_COLUMNS = {  # each stage accepts any one of these column sets
     "sft": [("prompt", "response"), ("prompt", "chosen"), ("messages",), ("text",)],
@@ -157,6 +158,11 @@ def load_rows(source, split="train", chat=False):
             rows = rows.map(convert, remove_columns=rows.column_names)
     if len(rows) == 0:
         raise DataError(f"{source}: the data set is empty")
+    for column, feature in rows.features.items():  # datasets types a column of mixed kinds Json, and reads
+        # any text in it that parses as JSON as that JSON: '"Hi"' -> 'Hi', 'null' -> None, 'false' -> False
+        if isinstance(feature, datasets.Json) and (column in READ_COLUMNS or column.endswith("_ended")):
+            raise DataError(f"{source}: column {column!r} mixes kinds of values (text with chat messages, "
+                            f"numbers or true/false); use one kind per file")
     return rows
 
 

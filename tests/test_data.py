@@ -171,6 +171,21 @@ def test_bad_files(tmp_path, name, text, message):
         load_rows(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("rows, column", [
+    ([{"prompt": [{"role": "user", "content": "hi"}]}, {"prompt": '"Translate: good morning"'}], "prompt"),
+    ([{**ROWS[0], "chosen_ended": "false"}, {**ROWS[1], "chosen_ended": True}], "chosen_ended"),
+])
+def test_a_column_of_mixed_kinds_is_refused(tmp_path, rows, column):
+    """datasets types such a column Json and reads any text in it that parses as JSON as that JSON: the prompt
+    '"Translate: good morning"' would lose its quotes, "false" pass for false. A column no stage reads may mix."""
+    path = write(tmp_path, "mixed.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"^.*mixed\.jsonl: column '{column}' mixes kinds of values \(text with chat "
+                                        rf"messages, numbers or true/false\); use one kind per file$"):
+        load_rows(path)
+    ids = write(tmp_path, "ids.jsonl", "".join(json.dumps({**r, "id": i}) + "\n" for r, i in zip(ROWS, [5, "a"])))
+    assert load_rows(ids)["id"] == [5, "a"]
+
+
 def test_a_file_name_is_not_a_pattern(tmp_path):
     """datasets reads data_files as glob patterns: "pairs[v2].jsonl" would match pairs2.jsonl, not itself."""
     write(tmp_path, "pairs2.jsonl", json.dumps({"prompt": "another file"}))

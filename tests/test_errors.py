@@ -121,7 +121,7 @@ def w(tmp_path_factory):
              "null_response.jsonl": '{"prompt": "a", "response": " b"}\n{"prompt": "a", "response": null}\n',
              "system.jsonl": (json.dumps({"prompt": [{"role": "system", "content": "be kind"},
                                                      {"role": "user", "content": "hi"}]}) + "\n") * 2,
-             "a_file": "not a directory", "list_line.jsonl": '{"prompt": "a"}\n["a", "b"]\n', "num_prompt.jsonl": '{"prompt": "a"}\n{"prompt": 5}\n',
+             "a_file": "not a directory", "list_line.jsonl": '{"prompt": "a"}\n["a", "b"]\n', "num_prompt.jsonl": '{"prompt": 4}\n{"prompt": 5}\n',
              "chat_prompt.jsonl": json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n", "notgz.jsonl.gz": '{"prompt": "a"}\n',
              "long.jsonl": "".join(json.dumps({**r, "prompt": "the film was great " * 80}) + "\n" for r in rows)}
     for name, text in files.items():
@@ -450,7 +450,7 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
                                 r"'answer'\]"),
     "base of other tokens": (["--base", "{w}/chat_model"], r"--base .*chat_model: a tokenizer other than --policy's, "
                                                            r"so the KL would compare log-probs of other tokens"),
-    "prompt a number": (["--prompts", "{w}/num_prompt.jsonl"], r"--prompts .*num_prompt\.jsonl: row 2: the prompt is 5; "
+    "prompt a number": (["--prompts", "{w}/num_prompt.jsonl"], r"--prompts .*num_prompt\.jsonl: row 1: the prompt is 4; "
                                                                r"expected text or chat messages"),
     "chat prompts, no template": (["--prompts", "{w}/chat_prompt.jsonl"],
                                   r"--prompts .*chat_prompt\.jsonl: --policy .*model: chat messages, but .*model has "
