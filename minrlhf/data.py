@@ -360,9 +360,10 @@ def _sft_pair(row):
 
 
 def encode_sft(row, tokenizer, max_length):
-    """{input_ids, labels}: prompt tokens labelled -100, truncated on the right to max_length; None for
-    an empty response or when truncation would leave no response token (the caller drops and counts it).
-    A reply marked cut off (`response_ended` or `chosen_ended` false) gets no EOS: it did not end there."""
+    """{input_ids, labels, cut}: prompt tokens labelled -100, truncated on the right to max_length (cut: it
+    had more); None for an empty response or when truncation would leave no response token (the caller drops
+    and counts it). A reply marked cut off (`response_ended` or `chosen_ended` false) gets no EOS: it did not
+    end there."""
     prompt, response, ended = _sft_pair(row)
     if not response.strip():
         return None
@@ -373,7 +374,8 @@ def encode_sft(row, tokenizer, max_length):
     ids = (prompt_ids + response_ids)[:max_length]
     if len(ids) <= len(prompt_ids):
         return None
-    return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):]}
+    return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):],
+            "cut": len(prompt_ids) + len(response_ids) > max_length}
 
 
 def encode_preference(row, tokenizer, max_length, keep="end"):
@@ -382,19 +384,22 @@ def encode_preference(row, tokenizer, max_length, keep="end"):
     their last max_length - 1 tokens, where a reward model reads its score (keep="start": their first, for
     DPO, whose log-probs of a reply's start are the policy's on real text), and the prompt its last tokens
     that fit beside the longer reply (one at least, so every pair makes the same forward calls, as ZeRO-3
-    needs): both replies are judged in the same context. None for an empty reply, or replies alike (as
-    text, or once cut): no preference to learn, a loss of log 2, no gradient."""
+    needs): both replies are judged in the same context. `cut`: the prompt or a reply lost tokens. None for
+    an empty reply, or replies alike (as text, or once cut): no preference to learn, a loss of log 2, no
+    gradient."""
     prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
     if not (chosen_text.strip() and rejected_text.strip()):
         return None
     prompt, chosen = encode_pair(tokenizer, prompt_text, chosen_text, reply_ended(row, "chosen"))
     rejected = encode_pair(tokenizer, prompt_text, rejected_text, reply_ended(row, "rejected"))[1]
-    cut = slice(-(max_length - 1), None) if keep == "end" else slice(max_length - 1)  # max_length >= 2
-    chosen, rejected = chosen[cut], rejected[cut]
+    longest = len(prompt) + max(len(chosen), len(rejected))  # past max_length: the prompt or a reply is cut
+    kept = slice(-(max_length - 1), None) if keep == "end" else slice(max_length - 1)  # max_length >= 2
+    chosen, rejected = chosen[kept], rejected[kept]
     if chosen == rejected:
         return None
     room = max_length - max(len(chosen), len(rejected))  # for the prompt
-    return {"prompt": prompt[max(0, len(prompt) - room):], "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt[max(0, len(prompt) - room):], "chosen": chosen, "rejected": rejected,
+            "cut": longest > max_length}
 
 
 def encode_rl_prompt(row, tokenizer, max_length):

@@ -219,11 +219,13 @@ def load_examples(args, tokenizer):
            f"within --max-length {args.max_length} or a pair's replies alike")
     if dropped and dist.get_rank() == 0:
         print(f"{args.dataset}: dropped {dropped} of {len(rows)} rows: {why}")
-    cut = sum(e.get("cut", False) for e in examples)  # the online stages' prompts past --max-length
-    if cut and dist.get_rank() == 0:
-        print(f"{args.dataset}: {cut} of {len(examples)} prompts longer than --max-length {args.max_length}: "
-              f"the policy reads their last {args.max_length} tokens, the reward the whole prompt")
     online = args.stage in ONLINE  # prompts to sample from, no held-out rows
+    cut = sum(e["cut"] for e in examples)  # rows past --max-length
+    if cut and dist.get_rank() == 0:
+        how = (f"prompts longer than --max-length {args.max_length}: the policy reads their last "
+               f"{args.max_length} tokens, the reward the whole prompt" if online else
+               f"rows longer than --max-length {args.max_length}: their prompts or replies cut to fit")
+        print(f"{args.dataset}: {cut} of {len(examples)} {how}")
     train, evals = held_out(examples, 0 if online else args.eval_fraction)
     if not evals and args.eval_fraction > 0 and not online and dist.get_rank() == 0:  # it rounded down
         print(f"{args.dataset}: --eval-fraction {args.eval_fraction} of {len(examples)} usable rows holds "

@@ -239,7 +239,7 @@ def test_sft_chat_template_messages_and_text_rows():
     # an empty prompt is still a prompt: the template's empty user turn, as rm, dpo and ppo encode it
     empty = encode_sft({"prompt": "", "response": "hello"}, tok, 64)
     prompt_ids, reply_ids = encode_pair(tok, "", "hello")
-    assert empty == {"input_ids": prompt_ids + reply_ids, "labels": [-100] * len(prompt_ids) + reply_ids}
+    assert empty == {"input_ids": prompt_ids + reply_ids, "labels": [-100] * len(prompt_ids) + reply_ids, "cut": False}
     assert tok.decode(prompt_ids) == "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -346,6 +346,24 @@ def test_truncation_drops_rows_without_response_and_counts_them():
     assert any(label != -100 for label in examples[0]["labels"])
     exactly = len(tok("the film was great")["input_ids"])  # a prompt that fills max_length: no response token
     assert tokenize([{"prompt": "the film was great", "response": " yes"}], "sft", tok, exactly) == ([], 1)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_rows_cut_to_max_length_are_counted(stage, tmp_path, capsys):
+    """As the online stages count the prompts they cut: a line counts the rows learnt or judged from less than
+    they hold (a reply's part, a prompt's end), on rank 0; none where every row fits."""
+    init_distributed()  # a world of one: load_examples asks for its rank
+    tok = make_tokenizer()
+    long = {"prompt": "hi", "chosen": " the film was great" * 20, "rejected": " awful"}
+    for rows in (ROWS, ROWS + [long]):
+        path = write(tmp_path, "rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        args = Namespace(dataset=path, stage=stage, max_length=32, eval_fraction=0.0, batch_size=1, grad_accum=1)
+        load_examples(args, tok)
+        out = capsys.readouterr().out
+        line = "rows.jsonl: 1 of 3 rows longer than --max-length 32: their prompts or replies cut to fit"
+        assert (line in out) if long in rows else ("longer than --max-length" not in out)
+    prompt = {"prompt": "the film was great " * 20, "chosen": " yes", "rejected": " no"}  # the prompt alone cut
+    assert encode_preference(prompt, tok, 32)["cut"] and not encode_preference(ROWS[0], tok, 32)["cut"]
 
 
 def test_rl_prompts_keep_their_last_tokens():
