@@ -89,7 +89,18 @@ HUB_CONVERTERS = {  # Open-ChatGPT's Hub datasets: published schema -> canonical
     "CarperAI/openai_summarize_comparisons": _tldr_comparison,
     "fka/awesome-chatgpt-prompts": lambda row: {"prompt": row["prompt"]},
 }
-CHAT_CONVERTERS = {"Anthropic/hh-rlhf": functools.partial(split_hh, chat=True)}  # for a chat template
+
+
+def _stripped(convert, row):
+    """`convert`'s row for a chat template, its texts stripped of the spacing that joins a plain-text prompt
+    to its reply (SHP's "\\n\\n" after the post, TL;DR's space before the summary): the template writes the
+    turns, and a policy taught replies that open with a space would open every reply so."""
+    return {column: text.strip() for column, text in convert(row).items()}
+
+
+CHAT_CONVERTERS = {  # for a chat template
+    **{name: functools.partial(_stripped, convert) for name, convert in HUB_CONVERTERS.items()},
+    "Anthropic/hh-rlhf": functools.partial(split_hh, chat=True)}
 
 
 def _json_fault(path):
@@ -154,7 +165,7 @@ def load_rows(source, split="train", chat=False):
             raise DataError(f"{source}: not a local file and not loadable from the Hugging Face Hub "
                             f"({type(e).__name__}); pass a .jsonl/.json/.parquet file") from None
         if source in HUB_CONVERTERS:
-            convert = CHAT_CONVERTERS.get(source, HUB_CONVERTERS[source]) if chat else HUB_CONVERTERS[source]
+            convert = (CHAT_CONVERTERS if chat else HUB_CONVERTERS)[source]
             rows = rows.map(convert, remove_columns=rows.column_names)
     if len(rows) == 0:
         raise DataError(f"{source}: the data set is empty")

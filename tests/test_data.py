@@ -74,6 +74,21 @@ def test_hh_rlhf_for_a_chat_template_is_its_turns(monkeypatch):
     assert load_examples(args, tok)[0] == [encode_preference({**chat, "prompt": turns}, tok, 256)]  # as train.py
 
 
+@pytest.mark.parametrize("name", ["stanfordnlp/SHP", "CarperAI/openai_summarize_tldr",
+                                  "CarperAI/openai_summarize_comparisons"])
+def test_hub_adapters_for_a_chat_template_strip_the_plain_text_spacing(name, monkeypatch):
+    """The template writes the turns: no "\\n\\n" ending SHP's user turn, no space opening a TL;DR reply (a
+    policy taught so would open every reply with one). TL;DR's cue stays: in a user turn it asks for the summary."""
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split: datasets.Dataset.from_list([HUB_ROWS[name]]))
+    row = load_rows(name, chat=True)[0]
+    assert row == {column: text.strip() for column, text in EXPECTED[name].items()}
+    prompt, reply = row["prompt"], row.get("response", row.get("chosen"))
+    assert not prompt[-1].isspace() and not reply[0].isspace() and prompt.endswith(("?", "TL;DR:"))
+    tok = make_tokenizer(chat_template=True)
+    assert tok.decode(sum(encode_pair(tok, prompt, reply), [])) == (f"<|im_start|>user\n{prompt}<|im_end|>\n"
+                                                                   f"<|im_start|>assistant\n{reply}<|im_end|>\n")
+
+
 def test_hub_failure_is_one_clear_line(monkeypatch):
     def offline(path, split):
         raise ConnectionError("no network")
