@@ -7,6 +7,7 @@ chosen) and RL (its prompt). Shapes: B batch, P prompt length, R reply length, T
 import functools
 import glob
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -371,10 +372,10 @@ def _sft_pair(row):
 
 
 def encode_sft(row, tokenizer, max_length):
-    """{input_ids, labels, cut}: prompt tokens labelled -100, truncated on the right to max_length (cut: it
-    had more); None for an empty response or when truncation would leave no response token (the caller drops
-    and counts it). A reply marked cut off (`response_ended` or `chosen_ended` false) gets no EOS: it did not
-    end there."""
+    """{input_ids, labels, cut, hash}: prompt tokens labelled -100, truncated on the right to max_length (cut:
+    it had more; hash: `prompt_hash`, of a plain text row its text); None for an empty response or when
+    truncation would leave no response token (the caller drops and counts it). A reply marked cut off
+    (`response_ended` or `chosen_ended` false) gets no EOS: it did not end there."""
     prompt, response, ended = _sft_pair(row)
     if not response.strip():
         return None
@@ -386,7 +387,8 @@ def encode_sft(row, tokenizer, max_length):
     if len(ids) <= len(prompt_ids):
         return None
     return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):],
-            "cut": len(prompt_ids) + len(response_ids) > max_length}
+            "cut": len(prompt_ids) + len(response_ids) > max_length,
+            "hash": prompt_hash(response if prompt is None else prompt)}
 
 
 def encode_preference(row, tokenizer, max_length, keep="end"):
@@ -395,9 +397,9 @@ def encode_preference(row, tokenizer, max_length, keep="end"):
     their last max_length - 1 tokens, where a reward model reads its score (keep="start": their first, for
     DPO, whose log-probs of a reply's start are the policy's on real text), and the prompt its last tokens
     that fit beside the longer reply (one at least, so every pair makes the same forward calls, as ZeRO-3
-    needs): both replies are judged in the same context. `cut`: the prompt or a reply lost tokens. None for
-    an empty reply, or replies alike (as text, or once cut): no preference to learn, a loss of log 2, no
-    gradient."""
+    needs): both replies are judged in the same context. `cut`: the prompt or a reply lost tokens; `hash`:
+    `prompt_hash`. None for an empty reply, or replies alike (as text, or once cut): no preference to learn,
+    a loss of log 2, no gradient."""
     prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
     if not (chosen_text.strip() and rejected_text.strip()):
         return None
@@ -410,7 +412,7 @@ def encode_preference(row, tokenizer, max_length, keep="end"):
         return None
     room = max_length - max(len(chosen), len(rejected))  # for the prompt
     return {"prompt": prompt[max(0, len(prompt) - room):], "chosen": chosen, "rejected": rejected,
-            "cut": longest > max_length}
+            "cut": longest > max_length, "hash": prompt_hash(prompt_text)}
 
 
 def encode_rl_prompt(row, tokenizer, max_length):
@@ -440,10 +442,19 @@ def tokenize(rows, stage, tokenizer, max_length):
     return kept, len(examples) - len(kept)
 
 
+def prompt_hash(prompt):
+    """A number in [0, 1) from the sha256 of a prompt's chat messages as JSON (a text prompt: one user turn):
+    where `held_out` puts its rows, the same in every stage, file and run, whatever other rows are dropped."""
+    digest = hashlib.sha256(json.dumps(_as_messages(prompt), sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def held_out(examples, fraction):
-    """-> (train, held out): the last `fraction` of the examples held out, the rest trained on."""
-    n = len(examples) - int(len(examples) * fraction)
-    return examples[:n], examples[n:]
+    """-> (train, held out): the examples whose prompt hashes below `fraction` held out (about that share of
+    them, not a file's last rows, one subset of HH's, SHP's last subreddits), the rest trained on. A prompt's
+    rows, pairs or replies, stay together, and on the side they are in the other stages: a reward model is not
+    evaluated on rows that the SFT model it starts from learnt."""
+    return [e for e in examples if e["hash"] >= fraction], [e for e in examples if e["hash"] < fraction]
 
 
 def sequence_length(example):

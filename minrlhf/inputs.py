@@ -226,8 +226,8 @@ def load_examples(args, tokenizer):
                f"{args.max_length} tokens, the reward the whole prompt" if online else
                f"rows longer than --max-length {args.max_length}: their prompts or replies cut to fit")
         print(f"{args.dataset}: {cut} of {len(examples)} {how}")
-    train, evals = held_out(examples, 0 if online else args.eval_fraction)
-    if not evals and args.eval_fraction > 0 and not online and dist.get_rank() == 0:  # it rounded down
+    train, evals = (examples, []) if online else held_out(examples, args.eval_fraction)
+    if not evals and args.eval_fraction > 0 and not online and dist.get_rank() == 0:  # no prompt hashed below
         print(f"{args.dataset}: --eval-fraction {args.eval_fraction} of {len(examples)} usable rows holds "
               f"out none: no held-out evaluation")
     batch = (args.rollout_batch_size if online else args.batch_size * args.grad_accum) * dist.get_world_size()

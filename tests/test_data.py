@@ -254,7 +254,8 @@ def test_sft_chat_template_messages_and_text_rows():
     # an empty prompt is still a prompt: the template's empty user turn, as rm, dpo and ppo encode it
     empty = encode_sft({"prompt": "", "response": "hello"}, tok, 64)
     prompt_ids, reply_ids = encode_pair(tok, "", "hello")
-    assert empty == {"input_ids": prompt_ids + reply_ids, "labels": [-100] * len(prompt_ids) + reply_ids, "cut": False}
+    assert empty == {"input_ids": prompt_ids + reply_ids, "labels": [-100] * len(prompt_ids) + reply_ids, "cut": False,
+                     "hash": data.prompt_hash("")}
     assert tok.decode(prompt_ids) == "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -379,6 +380,30 @@ def test_rows_cut_to_max_length_are_counted(stage, tmp_path, capsys):
         assert (line in out) if long in rows else ("longer than --max-length" not in out)
     prompt = {"prompt": "the film was great " * 20, "chosen": " yes", "rejected": " no"}  # the prompt alone cut
     assert encode_preference(prompt, tok, 32)["cut"] and not encode_preference(ROWS[0], tok, 32)["cut"]
+
+
+def held_out_prompts(tmp_path, stage, rows, tok):
+    """The prompts of the rows load_examples trains on and holds out, as text."""
+    path = write(tmp_path, "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    args = Namespace(dataset=path, stage=stage, max_length=64, eval_fraction=0.2, batch_size=1, grad_accum=1)
+    return [{tok.decode(e["prompt"] if "prompt" in e else e["input_ids"][:e["labels"].count(-100)]) for e in split}
+            for split in load_examples(args, tok)]
+
+
+def test_rows_are_held_out_by_their_prompt_the_same_in_every_stage(tmp_path):
+    """Not the file's last rows (HH's last subset, SHP's last subreddits), nor a boundary that moves with the rows
+    each stage drops: a reward model is not evaluated on prompts its SFT model learnt. A prompt's pairs stay
+    together; about --eval-fraction of the prompts are held out, whatever the rows' order."""
+    init_distributed()  # a world of one: load_examples asks for its rank
+    tok = make_tokenizer()
+    rows = [{"prompt": f"review {i}:", "chosen": " great", "rejected": " great" if i % 3 else " awful"}
+            for i in range(100)]  # rm drops the pairs whose replies are alike, sft keeps them
+    rows += [{**row, "rejected": " bad"} for row in rows[::2]]  # a second pair for every other prompt
+    sft_train, sft_held = held_out_prompts(tmp_path, "sft", rows, tok)
+    rm_train, rm_held = held_out_prompts(tmp_path, "rm", rows, tok)
+    assert not sft_train & sft_held and not rm_train & rm_held
+    assert rm_held <= sft_held and not rm_train & sft_held and 10 <= len(sft_held) <= 30
+    assert held_out_prompts(tmp_path, "rm", rows[::-1], tok) == [rm_train, rm_held]
 
 
 def test_rl_prompts_keep_their_last_tokens():

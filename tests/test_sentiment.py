@@ -303,8 +303,9 @@ def test_rm_cutoffs_scores_cut_off_answers_both_ways(tmp_path, capsys):
     assert as_generated[1] == f"where both are cut off {as_generated[0]}"  # every pair is both cut off
     alike = {"prompt": "review", "chosen": " fine", "rejected": " fine"}  # dropped by train.py: no preference
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [alike] * 2))
-    rm_cutoffs.main(flags[:-1] + ["0.5"])  # train.py holds out half of the 10 pairs it keeps, not 6 of 12 rows
-    assert capsys.readouterr().out.splitlines()[-3].startswith("5 held-out pairs; cut off: 0.00")
+    # train.py holds out the pairs it keeps whose prompts hash below 0.5: 7 of the 10, not the 2 alike (whose does too)
+    rm_cutoffs.main(flags[:-1] + ["0.5"])
+    assert capsys.readouterr().out.splitlines()[-3].startswith("7 held-out pairs; cut off: 0.00")
 
 
 def test_regularised_optimum_reweights_each_prompts_answers():

@@ -960,11 +960,14 @@ def test_sft_under_zero_bf16_and_offload(work, flags):
 
 @pytest.mark.parametrize("stage", ["rm", "ppo", "dpo", "grpo", "critic"])  # rloo: grpo's loop, another advantage
 def test_two_ranks_zero3(work, stage):
+    pref = (work / "pref.jsonl").read_text().splitlines(keepends=True)
+    (work / "pref_63.jsonl").write_text("".join(pref[:-1]))  # "the show was" 7 times: held out at 0.11
     flags = {"ppo": PPO + ["--epochs", 1, "--target-kl", 0.05],  # 64 prompts, 16 a rank: 2 iterations
              "grpo": ["--stage", "grpo", *GROUP, "--max-steps", 2],
              "critic": CRITIC_PPO + ["--max-steps", 2],
              # 7 held-out pairs: 3 a rank, the 7th on rank 0 (rank 1 reads one that weighs 0: ZeRO-3's forwards)
-             "rm": ["--stage", "rm", "--max-steps", 6, "--lr", 1e-3, "--batch-size", 3, "--eval-fraction", 0.11],
+             "rm": ["--dataset", work / "pref_63.jsonl", "--stage", "rm", "--max-steps", 6, "--lr", 1e-3,
+                    "--batch-size", 3, "--eval-fraction", 0.11],
              }.get(stage, ["--stage", stage, "--max-steps", 6, "--lr", 1e-3])
     log = train(work, *flags, "--deepspeed_config", work / "zero3.json", output=f"{stage}_2ranks",
                 launcher=TWO_RANKS)
@@ -1480,7 +1483,7 @@ def test_sft_eval_loss_is_a_token_level_mean(work):
     examples, _ = minrlhf.tokenize(rows, "sft", tokenizer, 512)
     losses = []  # (mean loss, label tokens) of each held-out row, in order
     with torch.no_grad():
-        for e in examples[8:]:
+        for e in minrlhf.data.held_out(examples, 0.5)[1]:  # 8 rows: 4 subjects' prompts hash below 0.5
             loss = model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.item()
             losses.append((loss, sum(label != -100 for label in e["labels"][1:])))
     token_mean = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
@@ -1509,7 +1512,7 @@ def test_prompts_cut_to_max_length_are_counted(work, capsys):
 
 
 def test_an_eval_fraction_that_holds_out_no_row_says_so(work, capsys):
-    """16 rows x 0.05 rounds down to none held out: a line says so, where the log would just lack eval/*."""
+    """None of the 8 prompts of 16 rows hashes below 0.05: a line says so, where the log would just lack eval/*."""
     rows = [{"prompt": f"{s} was", "response": " great"} for s in SUBJECTS * 2]
     (work / "sft_16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     log = train(work, "--stage", "sft", "--dataset", work / "sft_16.jsonl", "--eval-fraction", 0.05,
