@@ -24,8 +24,8 @@ import minrlhf as M  # before transformers: the Hub's offline mode without a net
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
 from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
                          check_writable, fail, fail_to_load, first_line, nonempty, positive_int,
-                         quiet_libraries, same_path, samples_per_prompt, sampling_temperature, saved_args,
-                         write_atomically)
+                         quiet_libraries, run_path, same_path, samples_per_prompt, sampling_temperature,
+                         saved_args, write_atomically)
 from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model, sample
 
@@ -67,8 +67,8 @@ def training_defaults(args):
     saved, where, taken = saved_args(args.policy), os.path.join(args.policy, "args.json"), []
     if args.base is None:
         key = "ref_model" if saved.get("ref_model") else "model"
-        if isinstance(saved.get(key), str) and saved[key].strip():
-            args.base = saved[key]
+        args.base = run_path(saved, key)
+        if args.base:
             taken.append(f"--base {args.base} (its {key})")
     if args.temperature is None and "temperature" in saved:
         try:
@@ -260,6 +260,9 @@ def main(argv=None):
     print(" ".join(f"{k}={v:.4g}" for k, v in figures.items()))
     if args.json:
         settings = {k: getattr(args, k) for k in SETTINGS}
+        for k in ("policy", "base", "prompts"):  # absolute, so that plot.py can check them from anywhere
+            if os.path.exists(settings[k]):
+                settings[k] = os.path.abspath(settings[k])
         finite = {k: v if math.isfinite(v) else None for k, v in figures.items()}  # one prompt: no se
         write_atomically(args.json, json.dumps({**settings, **finite}, indent=1, allow_nan=False))
 

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minrlhf.cli import (LOAD_ERRORS, WRITE_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load,
-                         first_line, nonempty, non_negative, quiet_libraries, same_path, saved_args)
+                         first_line, nonempty, non_negative, quiet_libraries, run_path, same_path,
+                         saved_args)
 from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model
 
@@ -107,8 +108,8 @@ def check_policy_paths(policies, base):
         twice = [other for other in policies[:i] if same_path(path, other)]
         if twice:
             fail(f"--policies {path}: passed twice (also as {twice[0]}); pass each policy once")
-        model = saved_args(path).get("model")  # what the train.py run in `path` was trained from
-        if isinstance(model, str) and os.path.exists(model) and not same_path(model, base):
+        model = run_path(saved_args(path), "model")  # what the train.py run in `path` was trained from
+        if model and os.path.exists(model) and not same_path(model, base):
             fail(f"--policies {path}: trained from {model} (its args.json), not from --base {base}; pass "
                  f"--base {model}, or policies trained from {base}")
 

@@ -417,7 +417,7 @@ def parse_args(argv=None):
       help="gradient_accumulation_steps (default 1; ppo, grpo, rloo: --mini-batch-size / --batch-size)")
     a("--max-length", type=bounded(int, 2), default=512, help="max tokens of a sequence (ppo: of the prompt)")
     a("--eval-fraction", type=bounded(float, 0, 1), default=0.1,
-      help="share of prompts held out (by a hash of the prompt: the same ones in every stage)")
+      help="share of the prompts held out, chosen by a hash of each prompt (the same ones in every stage)")
     a("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed; rank r samples with seed + r")
     a("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage; overrides the config")
     a("--deepspeed_config", type=nonempty,

@@ -154,6 +154,16 @@ def saved_args(output):
     return saved if isinstance(saved, dict) else {}
 
 
+def run_path(saved, key):
+    """A path that the train.py run of args.json `saved` was given (`key`: "model", "ref_model"...) as the
+    run read it: a relative one from the folder the run started in (its `cwd`), a Hub name as is; or None."""
+    value, cwd = saved.get(key), saved.get("cwd")
+    if not (isinstance(value, str) and value.strip()):
+        return None
+    there = os.path.join(cwd if isinstance(cwd, str) else "", value)  # an absolute value: itself
+    return there if os.path.exists(there) else value
+
+
 def write_atomically(path, text):
     """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
     with open(f"{path}.tmp", "w") as f:

@@ -451,9 +451,10 @@ def prompt_hash(prompt):
 
 def held_out(examples, fraction):
     """-> (train, held out): the examples whose prompt hashes below `fraction` held out (about that share of
-    them, not a file's last rows, one subset of HH's, SHP's last subreddits), the rest trained on. A prompt's
-    rows, pairs or replies, stay together, and on the side they are in the other stages: a reward model is not
-    evaluated on rows that the SFT model it starts from learnt."""
+    the prompts, not a file's last rows: one subset of HH's, SHP's last subreddits), the rest trained on. A
+    prompt's rows, pairs or replies, stay together, and on the side they are in the other stages: a reward
+    model is not evaluated on rows that the SFT model it starts from learnt. (A file of few distinct prompts
+    holds out few or all: `load_examples` says so.)"""
     return [e for e in examples if e["hash"] >= fraction], [e for e in examples if e["hash"] < fraction]
 
 

@@ -188,6 +188,7 @@ class Run:
         after the checkpoint (and any a crash cut short) are dropped. Both are rewritten under a temporary
         name and renamed, so a kill meanwhile leaves the old ones whole."""
         run = {**vars(self.args), "world_size": dist.get_world_size(),  # and below: what --resume compares
+               "cwd": os.getcwd(),  # where its relative paths start (`cli.run_path`)
                "deepspeed_config_json": read_config(self.args.deepspeed_config),
                "dataset_sha256": file_digest(self.args.dataset)}
         write_atomically(os.path.join(self.args.output, "args.json"), json.dumps(run, indent=1))

@@ -439,9 +439,10 @@ def test_eval_defaults_to_the_policys_run_and_records_its_settings(tiny_chat, tm
                                                       "ref_model": None, "temperature": 1.3})
     monkeypatch.setattr(eval_py, "default_model", pytest.fail)  # SmolLM2 is not the base here
     eval_py.main([*argv, "--json", str(tmp_path / "policy" / "eval.json")])
-    assert capsys.readouterr().out.splitlines()[0] == (
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]  # in-process:
+    assert notes == [  # DeepSpeed's banner may come first, where this test imports it first
         f"note: from {tmp_path / 'policy' / 'args.json'}, the run that trained --policy: --base "
-        f"{tmp_path / 'base'} (its model), --temperature 1.3")
+        f"{tmp_path / 'base'} (its model), --temperature 1.3"]
     figures = json.loads((tmp_path / "policy" / "eval.json").read_text())
     assert {k: figures[k] for k in eval_py.SETTINGS} == {
         "policy": str(tmp_path / "policy"), "base": str(tmp_path / "base"), "prompts": str(tmp_path / "prompts.jsonl"),
@@ -455,6 +456,21 @@ def test_eval_defaults_to_the_policys_run_and_records_its_settings(tiny_chat, tm
     capsys.readouterr()
     assert (eval_py.parse_args(argv).base, eval_py.parse_args(argv).temperature) == (None, 0.7)  # None: SmolLM2
     assert capsys.readouterr().out == ""  # nothing taken from a run: no note
+
+
+def test_a_runs_relative_paths_are_read_from_where_it_ran(tmp_path, monkeypatch):
+    """args.json keeps the paths as given (runs/sft) and the folder the run started in: eval.py's --base and
+    merge.py's check read a relative one from there, not from wherever they run (which may hold a runs/sft)."""
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "runs" / "sft").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    saved = {"model": "runs/sft", "ref_model": None, "hub": "org/name", "cwd": str(tmp_path)}
+    assert minrlhf.cli.run_path(saved, "model") == str(tmp_path / "runs" / "sft")
+    assert minrlhf.cli.run_path(saved, "ref_model") is None and minrlhf.cli.run_path(saved, "hub") == "org/name"
+    assert minrlhf.cli.run_path({"model": "runs/sft"}, "model") == "runs/sft"  # no cwd kept: from here
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "args.json").write_text(json.dumps(saved))
+    assert eval_py.parse_args(["--policy", str(tmp_path / "policy")]).base == str(tmp_path / "runs" / "sft")
 
 
 def test_eval_json_is_whole_or_untouched(tiny_chat, tmp_path, monkeypatch):
