@@ -226,8 +226,8 @@ def test_lora_sft_with_checkpointing_under_zero_and_bf16(work, flags):
     name = "lora_sft" + "".join(map(str, flags)).replace("-", "")
     log = train(work, "--stage", "sft", "--model", "peaked", "--lora-rank", 4, "--gradient-checkpointing",
                 "--max-steps", 6, "--lr", 1e-2, "--batch-size", 8, *flags, output=name)
-    losses = [m["loss"] for m in log]  # each step lower: adapters that learned nothing would hold it
-    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.9 * losses[0]
+    losses = [m["loss"] for m in log]  # below the first: adapters that learned nothing would hold it (each
+    assert max(losses[1:]) < losses[0] and losses[-1] < 0.9 * losses[0]  # step's batch has other rows)
     # the saved model is the trained one: its bf16 weights W and the adapters merged in float32 (in a bf16
     # sum most of (alpha / r) B A rounds away), and it loads in float32 by transformers' default
     saved = AutoModelForCausalLM.from_pretrained(work / name).state_dict()

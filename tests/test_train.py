@@ -481,7 +481,7 @@ def test_sft_loss_falls_and_saves_a_pipeline_model(work):
     assert [m["step"] for m in log] == list(range(1, 31))
     assert log[-1]["loss"] < 0.5 * log[0]["loss"] and "eval/loss" in log[-1] and "eval/loss" in log[9]
     saved = json.loads((work / "sft" / "args.json").read_text())
-    assert (saved["stage"], saved["world_size"], saved["cwd"]) == ("sft", 1, os.getcwd())  # cwd: `run_path`
+    assert (saved["stage"], saved["world_size"], saved["cwd"]) == ("sft", 1, str(work))  # cwd: `run_path`
     assert sorted(os.listdir(work / "sft" / "checkpoints")) == ["step20", "step30"]  # --keep-checkpoints 2
     generate = pipeline("text-generation", model=str(work / "sft"), tokenizer=str(work / "sft"))
     out = generate("the book was", max_new_tokens=4, do_sample=False)[0]["generated_text"]
