@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minrlhf.cli import (LOAD_ERRORS, WRITE_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load,
-                         first_line, nonempty, non_negative, quiet_libraries, run_path, same_path,
-                         saved_args)
+                         first_line, new_file_mode, nonempty, non_negative, quiet_libraries, run_path,
+                         same_path, saved_args)
 from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model
 
@@ -176,6 +176,7 @@ def write_merged(folder, base, policies, scale):
         check_finite(merged, scale)
         path = os.path.join(folder, name)
         save_file(merged, f"{path}.tmp", metadata={"format": "pt"})
+        os.chmod(f"{path}.tmp", new_file_mode())  # safetensors writes 0o600
         os.replace(f"{path}.tmp", path)
 
 

@@ -164,6 +164,14 @@ def run_path(saved, key):
     return there if os.path.exists(there) else value
 
 
+def new_file_mode():
+    """The mode the umask gives a new file (0o644 under 022). safetensors writes its files 0o600, which would
+    hide a saved model from the other users of a shared machine."""
+    umask = os.umask(0)  # reading the umask sets it: set it back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(path, text):
     """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
     with open(f"{path}.tmp", "w") as f:

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .cli import (WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, same_path, saved_args,
-                  write_atomically)
+from .cli import (WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, new_file_mode, same_path,
+                  saved_args, write_atomically)
 from .engine import read_config
 from .lora import merged_state_dict
 
@@ -369,7 +369,9 @@ def save_complete(folder, module, state, tokenizer, extras=None):
     tokenizer.save_pretrained(tmp)
     for name, value in (extras or {}).items():
         torch.save(value, os.path.join(tmp, name))
+    mode = new_file_mode()
     for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):  # False first: config last
+        os.chmod(os.path.join(tmp, name), mode)  # safetensors' weights: 0o600
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     os.rmdir(tmp)
 

@@ -230,6 +230,7 @@ def test_merge_py_gives_the_merge_the_mode_of_a_new_folder(saved, tmp_path):
     finally:
         os.umask(umask)
     assert mode(tmp_path / "new") == oct(0o750)
+    assert mode(tmp_path / "new" / "model.safetensors") == oct(0o640)  # the umask's, not safetensors' 0o600
     (tmp_path / "made").mkdir()
     os.chmod(tmp_path / "made", 0o711)
     with pytest.raises(SystemExit):

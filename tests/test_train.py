@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import minrlhf
 import train as train_py  # train.py; `train` below runs it as a process
+from minrlhf.cli import new_file_mode
 from minrlhf.engine import build_engine, deepspeed_config, param_groups, skip_nonfinite_step
 from minrlhf.lora import add_lora
 from minrlhf.run import check_resume_flags, checkpoints, write_atomically
@@ -482,6 +484,7 @@ def test_sft_loss_falls_and_saves_a_pipeline_model(work):
     assert log[-1]["loss"] < 0.5 * log[0]["loss"] and "eval/loss" in log[-1] and "eval/loss" in log[9]
     saved = json.loads((work / "sft" / "args.json").read_text())
     assert (saved["stage"], saved["world_size"], saved["cwd"]) == ("sft", 1, str(work))  # cwd: `run_path`
+    assert stat.S_IMODE(os.stat(work / "sft" / "model.safetensors").st_mode) == new_file_mode()  # not 0o600
     assert sorted(os.listdir(work / "sft" / "checkpoints")) == ["step20", "step30"]  # --keep-checkpoints 2
     generate = pipeline("text-generation", model=str(work / "sft"), tokenizer=str(work / "sft"))
     out = generate("the book was", max_new_tokens=4, do_sample=False)[0]["generated_text"]
