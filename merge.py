@@ -190,7 +190,7 @@ def missing_folders(path):
 
 
 def merge(args):
-    """The merge, made in a new folder beside --output, then moved there whole -> the number of policies."""
+    """The merge, made in a new folder beside --output, then moved there whole."""
     check_writable("--output", args.output, args.output)
     with writing(args.output):
         folder = tempfile.mkdtemp(prefix=".merging-", dir=os.path.dirname(os.path.abspath(args.output)))
@@ -203,7 +203,6 @@ def merge(args):
             os.replace(folder, args.output)  # onto the empty --output: a whole merge there, or nothing
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # a failed attempt's; a merge moved in is gone from here
-    return len(policies)
 
 
 def main(argv=None):
@@ -214,13 +213,13 @@ def main(argv=None):
         fail(f"--output {args.output}: not empty; choose a new folder")
     created = missing_folders(args.output)
     try:
-        count = merge(args)
+        merge(args)
     except BaseException:  # a failure leaves no folder it made: --output (and its parents) as they were
         for folder in created:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
-    print(f"{args.output}: {args.base} + {args.scale:g} x the mean change of {count} policies")
+    print(f"{args.output}: {args.base} + {args.scale:g} x the mean change of {len(args.policies)} policies")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ PPO and eval.py score an answer cut off at the token cap as generated, without t
 and EOS. The preference pairs (data/sentiment/rm_pairs.jsonl) mark such answers (`chosen_ended`,
 `rejected_ended` false) and `--stage rm` trains on them as generated; a file without the marks trains on every
 answer closed. On the held-out pairs (those train.py keeps whose prompts hash below --eval-fraction, as it
-holds them out) this prints the reward model's accuracy both ways: every answer closed, and the cut-offs as generated.
+holds them out) this prints the reward model's accuracy both ways: every answer closed, and the cut-offs as
+generated.
 """
 import argparse
 import json
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import load_reward_model, reward_model_scores  # noqa: E402
-from minrlhf.data import encode_preference, prompt_hash, reply_ended  # noqa: E402
+from minrlhf.data import encode_preference, held_out, reply_ended  # noqa: E402
 from minrlhf.defaults import SENTIMENT_DATA  # noqa: E402
 
 
@@ -36,8 +37,9 @@ def main(argv=None):
     model, tokenizer = load_reward_model(args.reward_model)
     with open(args.pairs) as f:
         rows = [json.loads(line) for line in f]
-    kept = [r for r in rows if encode_preference(r, tokenizer, args.max_length) is not None]  # as train.py
-    rows = [r for r in kept if prompt_hash(r["prompt"]) < args.eval_fraction]  # as train.py's held_out
+    kept = [{**pair, "row": row} for row in rows  # the pairs train.py keeps
+            if (pair := encode_preference(row, tokenizer, args.max_length))]
+    rows = [pair["row"] for pair in held_out(kept, args.eval_fraction)[1]]  # the pairs train.py holds out
     cut = {key: torch.tensor([not reply_ended(r, key) for r in rows])
            for key in ("chosen", "rejected")}
     both = cut["chosen"] & cut["rejected"]

@@ -22,13 +22,13 @@ HH_TURN = "\n\nAssistant:"
 HH_SPEAKER = re.compile(r"\n\n(Human|Assistant): ?")  # where each turn of an HH-RLHF transcript starts
 ONLINE = ("ppo", "grpo", "rloo")  # the stages that sample from the policy they train: their rows are prompts
 REPLIES = ("chosen", "rejected")  # a preference row's replies, in the order pairs are laid out
-READ_COLUMNS = ("prompt", "response", "messages", "text", *REPLIES)  # and a reply's "*_ended" mark
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STAGE_COLUMNS = {  # each stage accepts any one of these column sets
     "sft": [("prompt", "response"), ("prompt", "chosen"), ("messages",), ("text",)],
     **dict.fromkeys(("rm", "dpo"), [("prompt", "chosen", "rejected")]),
     **dict.fromkeys(ONLINE, [("prompt",)]),
 }
+READ_COLUMNS = {column for sets in STAGE_COLUMNS.values() for cols in sets for column in cols}  # + *_ended
 
 
 class DataError(ValueError):
