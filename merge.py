@@ -9,6 +9,9 @@ al. 2024, "WARP": its second stage merges independently trained policies), and a
 saved on more reward; below 1 it moves back toward the base (WARP's third stage, LITI). How fast KL grows with
 the scale differs from merge to merge (measured: two PPO seeds at 1.2, 1.8x the plain average's KL; three GRPO
 seeds at 1.5, 2.4x; three PPO seeds at 1.45, 1.6x): score a few scales' KL before picking one.
+
+--output gets the merged model, its tokenizer and an args.json naming the base, which eval.py then compares
+the merge with.
 """
 import contextlib
 import json
@@ -22,7 +25,7 @@ from safetensors.torch import save_file
 
 from minrlhf.cli import (LOAD_ERRORS, WRITE_ERRORS, OneLineArgumentParser, check_writable, fail, fail_to_load,
                          first_line, new_file_mode, nonempty, non_negative, quiet_libraries, run_path,
-                         same_path, saved_args)
+                         same_path, saved_args, write_atomically)
 from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model
 
@@ -180,6 +183,18 @@ def write_merged(folder, base, policies, scale):
         os.replace(f"{path}.tmp", path)
 
 
+def merge_record(args):
+    """The merge's args.json, read as a train.py run's: `model` (the base), so that eval.py compares the merge
+    with its base and merging it again checks that base; the policies' sampling `temperature` if they agree;
+    `stage` "merge", so that train.py never takes the folder for its --output."""
+    temperatures = [saved_args(path).get("temperature") for path in args.policies]
+    record = {"stage": "merge", "model": args.base, "policies": args.policies, "scale": args.scale,
+              "cwd": os.getcwd()}
+    if temperatures[0] is not None and temperatures.count(temperatures[0]) == len(temperatures):
+        record["temperature"] = temperatures[0]
+    return record
+
+
 def missing_folders(path):
     """`path` and those of its parent folders that do not exist yet, innermost first."""
     path, missing = os.path.abspath(path), []
@@ -198,6 +213,7 @@ def merge(args):
         base, policies = save_base(args, folder)
         with writing(args.output):
             write_merged(folder, base, policies, args.scale)
+            write_atomically(os.path.join(folder, "args.json"), json.dumps(merge_record(args), indent=1))
             # mkdtemp's 0700 would hide the model from others: --output's mode (the umask's) instead
             os.chmod(folder, stat.S_IMODE(os.stat(args.output).st_mode))
             os.replace(folder, args.output)  # onto the empty --output: a whole merge there, or nothing

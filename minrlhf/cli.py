@@ -1,6 +1,7 @@
 """The command line's rules for train.py, eval.py and plot.py: bad input is one line on stderr and exit
 status 2, before any work starts. No deepspeed here, so eval.py and plot.py print no accelerator banner."""
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -173,10 +174,17 @@ def new_file_mode():
 
 
 def write_atomically(path, text):
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
+    """Write `text` to `path` through a temporary file and a rename: never a half-written file, and a write
+    that fails (a full disk) leaves `path` as it was and no temporary file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def same_path(path, other):

@@ -1,6 +1,8 @@
 """merge.py: the task-vector merge by hand, end to end on tiny saved policies, and its one-line errors."""
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,8 +10,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
+import eval as eval_py
 import merge
 from minrlhf import load_causal_lm, load_reward_model
+from minrlhf.cli import same_path
+from minrlhf.run import check_output
 from minrlhf.sampling import load_chat_model
 from test_errors import assert_one_error_line
 from tiny import make_causal_lm, make_tokenizer, save_tiny
@@ -91,6 +96,29 @@ def test_merge_py_writes_the_scaled_mean_change(saved, tmp_path):
                 "--output", str(tmp_path / "one")])
     a, one = (load_causal_lm(str(p)).state_dict() for p in (saved / "a", tmp_path / "one"))
     assert all(torch.equal(one[key], a[key]) for key in a)  # one policy at scale 1: that policy
+
+
+def test_a_merge_records_its_base_for_eval_py(saved, tmp_path, monkeypatch, capsys):
+    """The merge's args.json names its base (as merge.py read it: relative to its folder) and the policies'
+    temperature where they agree: eval.py's defaults, as for a train.py run; train.py's --output refuses it."""
+    for name, temperature in {"a": 0.9, "b": 0.9, "c": None}.items():
+        shutil.copytree(saved / "a", tmp_path / name)
+        (tmp_path / name / "args.json").write_text(json.dumps({"model": str(saved / "base"),
+                                                                "temperature": temperature}))
+    monkeypatch.chdir(saved)
+    merge.main(["--base", "base", "--policies", str(tmp_path / "a"), str(tmp_path / "b"),
+                "--output", str(tmp_path / "ab")])
+    merge.main(["--base", "base", "--policies", str(tmp_path / "a"), str(tmp_path / "c"),
+                "--output", str(tmp_path / "ac")])
+    monkeypatch.chdir(tmp_path)  # eval.py run elsewhere
+    for policy, temperature in {"ab": 0.9, "ac": 0.7}.items():  # ac: theirs differ, eval.py's default
+        args = argparse.Namespace(policy=policy, base=None, temperature=None)
+        eval_py.training_defaults(args)
+        assert same_path(args.base, saved / "base") and args.temperature == temperature, policy
+    with pytest.raises(SystemExit):
+        check_output(argparse.Namespace(output="ab", stage="ppo", model="a", resume=False))
+    assert capsys.readouterr().err.endswith("--output ab holds a --stage merge run; choose another --output "
+                                            "for --stage ppo\n")
 
 
 def test_merge_py_reads_tied_and_sharded_policies(saved, tmp_path):

@@ -1293,6 +1293,7 @@ def test_a_failed_rewrite_leaves_the_old_file_whole(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_atomically(path, '{"step": 1}\n{"step": "\ud800"}\n')
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no metrics.jsonl.tmp left
     write_atomically(path, '{"step": 2}\n')
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 2}\n'
 
