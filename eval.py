@@ -6,7 +6,8 @@ response length, and a few answers of the base model and the policy side by side
     python eval.py --policy "$(python -c 'import minrlhf.defaults as d; print(d.default_model())')"  # base
 
 Without --base and --temperature: those of the train.py run that saved the policy, or of merge.py's merge
-(POLICY/args.json), named in a note. --json writes the figures and the settings, in a model folder only as POLICY/eval.json (plot's).
+(POLICY/args.json), named in a note. --json writes the figures and the settings, in a model folder only as
+POLICY/eval.json (plot's).
 
 KL is KL(policy || base) per response: the sum over its tokens of log pi - log pi_base, both at the
 sampling temperature (as train.py's `kl`), on responses sampled from the policy; its mean over samples
