@@ -80,7 +80,7 @@ def training_defaults(args):
     if args.temperature is None:
         args.temperature = 0.7
     if taken:
-        print(f"note: from {where}, the run that trained --policy: {', '.join(taken)}")
+        print(f"note: from {where}, the run that saved --policy: {', '.join(taken)}")
 
 
 SETTINGS = ("policy", "base", "prompts", "samples", "temperature", "max_new_tokens", "seed")  # in --json

@@ -441,7 +441,7 @@ def test_eval_defaults_to_the_policys_run_and_records_its_settings(tiny_chat, tm
     eval_py.main([*argv, "--json", str(tmp_path / "policy" / "eval.json")])
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]  # in-process:
     assert notes == [  # DeepSpeed's banner may come first, where this test imports it first
-        f"note: from {tmp_path / 'policy' / 'args.json'}, the run that trained --policy: --base "
+        f"note: from {tmp_path / 'policy' / 'args.json'}, the run that saved --policy: --base "
         f"{tmp_path / 'base'} (its model), --temperature 1.3"]
     figures = json.loads((tmp_path / "policy" / "eval.json").read_text())
     assert {k: figures[k] for k in eval_py.SETTINGS} == {
