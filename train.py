@@ -227,14 +227,16 @@ def ppo_models(args, cfg, device, tokenizer, resize, prompts):
 @torch.no_grad()
 def rollout(engine, batch, tokenizer):
     """Sample one response per row (pure sampling: the generation config of `ppo_models`). -> response ids
-    (B, R) with every token after the first EOS set to pad, their mask (B, R), whether each row ended."""
+    (B, R) with every token after the first EOS (or end of turn: `M.stop_token_ids`) set to pad, their mask
+    (B, R), whether each row ended."""
     with gathered(engine):  # ZeRO-3: whole weights once for the whole generation
         seqs = engine.module.backbone.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             synced_gpus=engine.zero_optimization_partition_weights() and dist.get_world_size() > 1)
     response = seqs[:, batch["input_ids"].shape[1]:]  # (B, R)
-    mask = M.first_eos_mask(response, tokenizer.eos_token_id)  # (B, R)
-    ended = (response == tokenizer.eos_token_id).any(1)  # (B,)
+    stops = engine.module.backbone.generation_config.eos_token_id  # pure_sampling's
+    mask = M.first_eos_mask(response, stops)  # (B, R)
+    ended = torch.isin(response, response.new_tensor(stops)).any(1)  # (B,)
     return response.masked_fill(~mask, tokenizer.pad_token_id), mask.long(), ended
 
 
@@ -509,8 +511,8 @@ def add_online_flags(g):
            "(Ziegler et al. 2019)")
     g("--whiten-rewards", action="store_true", help="ppo: whiten the KL-shaped rewards before GAE")
     g("--missing-eos-penalty", type=non_negative, default=None,
-      help="subtracted from the normalised score of a response cut off without EOS (offline example: 1, "
-           "else 0)")
+      help="subtracted from the normalised score of a response cut off without EOS or end of turn (offline "
+           "example: 1, else 0)")
     g("--critic-model", type=nonempty,
       help="ppo: a critic of its own, initialised from this reward model (InstructGPT), or 'head': a value "
            "head on the policy's backbone (default: --reward-model, or 'head')")

@@ -7,7 +7,7 @@ offline_without_dns()  # before data.py imports datasets, and with it huggingfac
 from .data import (DataError, check_columns, check_prompts, collate_pairs, collate_prompts, collate_sft,
                    decode_response, encode_pair, encode_preference, encode_prompt, encode_rl_prompt,
                    encode_sft, ensure_pad_token, is_chat, load_rows, pad, pad_with_mask,
-                   prompts_before_replies, sequence_length, split_hh, to_device, tokenize)
+                   prompts_before_replies, sequence_length, split_hh, stop_token_ids, to_device, tokenize)
 from .losses import (KLController, aggregate, compute_gae, dpo_loss, entropy_from_logits, explained_variance,
                      first_eos_mask, group_advantages, kl_k1, kl_k3, kl_penalized_rewards,
                      logprobs_from_logits, masked_mean, masked_var, masked_whiten, pairwise_ranking_loss,

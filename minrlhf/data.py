@@ -257,6 +257,18 @@ def end_of_turn(tokenizer, prompt):
     return turn.rpartition("REPLY")[2]
 
 
+def stop_token_ids(tokenizer):
+    """The ids that end a reply: EOS, then any other added token (the template's markup, not text) in the
+    chat template's end of turn: Gemma's <end_of_turn>, Phi-3's <|end|>, Qwen2.5 base's <|im_end|>; none for
+    ChatML with EOS <|im_end|>. Such a model ends its turn there: sampling that stops only at EOS runs on to
+    the cap."""
+    ids = [tokenizer.eos_token_id]
+    if tokenizer.chat_template:
+        ids += [i for i in tokenizer(end_of_turn(tokenizer, "?"), add_special_tokens=False)["input_ids"]
+                if i in tokenizer.added_tokens_decoder and i not in ids]
+    return ids
+
+
 def spells_special_token(tokenizer, text):
     """Whether `text` holds a special token's string, which encoding reads as that token."""
     return any(t.special and t.content in text for t in tokenizer.added_tokens_decoder.values())

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 
-def first_eos_mask(response, eos_token_id):
-    """True on each row's tokens up to and including its first EOS (all of a row without EOS): what
-    was generated before the episode ended. (B, R) -> (B, R) bool."""
-    is_eos = (response == eos_token_id).long()
+def first_eos_mask(response, eos_ids):
+    """True on each row's tokens up to and including its first EOS, any of the ids `eos_ids` (all of a row
+    without one): what was generated before the episode ended. (B, R) -> (B, R) bool."""
+    is_eos = torch.isin(response, torch.as_tensor(eos_ids, device=response.device)).long()
     return is_eos.cumsum(1) - is_eos == 0  # no EOS strictly before this position
 
 

@@ -3,7 +3,7 @@ from a chat model outside training (the data scripts, eval.py), so what is sampl
 import torch
 from transformers import GenerationConfig
 
-from .data import collate_prompts, decode_response, encode_prompt, ensure_pad_token
+from .data import collate_prompts, decode_response, encode_prompt, ensure_pad_token, stop_token_ids
 from .models import load_causal_lm, load_tokenizer_of
 
 
@@ -21,18 +21,20 @@ def load_chat_model(path):
 def pure_sampling(tokenizer, temperature, max_new_tokens):
     """PPO's generation config: pure sampling, no top-k, no nucleus, no penalties. It must replace the model's
     own: generate() fills every field a config leaves unset from the model's (e.g. Qwen2.5's
-    repetition_penalty 1.05), which would sample from another distribution than the log-probs score."""
+    repetition_penalty 1.05), which would sample from another distribution than the log-probs score. It stops
+    at EOS and at the chat template's end of turn (`stop_token_ids`)."""
     return GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+                            eos_token_id=stop_token_ids(tokenizer), bos_token_id=tokenizer.bos_token_id)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, temperature, max_new_tokens, batch_size=32):
     """One response per prompt (repeat a prompt to get several), in order, by `pure_sampling` (which becomes
-    the model's generation config). Each row: {prompt, prompt_ids, response_ids (through the first EOS), text,
-    ended (True if EOS came)}."""
+    the model's generation config). Each row: {prompt, prompt_ids, response_ids (through the first EOS or end
+    of turn), text, ended (True if one came)}."""
     model.generation_config = pure_sampling(tokenizer, temperature, max_new_tokens)
+    stops = model.generation_config.eos_token_id
     rows = []
     for i in range(0, len(prompts), batch_size):
         batch = collate_prompts([{"prompt": p, "input_ids": encode_prompt(tokenizer, p)}
@@ -40,8 +42,9 @@ def sample(model, tokenizer, prompts, temperature, max_new_tokens, batch_size=32
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for prompt, ids, mask, response in zip(batch["prompts"], batch["input_ids"], batch["attention_mask"],
                                                out[:, batch["input_ids"].shape[1]:].tolist()):
-            ended = tokenizer.eos_token_id in response
-            response = response[:response.index(tokenizer.eos_token_id) + 1] if ended else response
+            end = next((i for i, token in enumerate(response) if token in stops), None)
+            ended = end is not None
+            response = response[:end + 1] if ended else response
             prompt_ids = ids[mask.bool()].tolist()
             rows.append({"prompt": prompt, "prompt_ids": prompt_ids, "response_ids": response, "ended": ended,
                          "text": decode_response(tokenizer, prompt_ids, response)})  # as train.py scores it

@@ -305,6 +305,16 @@ def test_eos_follows_a_turn_end_that_is_not_eos_even_when_the_reply_holds_one():
         assert encode_pair(tok, "hi", reply)[1][-3:] == end_of_turn + [tok.eos_token_id]
 
 
+def test_stop_token_ids_are_eos_and_the_markup_ending_a_turn():
+    """Replies end at EOS, and at the template's end of turn where that is another added token (Qwen2.5 base,
+    Gemma, Phi-3): the newline after <|im_end|> is text, and ChatML with EOS <|im_end|> adds nothing."""
+    assert data.stop_token_ids(make_tokenizer()) == [make_tokenizer().eos_token_id]
+    chatml = make_tokenizer(chat_template=True)
+    assert data.stop_token_ids(chatml) == [chatml.convert_tokens_to_ids("<|im_end|>")]
+    chatml.eos_token = "<|endoftext|>"
+    assert data.stop_token_ids(chatml) == [chatml.eos_token_id, chatml.convert_tokens_to_ids("<|im_end|>")]
+
+
 def test_a_tokenizer_that_appends_eos_ends_no_prompt_with_it():
     """Llama tokenizers saved with add_eos_token=True append EOS to every text: the prompt must not end with it
     (the policy would answer after an EOS), and the reply still reads as after its prompt, EOS once."""

@@ -212,6 +212,8 @@ def test_kl_penalized_rewards():
 def test_first_eos_mask_keeps_each_row_through_its_first_eos():
     response = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 2, 9]])  # EOS = 2
     assert first_eos_mask(response, 2).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    # several ids end a reply (EOS 2, end of turn 7): the first of either
+    assert first_eos_mask(response, [2, 7]).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
 
 
 def test_logprobs_and_entropy_match_torch():

@@ -20,7 +20,7 @@ import minrlhf.cli
 import plot
 from minrlhf import defaults
 from minrlhf.sampling import pure_sampling, sample, sample_n
-from tiny import make_causal_lm, make_tokenizer, save_tiny
+from tiny import make_causal_lm, make_tokenizer, save_tiny, turn_ending_chat_model
 
 BEST_OF_N = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "best_of_n.py")
 RM_CUTOFFS = os.path.join(os.path.dirname(BEST_OF_N), "rm_cutoffs.py")
@@ -203,6 +203,15 @@ def test_pure_sampling_filters_nothing():
     config = pure_sampling(make_tokenizer(), 0.7, 8)
     assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 0, 1.0)
     assert config.repetition_penalty in (None, 1.0)  # None: unset, no penalty (the model's own config is replaced)
+
+
+def test_sampling_stops_where_the_turn_ends_not_only_at_eos():
+    """A model whose turns end with a special token other than EOS stops there: one token, ended, no text (when
+    sampling stopped only at EOS, it ran to the cap and counted as cut off)."""
+    model, tokenizer = turn_ending_chat_model()
+    rows = sample(model, tokenizer, ["hi", "is it worth watching?"], 1.0, 8)
+    turn_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert [(r["response_ids"], r["ended"], r["text"]) for r in rows] == [([turn_end], True, "")] * 2
 
 
 def test_sampled_rows_and_kl_to_self(tiny_chat):

@@ -24,7 +24,8 @@ from minrlhf.cli import new_file_mode
 from minrlhf.engine import build_engine, deepspeed_config, param_groups, skip_nonfinite_step
 from minrlhf.lora import add_lora
 from minrlhf.run import check_resume_flags, checkpoints, write_atomically
-from tiny import make_tokenizer, save_tiny
+from minrlhf.sampling import pure_sampling
+from tiny import make_tokenizer, save_tiny, turn_ending_chat_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -239,6 +240,28 @@ class FakeEngine(Accumulating, minrlhf.PolicyWithValueHead):
 
 class FakeCritic(Accumulating, minrlhf.Critic):
     """A separate critic's engine."""
+
+
+class Unpartitioned:
+    """What rollout asks of a DeepSpeed engine without ZeRO-3."""
+    def __init__(self, module):
+        self.module = module
+
+    def zero_optimization_partition_weights(self):
+        return False
+
+
+def test_rollout_ends_a_reply_at_its_turn_end():
+    """A policy whose turns end with a special token other than EOS (Qwen2.5 base, Gemma, Phi-3) ends its reply
+    there: one valid token, ended, so no missing-EOS penalty (stopping only at EOS: 6 tokens, cut off)."""
+    model, tokenizer = turn_ending_chat_model()
+    policy = minrlhf.PolicyWithValueHead(model, value_head=False)
+    policy.backbone.generation_config = pure_sampling(tokenizer, 1.0, 6)
+    batch = minrlhf.collate_prompts([{"prompt": p, "input_ids": minrlhf.encode_prompt(tokenizer, p)}
+                                     for p in ("hi", "is it worth watching?")], tokenizer.pad_token_id)
+    response, mask, ended = train_py.rollout(Unpartitioned(policy), batch, tokenizer)
+    assert response.tolist() == [[tokenizer.convert_tokens_to_ids("<|im_end|>")]] * 2
+    assert mask.tolist() == [[1], [1]] and ended.tolist() == [True, True]
 
 
 @pytest.mark.parametrize("loss_agg", ["token", "sequence"])

@@ -126,6 +126,17 @@ def make_causal_lm(family: str, vocab_size: int, seed: int = 0, **config_kwargs)
     return AutoModelForCausalLM.from_config(config)
 
 
+def turn_ending_chat_model():
+    """(model, tokenizer): Qwen2.5 base's layout (ChatML turns end <|im_end|>, EOS <|endoftext|>), as Gemma's
+    <end_of_turn> and Phi-3's <|end|>; a GPT-J whose head bias always picks <|im_end|>, ending every turn."""
+    tokenizer = make_tokenizer(chat_template=True)
+    tokenizer.eos_token = EOS
+    model = make_causal_lm("gptj", len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.lm_head.bias[tokenizer.convert_tokens_to_ids(IM_END)] = 100.0
+    return model.eval(), tokenizer
+
+
 def save_tiny(family: str, path, seed: int = 0, config: dict | None = None, **tok_kwargs) -> str:
     """Save a tiny model + matching tokenizer to `path`; returns str(path). `config` overrides its config."""
     tokenizer = make_tokenizer(**tok_kwargs)
