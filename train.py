@@ -25,7 +25,8 @@ from minrlhf.cli import (OneLineArgumentParser, bounded, check_template, fail, l
                          nonempty, positive, positive_int, quiet_libraries, same_path, samples_per_prompt,
                          sampling_temperature)
 from minrlhf.data import ONLINE
-from minrlhf.engine import build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed
+from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
+                            partitioned_loading)
 from minrlhf.inputs import (RewardFunction, adapt, check_online_args, check_stage_flags, load_critic,
                             load_examples, load_model, load_tokenizer, offline_defaults, reference)
 from minrlhf.run import Run, Stopwatch, across_ranks, batches, check_output, lock_output, mean_across_ranks
@@ -117,13 +118,14 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     dpo_batch_loss over preference pairs."""
     train, evals = load_examples(args, tokenizer)  # and args.longest: the tokens of the longest row
     kind = "rm" if args.stage == "rm" else "causal"  # "rm": the backbone with a new score head
-    model = adapt(load_model("--model", args.model, tokenizer, resize, kind, args.longest), args)
+    with partitioned_loading(cfg):  # ZeRO-3: each rank loads its partitions alone
+        model = adapt(load_model("--model", args.model, tokenizer, resize, kind, args.longest), args)
+        ref = reference(model, args, cfg, device, tokenizer, resize) if args.stage == "dpo" else None
     if args.stage == "sft":
         loss_fn, collate = sft_loss, M.collate_sft
     elif args.stage == "rm":
         loss_fn, collate = rm_loss, M.collate_pairs
     else:  # dpo: the reward model's pairs, scored by the policy against a frozen reference
-        ref = reference(model, args, cfg, device, tokenizer, resize)
         loss_fn, collate = functools.partial(dpo_batch_loss, ref=ref, beta=args.beta), M.collate_pairs
     total = args.max_steps or max(1, int(args.epochs * len(train)) // cfg["train_batch_size"])
     engine = build_engine(model, cfg, total, args.deepspeed_config)
@@ -206,22 +208,28 @@ def train_ppo(args, cfg, device, tokenizer, resize):
 def ppo_models(args, cfg, device, tokenizer, resize, prompts):
     """The policy to train (with PPO's value head, or a separate critic to train), the frozen reference,
     the reward and the gold judge."""
-    if args.reward_fn:
-        reward = RewardFunction("--reward-fn", args.reward_fn, args.skip_nonfinite)
-    else:
-        rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
-        texts = [p["prompt"] for p in prompts]
-        check_template("--reward-model", args.reward_model, rm_tokenizer, texts, args.dataset)
-        rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
-        max_length = M.within_positions(rm, args.max_length + args.max_new_tokens)
-        reward = functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer,
-                                   max_length=max_length, device=device)
-    gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
-    backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
-    policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
-    critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, backbone)
+    with partitioned_loading(cfg):  # ZeRO-3: each rank loads its partitions alone
+        reward = reward_source(args, cfg, device, prompts)
+        gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
+        backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
+        policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
+        critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, backbone)
+        ref = reference(backbone, args, cfg, device, tokenizer, resize)
     policy.backbone.generation_config = pure_sampling(tokenizer, args.temperature, args.max_new_tokens)
-    return policy, critic, reference(backbone, args, cfg, device, tokenizer, resize), reward, gold
+    return policy, critic, ref, reward, gold
+
+
+def reward_source(args, cfg, device, prompts):
+    """--reward-fn, or --reward-model frozen: scores of (prompts, decoded responses) -> (B,)."""
+    if args.reward_fn:
+        return RewardFunction("--reward-fn", args.reward_fn, args.skip_nonfinite)
+    rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
+    texts = [p["prompt"] for p in prompts]
+    check_template("--reward-model", args.reward_model, rm_tokenizer, texts, args.dataset)
+    rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
+    max_length = M.within_positions(rm, args.max_length + args.max_new_tokens)
+    return functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer, max_length=max_length,
+                             device=device)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """DeepSpeed plumbing for train.py: process group, config from the flags, trained and frozen engines.
 losses.py, models.py and data.py never import deepspeed; this module and run.py hold all of it."""
+import contextlib
 import functools
 import glob
 import json
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch.utils.cpp_extension import get_default_build_root
+from transformers.integrations import HfDeepSpeedConfig
 
 from .cli import fail, first_line, lost_peer
 from .models import bf16_weights
@@ -136,7 +138,7 @@ def param_groups(model, part=None, lr=None):
 def build_engine(model, cfg, total_steps, config_path, part=None, lr=None):
     """Trainable model -> DeepSpeed engine with AdamW (from the config), its lr decaying linearly to 0 over
     `total_steps`; `part`'s parameters learn at `lr`, the others at the config's (`param_groups`)."""
-    params = param_groups(model, part, lr)
+    params = param_groups(bf16_unpartitioned(model, cfg), part, lr)
     decay = functools.partial(torch.optim.lr_scheduler.LambdaLR,
                               lr_lambda=functools.partial(linear_decay, total_steps=total_steps))
     try:
@@ -180,11 +182,40 @@ def frozen(model, cfg, device):
     if zero["stage"] == 3:
         keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
         offload = {"offload_param": zero["offload_param"]} if "offload_param" in zero else {}
-        return deepspeed.initialize(model=model, config={"zero_optimization": {"stage": 3, **offload},
-                                                         **{k: cfg[k] for k in keys if k in cfg}})[0]
+        config = {"zero_optimization": {"stage": 3, **offload}, **{k: cfg[k] for k in keys if k in cfg}}
+        return deepspeed.initialize(model=bf16_unpartitioned(model, cfg), config=config)[0]
     if cfg.get("bf16", {}).get("enabled"):
         bf16_weights(model)
     return model.to(device)
+
+
+@contextlib.contextmanager
+def partitioned_loading(cfg):
+    """Within, under ZeRO-3, from_pretrained builds each model straight into its partitions (transformers
+    enters deepspeed.zero.Init while an HfDeepSpeedConfig lives; DeepSpeed-Chat loads so): a rank holds its
+    1/N of the weights from the start, not the whole model in float32 until deepspeed.initialize splits it."""
+    config = HfDeepSpeedConfig(cfg) if cfg["zero_optimization"]["stage"] == 3 else None
+    try:
+        yield
+    finally:
+        del config  # transformers holds it by a weak reference: ZeRO-3 loading ends here
+
+
+def bf16_unpartitioned(model, cfg):
+    """Under ZeRO-3 with --bf16, `model`'s weights that zero.Init did not make (PPO's value head, LoRA's
+    adapters, new token embeddings) cast to bf16 as it cast the others: DeepSpeed casts every weight of a
+    model (as `bf16_weights`) unless some are partitioned, then none, and its optimizer wants one dtype."""
+    params = list(model.parameters())
+    if cfg.get("bf16", {}).get("enabled") and any(hasattr(p, "ds_id") for p in params):
+        for param in params:
+            if not hasattr(param, "ds_id"):
+                param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def writable(params):
+    """`params` whole within, and rank 0's values theirs on every rank after; unpartitioned: as they are."""
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def gathered(engine):

@@ -15,7 +15,7 @@ from .cli import LOAD_ERRORS, check_embeddings, fail, fail_to_load, fail_togethe
 from .data import (ONLINE, DataError, check_columns, ensure_pad_token, held_out, load_rows, sequence_length,
                    tokenize)
 from .defaults import SENTIMENT_DATA, default_model
-from .engine import frozen
+from .engine import frozen, writable
 from .lora import LoRALinear, WithoutAdapters, add_lora
 from .models import Critic, load_causal_lm, load_reward_model, load_tokenizer_of, position_limit, vocab_size
 from .run import CRITIC_NORMALISATION
@@ -117,7 +117,7 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=No
         if kind == "causal":
             model = load_causal_lm(path)
         else:
-            model = load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm")
+            model = load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm", whole=writable)
     except LOAD_ERRORS as e:
         as_what = "a causal LM" if kind == "causal" else "a reward model"
         fail_to_load(flag, path, f"cannot load as {as_what} ({first_line(e)})")

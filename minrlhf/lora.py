@@ -17,7 +17,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank, alpha):
         super().__init__()
-        n_in, n_out = base.weight.shape[::-1] if isinstance(base, nn.Linear) else base.weight.shape
+        n_in, n_out = features(base)
         self.base, self.scaling, self.enabled = base, alpha / rank, True
         self.lora_A = nn.Parameter(torch.empty(rank, n_in, dtype=base.weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=base.weight.dtype))
@@ -31,6 +31,11 @@ class LoRALinear(nn.Module):
         return y + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T).to(y.dtype) * self.scaling
 
 
+def features(layer):
+    """(in, out) of an nn.Linear or Conv1D, from its attributes: under ZeRO-3 its weight is a partition."""
+    return (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else (layer.nx, layer.nf)
+
+
 def add_lora(model, rank, alpha, targets="all-linear"):
     """Freeze every weight of `model`, then wrap the target layers in LoRALinear (only their A and B train).
     targets: "all-linear", every nn.Linear / Conv1D in the transformer body (`model.base_model`), i.e. the
@@ -41,7 +46,7 @@ def add_lora(model, rank, alpha, targets="all-linear"):
     chosen = [(name, module) for name, module in model.base_model.named_modules()
               if isinstance(module, (nn.Linear, Conv1D))
               and (targets == "all-linear" or name.split(".")[-1] in names)]
-    widths = {name: min(module.weight.shape) for name, module in chosen}  # each layer's full rank
+    widths = {name: min(features(module)) for name, module in chosen}  # each layer's full rank
     narrowest = min(widths, key=widths.get, default=None)
     if narrowest and rank > widths[narrowest]:  # checked before any A (rank, in) is allocated
         raise ValueError(f"rank {rank} is above {narrowest}'s full rank, min(in, out) = {widths[narrowest]}")

@@ -4,6 +4,7 @@ as a network of its own, started from the reward model (`Critic`, the default).
 Shapes: B batch, P prompt length, R response or reply length, T = P + R, V vocab, H hidden size, K
 positions kept.
 """
+import contextlib
 import math
 
 import torch
@@ -177,19 +178,21 @@ class Critic(nn.Module):
         return (self.reward_model.score(hidden).squeeze(-1).float() - self.shift) / self.scale
 
 
-def load_reward_model(path, pad_token_id, new_head=True):
+def load_reward_model(path, pad_token_id, new_head=True, whole=contextlib.nullcontext):
     """A reward model, in float32 as `load_causal_lm`: backbone + scalar head read at the last non-pad token
     (transformers' sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn
     with mean 0 and std 1/sqrt(H+1), H its input's width (Stiennon et al. 2020; Huang et al. 2024, "The N+
-    implementation details"); new_head=False refuses a checkpoint without a trained head."""
+    implementation details"), within `whole(params)`: the context in which partitioned weights are whole and
+    writable (ZeRO-3's; a partition alone would be drawn); new_head=False refuses a checkpoint without one."""
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path, config=dropout_free_config(path, num_labels=1), dtype=torch.float32, output_loading_info=True)
     if any(key.startswith("score.") for key in info["missing_keys"]):
         if not new_head:
             raise ValueError("not a reward model: it has no trained score head")
-        nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
-        if getattr(model.score, "bias", None) is not None:
-            nn.init.zeros_(model.score.bias)
+        with whole(list(model.score.parameters())):
+            nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
+            if getattr(model.score, "bias", None) is not None:
+                nn.init.zeros_(model.score.bias)
     model.config.pad_token_id = pad_token_id
     return model
 

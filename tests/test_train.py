@@ -936,6 +936,29 @@ def test_frozen_models_offload_under_zero3_with_offload(work):
         torch.testing.assert_close(engine(ids).logits, expected)
 
 
+def test_under_zero3_models_load_straight_into_partitions(tmp_path):
+    """Within `partitioned_loading` under ZeRO-3 every weight is a partition from the start (no rank holds the
+    whole model in float32 until deepspeed.initialize); a reward model's new head is drawn as without ZeRO (std
+    1/sqrt(H+1), not a partition alone left at transformers' 0.02); LoRA wraps partitioned layers at their
+    width. After it, models load whole again."""
+    import deepspeed
+    from minrlhf.engine import partitioned_loading, writable
+    train_py.init_distributed()
+    path = save_tiny("llama", tmp_path)
+    cfg = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "train_batch_size": 1}
+    torch.manual_seed(0)
+    whole = minrlhf.load_reward_model(path, 0, whole=writable)
+    torch.manual_seed(0)
+    with partitioned_loading(cfg):
+        rm, lm = minrlhf.load_reward_model(path, 0, whole=writable), minrlhf.load_causal_lm(path)
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in [*rm.parameters(), *lm.parameters()])
+    with deepspeed.zero.GatheredParameters(list(rm.parameters())):
+        assert all(torch.equal(a, b) for a, b in zip(rm.parameters(), whole.parameters()))
+    assert add_lora(lm, 4, 8) == 14  # 2 layers x 7 projections
+    assert lm.model.layers[0].mlp.down_proj.lora_A.shape == (4, lm.config.intermediate_size)
+    assert not any(hasattr(p, "ds_id") for p in minrlhf.load_causal_lm(path).parameters())
+
 def test_resume_with_more_steps_reschedules_the_critics_lr(work, monkeypatch):
     """--resume with a longer --max-steps: the separate critic's lr, as the policy's, is where the new schedule puts
     it at the checkpoint's step, not where the checkpoint's run left it (0, at its end). Unchanged, the schedule
