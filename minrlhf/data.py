@@ -215,16 +215,21 @@ def encode_prompt(tokenizer, prompt):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if not isinstance(prompt, str):
         raise DataError(f"chat messages, but {tokenizer.name_or_path} has no chat template to write them")
-    ids = without_appended_eos(tokenizer, tokenizer(prompt, add_special_tokens=True)["input_ids"], prompt)
+    ids = without_appended_eos(tokenizer, tokenizer(prompt, add_special_tokens=True)["input_ids"])
     return ids or [tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id]
 
 
-def without_appended_eos(tokenizer, ids, text):
-    """`ids` of `text` less the EOS a tokenizer appends to every text (Llama's add_eos_token=True): a prompt
-    ends no episode, a reply cut off at the token limit did not end. An EOS the text spells stays."""
-    if ids[-1:] == [tokenizer.eos_token_id] and not text.endswith(tokenizer.eos_token):
+def without_appended_eos(tokenizer, ids):
+    """`ids` less the EOS a tokenizer appends to every text (Llama's add_eos_token=True): a prompt ends no
+    episode, a reply cut off at the token limit did not end. An EOS the text spells stays (once, not twice)."""
+    if ids[-1:] == [tokenizer.eos_token_id] and appends_eos(tokenizer):
         return ids[:-1]
     return ids
+
+
+def appends_eos(tokenizer):
+    """Whether the tokenizer appends EOS to every text it encodes with special tokens."""
+    return tokenizer("a", add_special_tokens=True)["input_ids"][-1:] == [tokenizer.eos_token_id]
 
 
 def encode_pair(tokenizer, prompt, response, ended=True, generated=False):
@@ -236,8 +241,7 @@ def encode_pair(tokenizer, prompt, response, ended=True, generated=False):
     if generated and spells_special_token(tokenizer, response):
         return prompt_ids, generated_reply(tokenizer, prompt, response, ended)
     if not tokenizer.chat_template:  # plain text
-        response_ids = without_appended_eos(
-            tokenizer, ids_after(tokenizer, prompt, prompt_ids, response, special_tokens=True), response)
+        response_ids = ids_after(tokenizer, prompt, prompt_ids, response, special_tokens=True)
         return prompt_ids, ending_with_eos(response_ids, tokenizer) if ended else response_ids
     head = chat_text(tokenizer, _as_messages(prompt), add_generation_prompt=True)
     if not ended:  # as generated (cut off): no end of turn, no EOS
@@ -291,8 +295,11 @@ def ids_after(tokenizer, head, head_ids, tail, special_tokens=False):
     """The ids of text `tail` as the tokenizer reads it after text `head` (encoded as `head_ids`). Encoded
     alone it may read otherwise: SentencePiece tokenizers (Llama 2, Mistral) mark a word start on the first
     piece of any text, so a reply alone would begin with a "\u2581" (a space) that it lacks after its prompt.
-    Alone only where head + tail do not encode as head_ids + something (a token across the boundary)."""
+    Alone only where head + tail do not encode as head_ids + something (a token across the boundary).
+    special_tokens: a BOS as head_ids have, and not the EOS some tokenizers append."""
     ids = tokenizer(head + tail, add_special_tokens=special_tokens)["input_ids"]
+    if special_tokens:
+        ids = without_appended_eos(tokenizer, ids)
     if ids[:len(head_ids)] == head_ids:
         return ids[len(head_ids):]
     return tokenizer(tail, add_special_tokens=False)["input_ids"]

@@ -326,6 +326,19 @@ def test_a_tokenizer_that_appends_eos_ends_no_prompt_with_it():
     assert prompt_ids[-1] != tok.eos_token_id and reply_ids.count(tok.eos_token_id) == 1
 
 
+def test_a_text_that_spells_eos_keeps_one_eos_with_a_tokenizer_that_appends_one():
+    """A prompt or reply whose text ends with "</s>" reads it as EOS; a tokenizer that appends EOS adds a second,
+    which must go: one EOS ends the reply, and the prompt ends with the one it spells."""
+    tok = make_sentencepiece_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    eos = tok.eos_token_id
+    prompt_ids, reply_ids = encode_pair(tok, "how are you today?", " I am fine</s>")
+    assert reply_ids.count(eos) == 1 and reply_ids[-1] == eos
+    assert encode_pair(tok, "how are you today?", " I am fine</s>", ended=False)[1].count(eos) == 1
+    assert encode_pair(tok, "how are you today?</s>", " I am fine")[0][-2:] != [eos, eos]
+
+
 def test_a_tokenizer_that_appends_eos_ends_no_cut_off_reply_with_it():
     """A reply cut off at the token limit did not end: with a tokenizer that appends EOS to every text, it must
     still reach the reward model (online, and in its pairs) and SFT's labels without one; an ended one, once."""
