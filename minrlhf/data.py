@@ -221,7 +221,7 @@ def encode_prompt(tokenizer, prompt):
 
 def without_appended_eos(tokenizer, ids):
     """`ids` less the EOS a tokenizer appends to every text (Llama's add_eos_token=True): a prompt ends no
-    episode, a reply cut off at the token limit did not end. An EOS the text spells stays (once, not twice)."""
+    episode, a reply cut off at the token limit did not end. An EOS the text spells stays, once."""
     if ids[-1:] == [tokenizer.eos_token_id] and appends_eos(tokenizer):
         return ids[:-1]
     return ids
