@@ -202,9 +202,9 @@ def partitioned_loading(cfg):
 
 
 def bf16_unpartitioned(model, cfg):
-    """Under ZeRO-3 with --bf16, `model`'s weights that zero.Init did not make (PPO's value head, LoRA's
-    adapters, new token embeddings) cast to bf16 as it cast the others: DeepSpeed casts every weight of a
-    model (as `bf16_weights`) unless some are partitioned, then none, and its optimizer wants one dtype."""
+    """Under ZeRO-3 with --bf16, `model`'s weights made in float32 after zero.Init made the others in bf16
+    (PPO's value head; LoRA's adapters take their layer's dtype) cast to bf16: DeepSpeed casts every weight
+    of a model (as `bf16_weights`) unless some are partitioned, then none; its optimizer wants one dtype."""
     params = list(model.parameters())
     if cfg.get("bf16", {}).get("enabled") and any(hasattr(p, "ds_id") for p in params):
         for param in params:

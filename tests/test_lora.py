@@ -222,7 +222,7 @@ def test_lora_and_checkpointing_on_two_ranks_zero3(work):
 
 
 @pytest.mark.parametrize("flags", [["--zero-stage", 1, "--bf16"], ["--zero-stage", 2, "--bf16", "--offload"],
-                                   ["--zero-stage", 3, "--bf16"]])  # ZeRO-3: adapters made after the partitions
+                                   ["--zero-stage", 3, "--bf16"]])  # ZeRO-3: adapters on zero.Init's partitions
 def test_lora_sft_with_checkpointing_under_zero_and_bf16(work, flags):
     name = "lora_sft" + "".join(map(str, flags)).replace("-", "")
     log = train(work, "--stage", "sft", "--model", "peaked", "--lora-rank", 4, "--gradient-checkpointing",
