@@ -119,7 +119,8 @@ def train_supervised(args, cfg, device, tokenizer, resize):
     train, evals = load_examples(args, tokenizer)  # and args.longest: the tokens of the longest row
     kind = "rm" if args.stage == "rm" else "causal"  # "rm": the backbone with a new score head
     with partitioned_loading(cfg):  # ZeRO-3: each rank loads its partitions alone
-        model = adapt(load_model("--model", args.model, tokenizer, resize, kind, args.longest), args)
+        model = load_model("--model", args.model, tokenizer, resize, kind, args.longest, bf16=args.bf16)
+        model = adapt(model, args)
         ref = reference(model, args, cfg, device, tokenizer, resize) if args.stage == "dpo" else None
     if args.stage == "sft":
         loss_fn, collate = sft_loss, M.collate_sft
@@ -193,7 +194,7 @@ def train_ppo(args, cfg, device, tokenizer, resize):
         clock.lap("forward")
         if args.stage == "ppo":  # 3. KL-shaped rewards, 4. GAE with the critic's values, whitened
             exp["advantages"], exp["returns"] = ppo_advantages(exp, normalised, kl_ctl.value, args)  # (B, R)
-        else:  # 3-4. each sample's baseline from the other samples of its prompt
+        else:  # 3-4. each sample's baseline from the G samples of its prompt
             exp["advantages"] = critic_free_advantages(exp, normalised, kl_ctl.value, args)  # (B, R)
         engine.train()
         stats |= ppo_update(engine, critic, exp, kl_ctl.value, args)  # 5. K epochs, clipped
@@ -211,7 +212,8 @@ def ppo_models(args, cfg, device, tokenizer, resize, prompts):
     with partitioned_loading(cfg):  # ZeRO-3: each rank loads its partitions alone
         reward = reward_source(args, cfg, device, prompts)
         gold = RewardFunction("--gold-fn", args.gold_fn) if args.gold_fn else None
-        backbone = adapt(load_model("--model", args.model, tokenizer, resize, longest=args.longest), args)
+        backbone = load_model("--model", args.model, tokenizer, resize, longest=args.longest, bf16=args.bf16)
+        backbone = adapt(backbone, args)
         policy = M.PolicyWithValueHead(backbone, value_head=args.critic_model == "head")
         critic = None if args.critic_model in (None, "head") else load_critic(args, tokenizer, backbone)
         ref = reference(backbone, args, cfg, device, tokenizer, resize)
@@ -226,7 +228,8 @@ def reward_source(args, cfg, device, prompts):
     rm_tokenizer, rm_resize = load_tokenizer("--reward-model", args.reward_model)
     texts = [p["prompt"] for p in prompts]
     check_template("--reward-model", args.reward_model, rm_tokenizer, texts, args.dataset)
-    rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest)
+    rm = load_model("--reward-model", args.reward_model, rm_tokenizer, rm_resize, "reward", args.longest,
+                    bf16=args.bf16)
     max_length = M.within_positions(rm, args.max_length + args.max_new_tokens)
     return functools.partial(M.score_texts, frozen(rm, cfg, device), rm_tokenizer, max_length=max_length,
                              device=device)
@@ -246,6 +249,22 @@ def rollout(engine, batch, tokenizer):
     mask = M.first_eos_mask(response, stops)  # (B, R)
     ended = torch.isin(response, response.new_tensor(stops)).any(1)  # (B,)
     return response.masked_fill(~mask, tokenizer.pad_token_id), mask.long(), ended
+
+
+def normalised_scores(scores, ended, norm, args):
+    """The scores PPO optimises: normalised to mean 0, std 1 under the initial policy (Ziegler et al. 2019,
+    sec. 2), i.e. with the first rollout's statistics (every rank's scores; the population std), which `norm`
+    keeps (and checkpoints); then less --missing-eos-penalty where no EOS came, in those units (the "EOS
+    trick", Huang et al. 2024: a response that runs into the token cap scores low, whatever its text). A first
+    rollout whose scores all tie (a 0/1 reward, all 0) has no scale to give: the scores stay as they are until
+    a rollout with spread fills `norm` (in place). Phase 3 then shapes them with the KL penalty."""
+    if args.reward_norm and not norm:
+        every = across_ranks(scores).double()  # every rank's; float64: scores far from 0 keep their spread
+        if every.max() > every.min() and every.isfinite().all():  # else the next rollout sets it
+            norm.update(mean=every.mean().item(), std=max(every.std(unbiased=False).item(), 1e-6))
+    if args.reward_norm and norm:
+        scores = (scores - norm["mean"]) / norm["std"]
+    return scores - args.missing_eos_penalty * (~ended).float()
 
 
 def policy_forward(policy, ids, attention_mask, prompt_len, temperature, critic=None):
@@ -285,22 +304,6 @@ def make_experience(engine, ref, critic, batch, response, mask, args):
     return exp
 
 
-def normalised_scores(scores, ended, norm, args):
-    """The scores PPO optimises: normalised to mean 0, std 1 under the initial policy (Ziegler et al. 2019,
-    sec. 2), i.e. with the first rollout's statistics (every rank's scores; the population std), which `norm`
-    keeps (and checkpoints); then less --missing-eos-penalty where no EOS came, in those units (the "EOS
-    trick", Huang et al. 2024: a response that runs into the token cap scores low, whatever its text). A first
-    rollout whose scores all tie (a 0/1 reward, all 0) has no scale to give: the scores stay as they are until
-    a rollout with spread fills `norm` (in place). Phase 3 then shapes them with the KL penalty."""
-    if args.reward_norm and not norm:
-        every = across_ranks(scores).double()  # every rank's; float64: scores far from 0 keep their spread
-        if every.max() > every.min() and every.isfinite().all():  # else the next rollout sets it
-            norm.update(mean=every.mean().item(), std=max(every.std(unbiased=False).item(), 1e-6))
-    if args.reward_norm and norm:
-        scores = (scores - norm["mean"]) / norm["std"]
-    return scores - args.missing_eos_penalty * (~ended).float()
-
-
 def ppo_advantages(exp, normalised, kl_coef, args):
     """3. Per-token rewards -kl_coef * (log pi - log pi_ref), the score added on the last token; 4. GAE over
     them with the critic's values, the advantages whitened over this rank's rollout (as TRL). -> advantages,
@@ -314,11 +317,12 @@ def ppo_advantages(exp, normalised, kl_coef, args):
 
 
 def critic_free_advantages(exp, normalised, kl_coef, args):
-    """3-4. GRPO and RLOO: no critic; each sample's baseline comes from the other samples of its prompt.
-    RLOO puts the KL in the reward, summed over the sequence (Ahmadian et al. 2024); GRPO puts it in the
-    loss, per token (`ppo_update`). Both then take PPO's clipped surrogate per token, as TRL's GRPO does
-    (TRL's RLOO clips the ratio of the whole sequence, one action); at ratio 1 (the first mini-batch) both are
-    REINFORCE. -> (B, R): every token of a sample gets the sample's advantage."""
+    """3-4. GRPO and RLOO: no critic; each sample's baseline comes from the G samples of its prompt (GRPO:
+    their mean and std; RLOO: the mean of the other G - 1). RLOO puts the KL in the reward, summed over the
+    sequence (Ahmadian et al. 2024); GRPO puts it in the loss, per token (`ppo_update`). Both then take PPO's
+    clipped surrogate per token, as TRL's GRPO does (TRL's RLOO clips the ratio of the whole sequence, one
+    action); at ratio 1 (the first mini-batch) both are REINFORCE. -> (B, R): every token of a sample gets the
+    sample's advantage."""
     if args.stage == "rloo":
         kl = M.sequence_kl(exp["logprobs"], exp["ref_logprobs"], exp["mask"])  # (B,)
         advantages = M.rloo_advantages(normalised - kl_coef * kl, args.num_generations)
@@ -400,7 +404,7 @@ def rollout_stats(exp, scores, normalised, kl_coef, group_size):
         values, returns = (across_ranks(exp[k][mask.bool()]) for k in ("values", "returns"))  # (N,) each
         variance = M.explained_variance(values, returns, torch.ones_like(values)).item()
         return stats | {"ppo/val/explained_variance": variance, "ppo/returns/mean": returns.mean().item()}
-    tied = normalised.view(-1, group_size).std(1) == 0  # groups whose samples all score alike
+    tied = M.tied_groups(normalised, group_size)  # (B / G,)
     return stats | {"advantage_std": across_ranks(exp["advantages"][:, 0]).std().item(),  # every rank's
                     "frac_reward_zero_std": tied.float().mean().item()}
 

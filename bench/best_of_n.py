@@ -55,9 +55,7 @@ def answers(args, prompts):
         with open(args.answers) as f:
             return [json.loads(line) for line in f]
     torch.manual_seed(args.seed)
-    policy, tokenizer = load_chat_model(args.policy)
-    if args.bf16:  # the weights only, as train.py's --bf16 casts them
-        M.bf16_weights(policy)
+    policy, tokenizer = load_chat_model(args.policy, torch.bfloat16 if args.bf16 else torch.float32)
     rows = sample(policy, tokenizer, [q for q in prompts for _ in range(args.n)], 0.7, 48, batch_size=64)
     rows = [{"prompt": r["prompt"], "text": r["text"], "ended": r["ended"]} for r in rows]
     if args.answers:

@@ -11,8 +11,8 @@ from .data import (DataError, check_columns, check_prompts, collate_pairs, colla
 from .losses import (KLController, aggregate, compute_gae, dpo_loss, entropy_from_logits, explained_variance,
                      first_eos_mask, group_advantages, kl_k1, kl_k3, kl_penalized_rewards,
                      logprobs_from_logits, masked_mean, masked_var, masked_whiten, pairwise_ranking_loss,
-                     ppo_policy_loss, ppo_value_loss, rloo_advantages, sequence_kl)
-from .models import (Critic, PolicyWithValueHead, bf16_weights, full_pair_scores, load_causal_lm,
-                     load_reward_model, pair_scores, position_ids, position_limit, reply_logprobs,
+                     ppo_policy_loss, ppo_value_loss, rloo_advantages, sequence_kl, tied_groups)
+from .models import (Critic, PolicyWithValueHead, full_pair_scores, load_causal_lm, load_reward_model,
+                     pair_scores, position_ids, position_limit, reply_logprobs,
                      response_logprobs, response_positions, reward_scores, sampled_logprobs, score_pairs,
                      score_texts, vocab_size, within_positions)

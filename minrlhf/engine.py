@@ -17,7 +17,6 @@ from torch.utils.cpp_extension import get_default_build_root
 from transformers.integrations import HfDeepSpeedConfig
 
 from .cli import fail, first_line, lost_peer
-from .models import bf16_weights
 
 
 def init_distributed():
@@ -138,7 +137,7 @@ def param_groups(model, part=None, lr=None):
 def build_engine(model, cfg, total_steps, config_path, part=None, lr=None):
     """Trainable model -> DeepSpeed engine with AdamW (from the config), its lr decaying linearly to 0 over
     `total_steps`; `part`'s parameters learn at `lr`, the others at the config's (`param_groups`)."""
-    params = param_groups(bf16_unpartitioned(model, cfg), part, lr)
+    params = param_groups(model, part, lr)
     decay = functools.partial(torch.optim.lr_scheduler.LambdaLR,
                               lr_lambda=functools.partial(linear_decay, total_steps=total_steps))
     try:
@@ -175,17 +174,15 @@ def skip_nonfinite_step(optimizer, args, kwargs):
 
 def frozen(model, cfg, device):
     """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3 (and with
-    --offload on the CPU, as DeepSpeed-Chat offloads its reference). bf16 casts their weights only, as
-    DeepSpeed casts the policy's (`bf16_weights`)."""
+    --offload on the CPU, as DeepSpeed-Chat offloads its reference). They are loaded in the run's dtype, as
+    the policy is (`inputs.load_model`: bf16 with --bf16; buffers such as RoPE's inv_freq stay float32)."""
     model.requires_grad_(False).eval()
     zero = cfg["zero_optimization"]
     if zero["stage"] == 3:
         keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
         offload = {"offload_param": zero["offload_param"]} if "offload_param" in zero else {}
         config = {"zero_optimization": {"stage": 3, **offload}, **{k: cfg[k] for k in keys if k in cfg}}
-        return deepspeed.initialize(model=bf16_unpartitioned(model, cfg), config=config)[0]
-    if cfg.get("bf16", {}).get("enabled"):
-        bf16_weights(model)
+        return deepspeed.initialize(model=model, config=config)[0]
     return model.to(device)
 
 
@@ -199,18 +196,6 @@ def partitioned_loading(cfg):
         yield
     finally:
         del config  # transformers holds it by a weak reference: ZeRO-3 loading ends here
-
-
-def bf16_unpartitioned(model, cfg):
-    """Under ZeRO-3 with --bf16, `model`'s weights made in float32 after zero.Init made the others in bf16
-    (PPO's value head; LoRA's adapters take their layer's dtype) cast to bf16: DeepSpeed casts every weight
-    of a model (as `bf16_weights`) unless some are partitioned, then none; its optimizer wants one dtype."""
-    params = list(model.parameters())
-    if cfg.get("bf16", {}).get("enabled") and any(hasattr(p, "ds_id") for p in params):
-        for param in params:
-            if not hasattr(param, "ds_id"):
-                param.data = param.data.to(torch.bfloat16)
-    return model
 
 
 def writable(params):

@@ -48,7 +48,7 @@ def check_online_args(args):
              f"rank's responses, at least 2 of them")
     if args.stage != "ppo" and G < 2:
         fail(f"--num-generations {G}: --stage {args.stage} needs at least 2 samples per prompt (each one's "
-             f"baseline is the others)")
+             f"baseline comes from its prompt's samples)")
     if args.mini_batch_size:
         if args.grad_accum and args.grad_accum * args.batch_size != args.mini_batch_size:  # given, and other
             fail(f"--grad-accum {args.grad_accum} x --batch-size {args.batch_size} contradicts "
@@ -109,15 +109,17 @@ def load_tokenizer(flag, path):
         fail(f"{flag} {path}: unusable tokenizer ({e})")
 
 
-def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=None):
+def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=None, bf16=False):
     """A causal LM, or a reward model ("rm": a new head is fine; "reward": a trained head is required),
     whose vocabulary and pad id agree with the tokenizer, with positions for `longest` tokens and embeddings
-    for the token ids it `reads` (default: the tokenizer's; a reference or critic: all the policy samples)."""
+    for the token ids it `reads` (default: the tokenizer's; a reference or critic: all the policy samples);
+    its weights in float32, or in bf16 (--bf16)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
     try:
         if kind == "causal":
-            model = load_causal_lm(path)
+            model = load_causal_lm(path, dtype)
         else:
-            model = load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm", whole=writable)
+            model = load_reward_model(path, tokenizer.pad_token_id, kind == "rm", writable, dtype)
     except LOAD_ERRORS as e:
         as_what = "a causal LM" if kind == "causal" else "a reward model"
         fail_to_load(flag, path, f"cannot load as {as_what} ({first_line(e)})")
@@ -176,7 +178,7 @@ def reference(policy, args, cfg, device, tokenizer, resize):
                              f"pass a reference with --model's tokenizer")
     samples = vocab_size(policy) if args.stage in ONLINE else None  # DPO's reference reads the data alone
     ref = load_model("--ref-model", args.ref_model or args.model, tokenizer, resize, longest=args.longest,
-                     reads=samples)
+                     reads=samples, bf16=args.bf16)
     return frozen(ref, cfg, device)
 
 
@@ -187,7 +189,7 @@ def load_critic(args, tokenizer, policy):
                          f"tokenizer other than --model's, whose tokens a critic reads; pass --critic-model "
                          f"head, or one with --model's tokenizer")
     critic = Critic(adapt(load_model("--critic-model", path, tokenizer, resize, "reward", args.longest,
-                                     vocab_size(policy)), args, name))
+                                     vocab_size(policy), args.bf16), args, name))
     saved = os.path.join(path, CRITIC_NORMALISATION)  # a critic a PPO run saved: its values' scale
     if os.path.isfile(saved):
         critic.set_normalisation(**torch.load(saved))

@@ -19,10 +19,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         n_in, n_out = features(base)
         self.base, self.scaling, self.enabled = base, alpha / rank, True
-        self.lora_A = nn.Parameter(torch.empty(rank, n_in, dtype=base.weight.dtype))
+        # A drawn as nn.Linear's weights, as loralib and PEFT (Hu et al. draw it from a Gaussian): any A, as B
+        # is 0. In float32, then in the layer's dtype: under --bf16, the float32 run's A rounded
+        lora_A = nn.init.kaiming_uniform_(torch.empty(rank, n_in, dtype=torch.float32), a=math.sqrt(5))
+        self.lora_A = nn.Parameter(lora_A.to(base.weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=base.weight.dtype))
-        # nn.Linear's initialisation, as loralib and PEFT (Hu et al. draw A from a Gaussian): any A, as B is 0
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
         y = self.base(x)

@@ -116,8 +116,8 @@ def compute_gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation, Schulman et al. 2016, eq. 16:
     A_t = sum_l (gamma*lam)^l delta_{t+l},  delta_t = r_t + gamma*V_{t+1} - V_t.
     The value after a row's last valid token is 0: the episode ends there, also where the token cap cut
-    it (no bootstrapping; the EOS penalty scores that). (B, R) x3 -> advantages, returns (advantages +
-    values), (B, R) each."""
+    it (no bootstrapping; --missing-eos-penalty, where on, scores that). (B, R) x3 -> advantages, returns
+    (advantages + values), (B, R) each."""
     mask = mask.bool()
     rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
     advantages, lastgaelam = torch.zeros_like(values), torch.zeros_like(values[:, 0])  # lastgaelam: A_{t+1}
@@ -201,7 +201,15 @@ def group_advantages(scores, group_size, scale=True, eps=1e-4):
     advantages = groups - groups.mean(1, keepdim=True)
     if scale:
         advantages = advantages / (groups.std(1, keepdim=True) + eps)
-    return advantages.flatten()
+    return torch.where(tied_groups(scores, group_size)[:, None], 0.0, advantages).flatten()
+
+
+def tied_groups(scores, group_size):
+    """Groups whose samples all score alike, by equality: their float32 mean can be a rounding off the
+    common score (3 x -1.3526537), which divided by a std of that rounding plus eps is not 0.
+    (B,) -> (B / G,)"""
+    groups = scores.float().view(-1, group_size)  # (B / G, G)
+    return (groups == groups[:, :1]).all(1)
 
 
 def rloo_advantages(scores, group_size):

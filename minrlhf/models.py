@@ -26,15 +26,16 @@ def dropout_free_config(path, **overrides):
     return config
 
 
-def load_causal_lm(path):
-    """A causal LM, in float32 whatever the checkpoint's dtype: transformers' default keeps that dtype (most
-    Hub models: bf16), and bf16 weights trained without fp32 master copies round most small Adam updates
-    away (--bf16: DeepSpeed keeps the masters). A checkpoint that lacks some of its weights (an encoder) is
-    refused, where transformers would initialise the missing head at random and carry on, and so is a
-    reward model, whose LM head may be tied to its embeddings (SmolLM2, GPT-2): then no weight is missing,
-    but its score head is left over."""
+def load_causal_lm(path, dtype=torch.float32):
+    """A causal LM in `dtype` whatever the checkpoint's: float32 by default, where transformers' default keeps
+    the checkpoint's (most Hub models: bf16), as bf16 weights trained without fp32 master copies round most
+    small Adam updates away. --bf16 passes bf16: DeepSpeed makes its fp32 masters from the bf16 weights, so
+    loading float32 first would only double the host memory. A checkpoint that lacks some of its weights (an
+    encoder) is refused, where transformers would initialise the missing head at random and carry on, and so
+    is a reward model, whose LM head may be tied to its embeddings (SmolLM2, GPT-2): then no weight is
+    missing, but its score head is left over."""
     model, info = AutoModelForCausalLM.from_pretrained(
-        path, config=dropout_free_config(path), dtype=torch.float32, output_loading_info=True)
+        path, config=dropout_free_config(path), dtype=dtype, output_loading_info=True)
     if info["missing_keys"]:
         missing = ", ".join(sorted(info["missing_keys"])[:3])
         raise ValueError(f"not a causal LM checkpoint, weights missing: {missing}")
@@ -52,15 +53,6 @@ def load_tokenizer_of(path):
         raise ValueError("an empty tokenizer that encodes text to no tokens: what transformers loads from a "
                          "folder without tokenizer files; expected tokenizer.json, vocab.json or the like")
     return tokenizer
-
-
-def bf16_weights(model):
-    """`model` with its parameters cast to bf16, as DeepSpeed's bf16 casts the models it trains, and its
-    buffers as they were: RoPE's inv_freq stays float32, so a bf16 copy encodes positions as the policy
-    does."""
-    for param in model.parameters():
-        param.data = param.data.to(torch.bfloat16)
-    return model
 
 
 def position_limit(model):
@@ -136,8 +128,9 @@ class PolicyWithValueHead(nn.Module):
     def __init__(self, backbone, value_head=True):
         super().__init__()
         self.backbone = backbone
-        width = backbone.get_output_embeddings().in_features  # the last hidden state's (OPT-350m: projected)
-        self.value_head = nn.Linear(width, 1) if value_head else None
+        head = backbone.get_output_embeddings()  # reads the last hidden state (OPT-350m: projected)
+        # in the backbone's dtype: under ZeRO-3 DeepSpeed casts no weight of a model with partitioned ones
+        self.value_head = nn.Linear(head.in_features, 1, dtype=head.weight.dtype) if value_head else None
         if value_head:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -178,14 +171,14 @@ class Critic(nn.Module):
         return (self.reward_model.score(hidden).squeeze(-1).float() - self.shift) / self.scale
 
 
-def load_reward_model(path, pad_token_id, new_head=True, whole=contextlib.nullcontext):
-    """A reward model, in float32 as `load_causal_lm`: backbone + scalar head read at the last non-pad token
+def load_reward_model(path, pad_token_id, new_head=True, whole=contextlib.nullcontext, dtype=torch.float32):
+    """A reward model, in `dtype` as `load_causal_lm`: backbone + scalar head read at the last non-pad token
     (transformers' sequence-classification pooling, hence a pad token distinct from EOS). A new head is drawn
     with mean 0 and std 1/sqrt(H+1), H its input's width (Stiennon et al. 2020; Huang et al. 2024, "The N+
     implementation details"), within `whole(params)`: the context in which partitioned weights are whole and
     writable (ZeRO-3's; a partition alone would be drawn); new_head=False refuses a checkpoint without one."""
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, config=dropout_free_config(path, num_labels=1), dtype=torch.float32, output_loading_info=True)
+        path, config=dropout_free_config(path, num_labels=1), dtype=dtype, output_loading_info=True)
     if any(key.startswith("score.") for key in info["missing_keys"]):
         if not new_head:
             raise ValueError("not a reward model: it has no trained score head")

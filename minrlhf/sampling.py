@@ -7,11 +7,11 @@ from .data import collate_prompts, decode_response, encode_prompt, ensure_pad_to
 from .models import load_causal_lm, load_tokenizer_of
 
 
-def load_chat_model(path):
+def load_chat_model(path, dtype=torch.float32):
     """(model in eval mode, tokenizer with a pad token distinct from EOS, which the model's config names), as
     train.py loads a model."""
     tokenizer = load_tokenizer_of(path)
-    model = load_causal_lm(path)
+    model = load_causal_lm(path, dtype)
     if ensure_pad_token(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

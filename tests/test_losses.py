@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from minrlhf import (KLController, aggregate, compute_gae, dpo_loss, entropy_from_logits, explained_variance,
                      first_eos_mask, group_advantages, kl_k1, kl_k3, kl_penalized_rewards, logprobs_from_logits,
                      masked_mean, masked_whiten, pairwise_ranking_loss, ppo_policy_loss, ppo_value_loss,
-                     rloo_advantages, sequence_kl)
+                     rloo_advantages, sequence_kl, tied_groups)
 
 # two rows: 4 valid tokens, then 2 valid tokens and 2 of padding
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -273,6 +273,9 @@ def test_group_advantages_by_hand():
     pairs = group_advantages(torch.tensor([0.0, 2.0, 7.0, 7.0]), 2)  # groups of 2: +-1 / (sqrt(2) + eps), a tie
     torch.testing.assert_close(pairs, torch.tensor([-1, 1, 0, 0]) / (math.sqrt(2) + 1e-4))
     assert torch.isfinite(group_advantages(torch.full((4,), 3.0), 4)).all()  # a tie is 0, never 0 / 0
+    tie = torch.full((3,), -1.3526537418365479)  # whose float32 mean is one rounding off the scores: still 0
+    assert group_advantages(tie, 3).eq(0).all() and group_advantages(tie, 3, scale=False).eq(0).all()
+    assert tied_groups(torch.cat([tie, torch.tensor([1.0, 1.0, 2.0])]), 3).tolist() == [True, False]
 
 
 def test_rloo_advantages_by_hand():

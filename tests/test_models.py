@@ -319,7 +319,7 @@ def test_critic_starts_as_the_reward_model_of_every_prefix(family_dir):
 def test_a_bf16_checkpoint_loads_in_float32(tmp_path):
     """Most Hub models are saved in bf16, which transformers' default load keeps: trained as fp32 (no --bf16,
     so no fp32 master weights), most small Adam updates would round away. minrlhf loads every model in float32
-    (--bf16: DeepSpeed casts and keeps the masters), the bf16 values exactly."""
+    (--bf16 in bf16: DeepSpeed keeps fp32 masters), the bf16 values exactly."""
     path = save_tiny("llama", tmp_path / "model")
     bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     bf16.save_pretrained(tmp_path / "bf16")
@@ -329,3 +329,29 @@ def test_a_bf16_checkpoint_loads_in_float32(tmp_path):
         assert {p.dtype for p in model.parameters()} == {torch.float32}
     torch.testing.assert_close(load_causal_lm(tmp_path / "bf16").state_dict(),
                                {k: v.float() for k, v in bf16.state_dict().items()}, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["causal", "rm"])
+def test_bf16_loads_every_weight_as_the_float32_run_rounded(family_dir, kind):
+    """--bf16 loads each model straight in bf16 (`load_model(bf16=True)`), not in float32 first (twice the host
+    memory): the float32 load's weights rounded, the buffers (RoPE's inv_freq) those of float32, as DeepSpeed
+    keeps them. Weights made after loading take the model's dtype (under ZeRO-3 DeepSpeed casts none), drawn as
+    in a float32 run: a reward model's new head, LoRA's adapters (A drawn in float32, then rounded), PPO's
+    value head (zero)."""
+    from minrlhf.inputs import load_model
+    from minrlhf.lora import add_lora
+    _, path = family_dir
+    models = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = load_model("--model", path, make_tokenizer(), False, kind, bf16=bf16)
+        add_lora(model, 4, 8)
+        models.append(model)
+    full, half = models
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    for (name, a), b in zip(full.named_parameters(), half.parameters(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    for (name, a), b in zip(full.named_buffers(), half.buffers(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    if kind == "causal":
+        assert PolicyWithValueHead(half).value_head.weight.dtype == torch.bfloat16

@@ -665,7 +665,7 @@ def test_ppo_with_the_reward_model_and_adaptive_kl(work):
     from argparse import Namespace
     from minrlhf.inputs import load_critic
     args = Namespace(critic_model=str(work / "ppo_rm" / "critic"), model=None, lora_rank=0, lora_alpha=None,
-                     lora_targets="all-linear", gradient_checkpointing=False, longest=16)
+                     lora_targets="all-linear", gradient_checkpointing=False, longest=16, bf16=False)
     critic = load_critic(args, AutoTokenizer.from_pretrained(work / "ppo_rm"), minrlhf.load_causal_lm(str(work / "ppo_rm")))
     assert (critic.shift.item(), critic.scale.item()) == pytest.approx((norm["mean"], norm["std"]))
     # the second judge is logged: count_e's mean over 8 responses, a multiple of 1/8, unlike the RM's reward
@@ -889,8 +889,8 @@ def test_value_lr_is_the_value_functions_own(work, critic):
 
 
 def test_ppo_in_bf16_with_a_critic_and_a_reward_model(work):
-    """--bf16 (the README's x4 runs): the frozen reference and reward model are cast as DeepSpeed casts the
-    policy, the weights but not the buffers (RoPE's inv_freq stays float32), so before the first update the
+    """--bf16 (the README's x4 runs): the frozen reference and reward model are loaded in bf16 as the policy
+    is, the weights but not the buffers (RoPE's inv_freq stays float32), so before the first update the
     policy's log-probs are the reference's to the bit (KL exactly 0). Policy and critic train in bf16."""
     log = train(work, *CRITIC_PPO, "--max-steps", 2, "--bf16", output="ppo_bf16")
     assert log[0]["kl"] == 0.0
@@ -903,7 +903,7 @@ def test_ppo_in_bf16_with_a_critic_and_a_reward_model(work):
 
 
 def test_zero3_bf16_reference_is_cast_as_the_policy(work):
-    """ZeRO-3 partitions the frozen reference in an engine of its own, which --bf16 casts as the policy's: before the
+    """ZeRO-3 partitions the frozen reference in an engine of its own, loaded in bf16 as the policy: before the
     first update their log-probs agree to the bit (KL exactly 0), as without ZeRO."""
     log = train(work, *PPO, "--max-steps", 1, "--bf16", "--deepspeed_config", work / "zero3.json", output="z3_bf16")
     assert log[0]["kl"] == 0.0
@@ -1198,7 +1198,7 @@ def test_a_critic_saved_by_ppo_keeps_its_values_scale(tmp_path):
     tokenizer.save_pretrained(tmp_path / "critic")
     torch.save({"mean": 2.0, "std": 4.0}, tmp_path / "critic" / CRITIC_NORMALISATION)
     args = Namespace(critic_model=str(tmp_path / "critic"), longest=8, lora_rank=0, lora_alpha=None,
-                     lora_targets="all-linear", gradient_checkpointing=False)
+                     lora_targets="all-linear", gradient_checkpointing=False, bf16=False)
     critic = load_critic(args, tokenizer, minrlhf.load_causal_lm(path))
     assert (critic.shift.item(), critic.scale.item()) == (2.0, 4.0)
 
