@@ -180,11 +180,26 @@ def write_atomically(path, text):
     try:
         with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        os.replace(synced(tmp), path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def synced(path, below=False):
+    """`path` (a file or a folder; below=True: with all below it) on the disk, fsync'd: renamed after this, a
+    crash of the machine cannot leave the new name on files whose data had not reached the disk yet."""
+    names = [path]
+    if below:
+        names += [os.path.join(folder, n) for folder, dirs, files in os.walk(path) for n in files + dirs]
+    for name in names:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
 
 
 def same_path(path, other):

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from torch.utils.cpp_extension import get_default_build_root
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -89,13 +90,27 @@ def deepspeed_config(args, world_size):
         zero["offload_optimizer"] = {"device": "cpu"}
         if zero["stage"] == 3:
             zero["offload_param"] = {"device": "cpu"}
+    if cfg.get("bf16", {}).get("enabled") and not args.bf16:  # else the models would load in float32
+        fail(f"--deepspeed_config {args.deepspeed_config}: bf16 is enabled; pass --bf16, which loads every "
+             f"model in bf16 (the frozen ones too), or disable it there")
     if args.bf16:
         cfg["bf16"] = {"enabled": True}
     params = cfg.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
     if params.setdefault("lr", args.lr) != args.lr:
         fail(f"--deepspeed_config {args.deepspeed_config}: optimizer lr {params['lr']} contradicts --lr "
              f"{args.lr}; leave it out, train.py fills it")
+    try:  # DeepSpeed's own checks of it, now: under ZeRO-3 they would first run inside a model's loading
+        DeepSpeedZeroConfig(**zero)
+    except Exception as e:
+        fail(f"--deepspeed_config {args.deepspeed_config}: zero_optimization: {config_problems(e)}")
     return cfg
+
+
+def config_problems(error):
+    """DeepSpeed's config error in one line: pydantic's name each key and what it expected."""
+    if not hasattr(error, "errors"):
+        return first_line(error)
+    return "; ".join(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors())
 
 
 def read_config(path):
@@ -119,6 +134,9 @@ def read_config(path):
     if "scheduler" in cfg:  # DeepSpeed would run it instead of train.py's, silently
         fail(f"--deepspeed_config {path}: a scheduler section; leave it out, train.py's lr decays linearly "
              f"to 0")
+    if "checkpoint" in cfg:  # its writers (decoupled, node-local) would write after stepN.tmp is renamed
+        fail(f"--deepspeed_config {path}: a checkpoint section; leave it out, train.py writes each "
+             f"checkpoint under a temporary name and renames it when it is complete")
     return cfg
 
 

@@ -10,6 +10,7 @@ import random
 import resource
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .cli import (WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, new_file_mode, same_path,
-                  saved_args, write_atomically)
+from .cli import (WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, new_file_mode, run_path,
+                  same_path, saved_args, synced, write_atomically)
 from .engine import read_config
 from .lora import merged_state_dict
 
@@ -103,9 +104,14 @@ def check_resume_flags(args, saved):
         fail(f"--resume: --dataset {args.dataset} has changed since the checkpoints' run read it (another "
              f"sha256), so its data order and held-out rows would not go on; resume with that data")
     for name, value in saved.items():
-        if name in PATHS and isinstance(value, str) and same_path(value, current.get(name)):
-            continue  # the same file or folder, however spelled
-        if name not in RESUME_MAY_CHANGE and name in current and current[name] != value:
+        if name in RESUME_MAY_CHANGE or name not in current:
+            continue
+        if name in PATHS and isinstance(value, str):  # the same file or folder, however spelled, from its cwd
+            value = run_path(saved, name)
+            changed = not same_path(value, current[name])
+        else:
+            changed = current[name] != value
+        if changed:
             flag = "the number of ranks" if name == "world_size" else f"--{name.replace('_', '-')}"
             fail(f"--resume: {flag} is {current[name]}, where the checkpoints' run had {value} "
                  f"({os.path.join(args.output, 'args.json')}); only how long it runs, logs and saves may "
@@ -186,18 +192,27 @@ class Run:
     def open_metrics(self):
         """args.json and metrics.jsonl in --output (`check_output` made it); on --resume the lines logged
         after the checkpoint (and any a crash cut short) are dropped. Both are rewritten under a temporary
-        name and renamed, so a kill meanwhile leaves the old ones whole."""
+        name and renamed, so a kill meanwhile leaves the old ones whole; a full disk: one line. A final model
+        of before (a finished run resumed for more steps, or started again) is no longer this run's: its
+        config.json goes, so that no stage loads it as this run's until `save_final` writes this one."""
         run = {**vars(self.args), "world_size": dist.get_world_size(),  # and below: what --resume compares
                "cwd": os.getcwd(),  # where its relative paths start (`cli.run_path`)
                "deepspeed_config_json": read_config(self.args.deepspeed_config),
                "dataset_sha256": file_digest(self.args.dataset)}
-        write_atomically(os.path.join(self.args.output, "args.json"), json.dumps(run, indent=1))
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
-        if self.args.resume and os.path.exists(path):
-            with open(path, errors="replace") as f:  # a garbled line's bytes, dropped like any garbled line
-                kept = [line for line in f if logged_step(line) <= self.start]
-        write_atomically(path, "".join(kept))
-        return open(path, "a")
+        try:
+            for folder in (self.args.output, os.path.join(self.args.output, "critic")):
+                if self.start < self.total and os.path.isfile(os.path.join(folder, "config.json")):
+                    os.remove(os.path.join(folder, "config.json"))
+            write_atomically(os.path.join(self.args.output, "args.json"), json.dumps(run, indent=1))
+            if self.args.resume and os.path.exists(path):  # a garbled line's bytes: dropped as garbled lines
+                with open(path, errors="replace") as f:
+                    kept = [line for line in f if logged_step(line) <= self.start]
+            write_atomically(path, "".join(kept))
+            return open(path, "a")
+        except OSError as e:
+            fail(f"--output {self.args.output}: cannot write args.json and metrics.jsonl there ({e})",
+                 this_rank=True)
 
     def end_step(self, step, stats, state=None):
         """Average the step's stats over ranks, check them, log, checkpoint on schedule; `state` (small,
@@ -280,14 +295,26 @@ class Run:
             fail(self.unwritable(e), this_rank=True)
         dist.barrier()
         error = None
-        try:  # rank 0 renames stepN.tmp to stepN, complete, and removes all but the newest --keep-checkpoints
+        try:  # rank 0 renames stepN.tmp to stepN, complete, on the disk before any older checkpoint goes
             if rank == 0:
-                os.replace(tmp, tmp.removesuffix(".tmp"))
-                for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
-                    shutil.rmtree(old)
+                os.replace(synced(tmp, below=True), tmp.removesuffix(".tmp"))
+                synced(root)
         except OSError as e:
             error = self.unwritable(e)
         fail_together(error)  # the other ranks wait for rank 0's renaming, and exit with it if it fails
+        if rank == 0:
+            self.remove_old_checkpoints()
+
+    def remove_old_checkpoints(self):
+        """All but the newest --keep-checkpoints, each renamed before it is removed (a folder removed halfway
+        is no checkpoint); one that cannot be removed is named in a note: the new one is complete."""
+        for old in checkpoints(self.args.output)[: -self.args.keep_checkpoints]:
+            try:
+                os.replace(old, f"{old}.old")
+                shutil.rmtree(f"{old}.old")
+            except OSError as e:
+                print(f"note: --output {self.args.output}: cannot remove the old checkpoint {old} ({e})",
+                      file=sys.stderr, flush=True)
 
     def unwritable(self, error):
         kept = "the newest complete one is whole" if checkpoints(self.args.output) else "no complete one yet"
@@ -357,7 +384,7 @@ def save_complete(folder, module, state, tokenizer, extras=None):
     """module.save_pretrained(folder), the tokenizer and `extras` ({file name: object}, torch.save'd: PPO's
     value head, a critic's normalisation), written in folder/final.tmp and then moved in, config.json last: a
     folder with a config.json (what the next stage looks for) holds a whole model, even after a full disk or
-    a kill mid-write."""
+    a kill mid-write or a crash of the machine (`synced`)."""
     tmp = os.path.join(folder, "final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a failed attempt's
     module.save_pretrained(tmp, state_dict=state)
@@ -370,9 +397,12 @@ def save_complete(folder, module, state, tokenizer, extras=None):
     for name, value in (extras or {}).items():
         torch.save(value, os.path.join(tmp, name))
     mode = new_file_mode()
-    for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):  # False first: config last
+    for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), mode)  # safetensors' weights: 0o600
+    synced(tmp, below=True)
+    for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):  # False first: config last
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    synced(folder)
     os.rmdir(tmp)
 
 

@@ -92,6 +92,7 @@ def w(tmp_path_factory):
     no_eos.eos_token = None
     no_eos.save_pretrained(d / "no_eos")
     os.makedirs(d / "empty_dir")  # not a model folder
+    os.makedirs(d / "blocked_run" / "args.json.tmp")  # where args.json is written: a folder, as a full disk fails
     make_tokenizer().save_pretrained(d / "tokenizer_only")  # a tokenizer without a model's config.json
     # a model's config and weights alone: for a GPT-2 one transformers loads an empty tokenizer, for Llama none
     make_causal_lm("gpt2", len(make_tokenizer())).save_pretrained(d / "no_tokenizer")
@@ -111,6 +112,9 @@ def w(tmp_path_factory):
              "bool_stage_ds.json": json.dumps({"zero_optimization": {"stage": True}}),
              "fp16_ds.json": json.dumps({"fp16": {"enabled": True}}),
              "sched_ds.json": json.dumps({"scheduler": {"type": "WarmupLR"}}),
+             "ckpt_ds.json": json.dumps({"checkpoint": {"writer": {"decoupled": True}}}),
+             "live_ds.json": json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "lots"}}),
+             "bf16_on_ds.json": json.dumps({"bf16": {"enabled": True}}),
              "stage_ds.json": json.dumps({"zero_optimization": {"stage": "2"}}),
              "clip_ds.json": json.dumps({"gradient_clipping": "1.0"}),
              "true_ds.json": json.dumps({"gradient_clipping": True}), "list_ds.json": "[]", "bf16_ds.json": json.dumps({"bf16": True}),
@@ -321,6 +325,13 @@ CASES = {  # name: (flags, the one line expected on stderr)
                            r"true_ds\.json: gradient_clipping True; expected a number"),
     "ds scheduler": (["--deepspeed_config", "{w}/sched_ds.json"],
                      r"sched_ds\.json: a scheduler section; leave it out, train\.py's lr decays linearly to 0"),
+    "ds checkpoint": (["--deepspeed_config", "{w}/ckpt_ds.json"],
+                      r"ckpt_ds\.json: a checkpoint section; leave it out, train\.py writes each checkpoint under a "
+                      r"temporary name"),
+    "ds zero3 bad value": (["--deepspeed_config", "{w}/live_ds.json"],  # not "cannot load --model": its loading reads it
+                           r"live_ds\.json: zero_optimization: stage3_max_live_parameters: Input should be a valid integer"),
+    "ds bf16 without --bf16": (["--deepspeed_config", "{w}/bf16_on_ds.json", "--stage", "dpo"],
+                               r"bf16_on_ds\.json: bf16 is enabled; pass --bf16, which loads every model in bf16"),
     "ds not an object": (["--deepspeed_config", "{w}/list_ds.json"],
                          r"list_ds\.json: expected a JSON object, with objects for zero_optimization, optimizer, "
                          r"bf16, fp16 and optimizer\.params"),
@@ -338,6 +349,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                    r"--output .*rm is the --reward-model folder, which the run would write over"),
     "output is the critic": (PPO + ["--reward-fn", "err_rewards:boom", "--critic-model", "{w}/rm", "--output", "{w}/rm"],
                              r"--output .*rm is the --critic-model folder, which the run would write over"),
+    "output's args.json unwritable": (["--output", "{w}/blocked_run"], r"--output .*blocked_run: cannot write "
+                                      r"args\.json and metrics\.jsonl there \(\[Errno 21\] Is a directory"),
     "output is a file": (["--output", "{w}/a_file"], r"--output .*a_file is a file; expected a directory"),
     "reward fn exits": (PPO + ["--reward-fn", "err_rewards:leave"], r"--reward-fn err_rewards:leave raised SystemExit: bye"),
     "reward fn without return": (PPO + ["--reward-fn", "err_rewards:forgot"],

@@ -772,6 +772,22 @@ def test_resume_may_change_how_long_a_run_goes_logs_and_saves(tmp_path, name):
         check_resume_flags(args, {**saved, "batch_size": 99})
 
 
+def test_resume_reads_the_runs_relative_paths_from_where_it_started(tmp_path, monkeypatch, capsys):
+    """A relative --reward-model (--model, ...) names what it named where the run started (args.json's cwd):
+    the same spelling from another folder is another model, refused; the path that reaches it is accepted."""
+    for folder in ("a/rm", "b/rm"):
+        (tmp_path / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "b")
+    args = train_py.parse_args(["--stage", "ppo", "--model", ROOT, "--dataset", "x.jsonl", "--reward-model", "rm",
+                                "--output", str(tmp_path / "out")])
+    saved = {**vars(args), "world_size": 1, "cwd": str(tmp_path / "a")}
+    with pytest.raises(SystemExit):
+        check_resume_flags(args, saved)
+    assert f"--reward-model is rm, where the checkpoints' run had {tmp_path / 'a' / 'rm'}" in capsys.readouterr().err
+    args.reward_model = args.critic_model = "../a/rm"  # the critic: a copy of the reward model, by default
+    check_resume_flags(args, saved)  # no error
+
+
 def test_zero_stage_0_overrides_the_configs_stage(work):
     args = train_py.parse_args(["--stage", "sft", "--model", ROOT, "--dataset", "x.jsonl", "--zero-stage", "0",
                                 "--deepspeed_config", str(work / "zero3.json")])
@@ -1038,11 +1054,28 @@ def test_two_ranks_zero3(work, stage):
 
 
 def test_resume_a_finished_run_then_train_longer(work):
+    """Resumed for more steps, the run's step-4 final model is no longer its model: cut short, the folder holds
+    no config.json, so that the next stage does not take the step-4 model for this run's."""
     flags = ["--stage", "sft", "--lr", 1e-3, "--save-every", 2]
     done = train(work, *flags, "--max-steps", 4, output="longer")
     assert train(work, *flags, "--max-steps", 4, "--resume", output="longer") == done  # nothing to do, nothing lost
+    kill_at_checkpoint(work, "longer", 6, *flags, "--max-steps", 8, "--resume")
+    assert not (work / "longer" / "config.json").exists() and (work / "longer" / "model.safetensors").exists()
     log = train(work, *flags, "--max-steps", 8, "--resume", output="longer")
     assert [m["lr"] for m in log[4:6]] == pytest.approx([1e-3 * (1 - 4 / 8), 1e-3 * (1 - 5 / 8)])  # the new schedule
+    assert (work / "longer" / "config.json").exists()
+
+
+def kill_at_checkpoint(work, output, step, *flags):
+    """Run train.py in --output work/OUTPUT and SIGKILL it once its checkpoint of `step` is complete."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
+           str(work / "pref.jsonl"), "--output", str(work / output), *map(str, flags)]
+    proc = subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (work / output / "checkpoints" / f"step{step}").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def resume_fails(work, output, *flags):
@@ -1261,14 +1294,7 @@ def test_a_gold_judge_that_draws_random_numbers_changes_no_training(work):
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
     flags = [*PPO, "--max-steps", 8, "--save-every", 1, "--keep-checkpoints", 3]
     whole = train(work, *flags, output="whole")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
-           str(work / "pref.jsonl"), "--output", str(work / "cut"), *map(str, flags)]
-    proc = subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (work / "cut" / "checkpoints" / "step3").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(work, "cut", 3, *flags)
     assert not (work / "cut" / "checkpoints" / "step8").exists(), "the run ended before it could be killed"
     resumed = train(work, *flags, "--resume", output="cut")
     assert [m["step"] for m in resumed] == list(range(1, 9))
@@ -1342,6 +1368,45 @@ def test_a_failed_rewrite_leaves_the_old_file_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no metrics.jsonl.tmp left
     write_atomically(path, '{"step": 2}\n')
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 2}\n'
+
+
+def test_synced_flushes_every_file_and_folder_below(tmp_path, monkeypatch):
+    """Checkpoints, the final model and args.json are fsync'd before they are renamed complete (a crash of the
+    machine could otherwise leave the new name on files whose data never reached the disk)."""
+    from minrlhf.cli import synced
+    (tmp_path / "step3.tmp" / "critic").mkdir(parents=True)
+    for name in ("step3.tmp/model.pt", "step3.tmp/critic/model.pt"):
+        (tmp_path / name).write_text("weights")
+    flushed = []
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")))
+    assert synced(str(tmp_path / "step3.tmp"), below=True) == str(tmp_path / "step3.tmp")
+    assert sorted(os.path.relpath(p, tmp_path) for p in flushed) == [
+        "step3.tmp", "step3.tmp/critic", "step3.tmp/critic/model.pt", "step3.tmp/model.pt"]
+    flushed.clear()
+    synced(str(tmp_path))  # a folder alone: its entries (a rename in it), not what is below
+    assert flushed == [str(tmp_path)]
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_a_note(tmp_path, monkeypatch, capsys):
+    """--keep-checkpoints: each old checkpoint is renamed before it is removed, so one removed halfway is no
+    checkpoint for --resume; one that cannot be removed is named in a note, and the run goes on."""
+    from types import SimpleNamespace
+    import minrlhf.run
+    for step in (1, 2, 3):
+        (tmp_path / "checkpoints" / f"step{step}").mkdir(parents=True)
+    calls, remove = [], shutil.rmtree
+
+    def rmtree(path):  # the first removal fails
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(f"cannot remove {path}")
+        remove(path)
+    monkeypatch.setattr(minrlhf.run.shutil, "rmtree", rmtree)
+    run = SimpleNamespace(args=SimpleNamespace(output=str(tmp_path), keep_checkpoints=1))
+    minrlhf.run.Run.remove_old_checkpoints(run)
+    assert [os.path.basename(p) for p in checkpoints(str(tmp_path))] == ["step3"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step1.old", "step3"]
+    assert re.search(r"note: --output .*: cannot remove the old checkpoint .*step1 \(cannot remove", capsys.readouterr().err)
 
 
 def test_nan_gradient_stops_the_run_naming_it(work):
