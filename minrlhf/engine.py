@@ -191,15 +191,16 @@ def skip_nonfinite_step(optimizer, args, kwargs):
 
 
 def frozen(model, cfg, device):
-    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3 (and with
-    --offload on the CPU, as DeepSpeed-Chat offloads its reference). They are loaded in the run's dtype, as
-    the policy is (`inputs.load_model`: bf16 with --bf16; buffers such as RoPE's inv_freq stay float32)."""
+    """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3, with the
+    config's ZeRO settings but the optimizer's (--offload puts them on the CPU, as DeepSpeed-Chat offloads its
+    reference). They are loaded in the run's dtype, as the policy is (`inputs.load_model`: bf16 with --bf16;
+    buffers such as RoPE's inv_freq stay float32)."""
     model.requires_grad_(False).eval()
     zero = cfg["zero_optimization"]
     if zero["stage"] == 3:
         keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
-        offload = {"offload_param": zero["offload_param"]} if "offload_param" in zero else {}
-        config = {"zero_optimization": {"stage": 3, **offload}, **{k: cfg[k] for k in keys if k in cfg}}
+        settings = {k: v for k, v in zero.items() if k != "offload_optimizer"}  # e.g. persistence thresholds
+        config = {"zero_optimization": settings, **{k: cfg[k] for k in keys if k in cfg}}
         return deepspeed.initialize(model=model, config=config)[0]
     return model.to(device)
 

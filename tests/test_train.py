@@ -938,17 +938,21 @@ def test_critic_resume_reproduces_the_uninterrupted_run(work):
 
 def test_frozen_models_offload_under_zero3_with_offload(work):
     """--offload under ZeRO-3 puts the frozen models' weights (reference, reward model) on the CPU too, as the
-    policy's; their outputs stay the model's."""
+    policy's; their outputs stay the model's. The config's other ZeRO settings hold for them too (here a
+    persistence threshold: which weights every rank keeps whole), the optimizer's offload aside."""
     from minrlhf.engine import frozen
     train_py.init_distributed()
     ids = torch.tensor([[1, 2, 3]])
-    for offload in ({"offload_param": {"device": "cpu"}}, {}):
+    offload = {"offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"},
+               "stage3_param_persistence_threshold": 0}
+    for zero in (offload, {}):
         model = AutoModelForCausalLM.from_pretrained(work / "model")
         expected = model(ids).logits
-        cfg = {"zero_optimization": {"stage": 3, **offload}, "train_micro_batch_size_per_gpu": 1,
+        cfg = {"zero_optimization": {"stage": 3, **zero}, "train_micro_batch_size_per_gpu": 1,
                "gradient_accumulation_steps": 1, "train_batch_size": 1}
         engine = frozen(model, cfg, torch.device("cpu"))
-        assert (engine.zero_offload_param() is not None) == bool(offload)
+        assert (engine.zero_offload_param() is not None) == bool(zero)
+        assert engine.zero_param_persistence_threshold() == (0 if zero else 1e5)
         torch.testing.assert_close(engine(ids).logits, expected)
 
 
@@ -1053,29 +1057,26 @@ def test_two_ranks_zero3(work, stage):
     loader.from_pretrained(work / f"{stage}_2ranks")
 
 
-def test_resume_a_finished_run_then_train_longer(work):
-    """Resumed for more steps, the run's step-4 final model is no longer its model: cut short, the folder holds
-    no config.json, so that the next stage does not take the step-4 model for this run's."""
+def test_resume_a_finished_run_then_train_longer(work, tmp_path):
+    """Resumed for more steps, the run's step-4 final model is no longer its model: while the run trains, the
+    folder holds no config.json, so that a run cut short leaves no step-4 model for the next stage to take."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+    from minrlhf.run import Run
     flags = ["--stage", "sft", "--lr", 1e-3, "--save-every", 2]
     done = train(work, *flags, "--max-steps", 4, output="longer")
     assert train(work, *flags, "--max-steps", 4, "--resume", output="longer") == done  # nothing to do, nothing lost
-    kill_at_checkpoint(work, "longer", 6, *flags, "--max-steps", 8, "--resume")
-    assert not (work / "longer" / "config.json").exists() and (work / "longer" / "model.safetensors").exists()
+    shutil.copytree(work / "longer", tmp_path / "longer")  # what Run does as it starts, on a copy
+    saved = json.loads((tmp_path / "longer" / "args.json").read_text())
+    args = Namespace(output=str(tmp_path / "longer"), resume=True, dataset=saved["dataset"],
+                     deepspeed_config=saved["deepspeed_config"])
+    train_py.init_distributed()
+    for start, kept in ((4, True), (3, False)):  # 4 of 4: the final model is this run's; 3 of 4: trains again
+        Run.open_metrics(SimpleNamespace(args=args, start=start, total=4)).close()
+        assert (tmp_path / "longer" / "config.json").exists() == kept
+    assert (tmp_path / "longer" / "model.safetensors").exists()
     log = train(work, *flags, "--max-steps", 8, "--resume", output="longer")
     assert [m["lr"] for m in log[4:6]] == pytest.approx([1e-3 * (1 - 4 / 8), 1e-3 * (1 - 5 / 8)])  # the new schedule
-    assert (work / "longer" / "config.json").exists()
-
-
-def kill_at_checkpoint(work, output, step, *flags):
-    """Run train.py in --output work/OUTPUT and SIGKILL it once its checkpoint of `step` is complete."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
-           str(work / "pref.jsonl"), "--output", str(work / output), *map(str, flags)]
-    proc = subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (work / output / "checkpoints" / f"step{step}").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 def resume_fails(work, output, *flags):
@@ -1294,7 +1295,14 @@ def test_a_gold_judge_that_draws_random_numbers_changes_no_training(work):
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(work):
     flags = [*PPO, "--max-steps", 8, "--save-every", 1, "--keep-checkpoints", 3]
     whole = train(work, *flags, output="whole")
-    kill_at_checkpoint(work, "cut", 3, *flags)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", str(work / "model"), "--dataset",
+           str(work / "pref.jsonl"), "--output", str(work / "cut"), *map(str, flags)]
+    proc = subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (work / "cut" / "checkpoints" / "step3").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert not (work / "cut" / "checkpoints" / "step8").exists(), "the run ended before it could be killed"
     resumed = train(work, *flags, "--resume", output="cut")
     assert [m["step"] for m in resumed] == list(range(1, 9))
