@@ -42,7 +42,7 @@ RESUME_MAY_CHANGE = {  # the flags that --resume may change: how long the run go
     "deepspeed_config"}  # its path (a moved checkout): its contents are compared, deepspeed_config_json
 
 
-PATHS = ("model", "dataset", "ref_model", "reward_model", "critic_model")
+PATHS = ("dataset", "model", "ref_model", "reward_model", "critic_model")
 
 
 def check_output(args):
@@ -103,6 +103,10 @@ def check_resume_flags(args, saved):
     if saved.get("dataset_sha256", digest) != digest:
         fail(f"--resume: --dataset {args.dataset} has changed since the checkpoints' run read it (another "
              f"sha256), so its data order and held-out rows would not go on; resume with that data")
+    for name, before in saved.get("model_files", {}).items():  # the reference (a copy of --model), RM, critic
+        if before != model_files(current.get(name)):
+            fail(f"--resume: --{name.replace('_', '-')} {current[name]} has changed since the checkpoints' "
+                 f"run read it (its files' sizes or times), e.g. trained again; resume with that model")
     for name, value in saved.items():
         if name in RESUME_MAY_CHANGE or name not in current:
             continue
@@ -116,6 +120,15 @@ def check_resume_flags(args, saved):
             fail(f"--resume: {flag} is {current[name]}, where the checkpoints' run had {value} "
                  f"({os.path.join(args.output, 'args.json')}); only how long it runs, logs and saves may "
                  f"change")
+
+
+def model_files(path):
+    """A local model folder's files, as (name, size, time) under a sha256, which --resume compares: a model
+    trained again in the same folder is another model. None for a Hub name (or --critic-model head)."""
+    if not (isinstance(path, str) and os.path.isdir(path)):
+        return None
+    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
+    return hashlib.sha256(repr(files).encode()).hexdigest()
 
 
 def file_digest(path):
@@ -198,7 +211,8 @@ class Run:
         run = {**vars(self.args), "world_size": dist.get_world_size(),  # and below: what --resume compares
                "cwd": os.getcwd(),  # where its relative paths start (`cli.run_path`)
                "deepspeed_config_json": read_config(self.args.deepspeed_config),
-               "dataset_sha256": file_digest(self.args.dataset)}
+               "dataset_sha256": file_digest(self.args.dataset),
+               "model_files": {name: model_files(getattr(self.args, name, None)) for name in PATHS[1:]}}
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
         try:
             for folder in (self.args.output, os.path.join(self.args.output, "critic")):

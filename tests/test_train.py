@@ -1079,6 +1079,23 @@ def test_resume_a_finished_run_then_train_longer(work, tmp_path):
     assert [m["lr"] for m in log[4:6]] == pytest.approx([1e-3 * (1 - 4 / 8), 1e-3 * (1 - 5 / 8)])  # the new schedule
 
 
+def test_resume_refuses_a_model_trained_again_in_its_folder(work):
+    """--resume loads --model (the reference's source), --ref-model, --reward-model and the critic's start from
+    their folders anew, as the checkpoint holds only what trains: one trained again there since (its files' sizes
+    or times) is another model, refused; the same files resume."""
+    shutil.copytree(work / "model", work / "retrained")
+    flags = ["--stage", "sft", "--model", work / "retrained", "--save-every", 1]
+    train(work, *flags, "--max-steps", 2, output="fingerprinted")
+    weights = work / "retrained" / "model.safetensors"
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # written again, the same size
+    error = resume_fails(work, "fingerprinted", *flags, "--max-steps", 3)
+    assert re.search(r"--resume: --model .*retrained has changed since the checkpoints' run read it \(its files' "
+                     r"sizes or times\)", error)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert [m["step"] for m in train(work, *flags, "--max-steps", 3, "--resume", output="fingerprinted")] == [1, 2, 3]
+
+
 def resume_fails(work, output, *flags):
     """A --resume that must fail: -> its stderr (one error line)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", work / "model", "--dataset", work / "pref.jsonl",
