@@ -107,7 +107,7 @@ def deepspeed_config(args, world_size):
 
 
 def config_problems(error):
-    """DeepSpeed's config error in one line: pydantic's name each key and what it expected."""
+    """DeepSpeed's config error in one line: pydantic's errors name each key and what it expected."""
     if not hasattr(error, "errors"):
         return first_line(error)
     return "; ".join(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors())
@@ -192,9 +192,9 @@ def skip_nonfinite_step(optimizer, args, kwargs):
 
 def frozen(model, cfg, device):
     """Reference and reward models: no gradients, no optimizer state; partitioned too under ZeRO-3, with the
-    config's ZeRO settings but the optimizer's (--offload puts them on the CPU, as DeepSpeed-Chat offloads its
-    reference). They are loaded in the run's dtype, as the policy is (`inputs.load_model`: bf16 with --bf16;
-    buffers such as RoPE's inv_freq stay float32)."""
+    config's ZeRO settings, the optimizer's offload aside (--offload puts them on the CPU, as DeepSpeed-Chat
+    offloads its reference). They are loaded in the run's dtype, as the policy is (`inputs.load_model`: bf16
+    with --bf16; buffers such as RoPE's inv_freq stay float32)."""
     model.requires_grad_(False).eval()
     zero = cfg["zero_optimization"]
     if zero["stage"] == 3:

@@ -119,7 +119,8 @@ def load_model(flag, path, tokenizer, resize, kind="causal", longest=0, reads=No
         if kind == "causal":
             model = load_causal_lm(path, dtype)
         else:
-            model = load_reward_model(path, tokenizer.pad_token_id, kind == "rm", writable, dtype)
+            model = load_reward_model(path, tokenizer.pad_token_id, new_head=kind == "rm", whole=writable,
+                                      dtype=dtype)
     except LOAD_ERRORS as e:
         as_what = "a causal LM" if kind == "causal" else "a reward model"
         fail_to_load(flag, path, f"cannot load as {as_what} ({first_line(e)})")
@@ -189,7 +190,7 @@ def load_critic(args, tokenizer, policy):
                          f"tokenizer other than --model's, whose tokens a critic reads; pass --critic-model "
                          f"head, or one with --model's tokenizer")
     critic = Critic(adapt(load_model("--critic-model", path, tokenizer, resize, "reward", args.longest,
-                                     vocab_size(policy), args.bf16), args, name))
+                                     vocab_size(policy), bf16=args.bf16), args, name))
     saved = os.path.join(path, CRITIC_NORMALISATION)  # a critic a PPO run saved: its values' scale
     if os.path.isfile(saved):
         critic.set_normalisation(**torch.load(saved))
