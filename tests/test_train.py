@@ -1238,7 +1238,7 @@ def test_a_reference_and_a_critic_are_resized_by_their_own_tokenizers(work):
           output="critic_nopad")
 
 
-def test_a_critic_saved_by_ppo_keeps_its_values_scale(tmp_path):
+def test_a_critic_saved_by_ppo_keeps_its_values_scale(tmp_path, capsys):
     """--critic-model OUTPUT/critic of an earlier PPO run: its values are in the units of that run's normalised
     scores, by the mean and std saved beside it (CRITIC_NORMALISATION), not raw reward-model scores."""
     from argparse import Namespace
@@ -1252,6 +1252,10 @@ def test_a_critic_saved_by_ppo_keeps_its_values_scale(tmp_path):
                      lora_targets="all-linear", gradient_checkpointing=False, bf16=False)
     critic = load_critic(args, tokenizer, minrlhf.load_causal_lm(path))
     assert (critic.shift.item(), critic.scale.item()) == (2.0, 4.0)
+    (tmp_path / "critic" / CRITIC_NORMALISATION).write_bytes(b"")  # cut short: one line, not EOFError's traceback
+    with pytest.raises(SystemExit):
+        load_critic(args, tokenizer, minrlhf.load_causal_lm(path))
+    assert re.search(r"--critic-model .*critic: value_normalisation\.pt is unreadable \(EOFError", capsys.readouterr().err)
 
 
 def test_a_signal_on_the_last_step_still_saves_the_model(work):
