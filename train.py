@@ -28,7 +28,8 @@ from minrlhf.data import ONLINE
 from minrlhf.engine import (build_engine, deepspeed_config, exit_process, frozen, gathered, init_distributed,
                             partitioned_loading)
 from minrlhf.inputs import (RewardFunction, adapt, check_online_args, check_stage_flags, load_critic,
-                            load_examples, load_model, load_tokenizer, offline_defaults, reference)
+                            load_examples, load_model, load_tokenizer, offline_defaults, reference,
+                            unset_stage_flags)
 from minrlhf.run import Run, Stopwatch, across_ranks, batches, check_output, lock_output, mean_across_ranks
 from minrlhf.sampling import pure_sampling
 
@@ -448,7 +449,7 @@ def parse_args(argv=None):
       help="recompute each layer's activations in the backward pass: less memory, about 1/3 more compute")
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_online_flags(p.add_argument_group("ppo, grpo and rloo").add_argument)
-    args = p.parse_args(argv)
+    args = p.parse_args(argv, namespace=unset_stage_flags())
     check_stage_flags(args, p)
     if args.max_steps and args.epochs:
         fail("--max-steps and --epochs both say how long to train; pass one of them")

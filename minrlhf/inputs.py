@@ -2,6 +2,7 @@
 absent flags, the flags each stage reads, tokenizer, models, examples, reward functions.
 Every failure is one line naming the flag or file (`fail`), before any training starts; a reward function's
 bad return, met in training, stops every rank at that step."""
+import argparse
 import importlib
 import numbers
 import os
@@ -78,6 +79,7 @@ def check_online_args(args):
         args.value_lr = args.value_lr or (None if head else 1e-4)  # None: the head learns at --lr
 
 
+NOT_GIVEN = object()  # a stage flag's value until check_stage_flags, where the command line did not give it
 STAGE_FLAGS = {  # flags that only some stages read: given to another, an error rather than ignored
     "beta": ("dpo",), "ref_model": ("dpo", *ONLINE), "scale_rewards": ("grpo",),
     "eval_fraction": ("sft", "rm", "dpo"),  # the online stages hold out no rows: eval.py scores their policy
@@ -89,10 +91,19 @@ STAGE_FLAGS = {  # flags that only some stages read: given to another, an error 
 }
 
 
+def unset_stage_flags():
+    """The namespace to parse into: argparse gives a flag its default only where the namespace lacks it, so a
+    stage flag still NOT_GIVEN after parsing was not on the command line (`check_stage_flags`)."""
+    return argparse.Namespace(**dict.fromkeys(STAGE_FLAGS, NOT_GIVEN))
+
+
 def check_stage_flags(args, parser):
-    """A flag given to a stage that does not read it is an error, not silently ignored."""
+    """A flag given to a stage that does not read it is an error, not silently ignored, even at its default
+    value (`--stage dpo --kl-coef 0.1`); those not given get their defaults here."""
     for name, stages in STAGE_FLAGS.items():
-        if args.stage not in stages and getattr(args, name) != parser.get_default(name):
+        if getattr(args, name) is NOT_GIVEN:
+            setattr(args, name, parser.get_default(name))
+        elif args.stage not in stages:
             fail(f"--{name.replace('_', '-')}: --stage {args.stage} does not use it (a flag of "
                  f"{', '.join(stages)})")
 

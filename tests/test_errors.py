@@ -330,6 +330,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
                       r"temporary name"),
     "ds zero3 bad value": (["--deepspeed_config", "{w}/live_ds.json"],  # not "cannot load --model": its loading reads it
                            r"live_ds\.json: zero_optimization: stage3_max_live_parameters: Input should be a valid integer"),
+    "stage flag at its default": (["--stage", "dpo", "--kl-coef", 0.1],  # a value that says nothing still
+                                  r"--kl-coef: --stage dpo does not use it \(a flag of ppo, grpo, rloo\)"),
     "ds bf16 without --bf16": (["--deepspeed_config", "{w}/bf16_on_ds.json", "--stage", "dpo"],
                                r"bf16_on_ds\.json: bf16 is enabled; pass --bf16, which loads every model in bf16"),
     "ds not an object": (["--deepspeed_config", "{w}/list_ds.json"],
