@@ -42,7 +42,8 @@ RESUME_MAY_CHANGE = {  # the flags that --resume may change: how long the run go
     "deepspeed_config"}  # its path (a moved checkout): its contents are compared, deepspeed_config_json
 
 
-PATHS = ("dataset", "model", "ref_model", "reward_model", "critic_model")
+MODEL_PATHS = ("model", "ref_model", "reward_model", "critic_model")  # model folders a run reads
+PATHS = ("dataset", *MODEL_PATHS)
 
 
 def check_output(args):
@@ -50,7 +51,7 @@ def check_output(args):
     other flags, and never find out after loading the models that --output cannot be written."""
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         fail(f"--output {args.output} is a file; expected a directory")
-    for name in ("model", "ref_model", "reward_model", "critic_model"):  # what it reads: never write there
+    for name in MODEL_PATHS:  # what it reads: never write there
         source = getattr(args, name, None)
         if source and same_path(source, args.output):
             fail(f"--output {args.output} is the --{name.replace('_', '-')} folder, which the run would "
@@ -212,7 +213,7 @@ class Run:
                "cwd": os.getcwd(),  # where its relative paths start (`cli.run_path`)
                "deepspeed_config_json": read_config(self.args.deepspeed_config),
                "dataset_sha256": file_digest(self.args.dataset),
-               "model_files": {name: model_files(getattr(self.args, name, None)) for name in PATHS[1:]}}
+               "model_files": {name: model_files(getattr(self.args, name, None)) for name in MODEL_PATHS}}
         path, kept = os.path.join(self.args.output, "metrics.jsonl"), []
         try:
             for folder in (self.args.output, os.path.join(self.args.output, "critic")):
