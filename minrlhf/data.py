@@ -83,13 +83,26 @@ def _tldr_comparison(row):  # replies are written "TL;DR: ..."; make them contin
             "rejected": reply(row["rejected"])}
 
 
+def _stack_exchange(row, chat=False):
+    """StackLLaMA's pairs (Beeching et al. 2023): response_j is the answer voted higher, after "Question:
+    ...\\n\\nAnswer:" as StackLLaMA wrote them; for a chat template, the question alone in the user turn."""
+    question, chosen, rejected = (row[column].strip() for column in ("question", "response_j", "response_k"))
+    if chat:
+        return {"prompt": question, "chosen": chosen, "rejected": rejected}
+    return {"prompt": f"Question: {question}\n\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected}
+
+
 HUB_CONVERTERS = {  # Open-ChatGPT's Hub datasets: published schema -> canonical rows
     "Anthropic/hh-rlhf": split_hh,
     "stanfordnlp/SHP": _shp,
     "CarperAI/openai_summarize_tldr": lambda row: {"prompt": row["prompt"], "response": row["label"]},
     "CarperAI/openai_summarize_comparisons": _tldr_comparison,
     "fka/awesome-chatgpt-prompts": lambda row: {"prompt": row["prompt"]},
+    "lvwerra/stack-exchange-paired": _stack_exchange,  # Open-ChatGPT's example 3, StackLLaMA
 }
+HUB_DATA_DIRS = {  # the dataset's folder for each stage, as StackLLaMA trained; eval.py's: None
+    "lvwerra/stack-exchange-paired": {"sft": "data/finetune", "rm": "data/reward", "dpo": "data/reward",
+                                      **dict.fromkeys(ONLINE, "data/rl"), None: "data/evaluation"}}
 
 
 def _stripped(convert, row):
@@ -101,7 +114,8 @@ def _stripped(convert, row):
 
 CHAT_CONVERTERS = {  # for a chat template
     **{name: functools.partial(_stripped, convert) for name, convert in HUB_CONVERTERS.items()},
-    "Anthropic/hh-rlhf": functools.partial(split_hh, chat=True)}
+    "Anthropic/hh-rlhf": functools.partial(split_hh, chat=True),
+    "lvwerra/stack-exchange-paired": functools.partial(_stack_exchange, chat=True)}
 
 
 def _json_fault(path):
@@ -138,10 +152,11 @@ def _parquet_fault(path):
     return "the data set is empty" if empty else None
 
 
-def load_rows(source, split="train", chat=False):
+def load_rows(source, split="train", chat=False, stage=None):
     """A `datasets.Dataset` of canonical rows from a local .jsonl/.json(.gz) or .parquet file
     or a Hub dataset: Open-ChatGPT's by name through their converters (chat=True: for a tokenizer with a chat
-    template, `CHAT_CONVERTERS`), any other in canonical columns."""
+    template, `CHAT_CONVERTERS`; the stage's folder of the dataset: `HUB_DATA_DIRS`), any other in canonical
+    columns."""
     ext = os.path.splitext(source.removesuffix(".gz"))[1]
     if ext in LOCAL_FORMATS or os.path.exists(source):
         if ext not in LOCAL_FORMATS or source.endswith(".parquet.gz"):  # parquet compresses inside
@@ -160,8 +175,9 @@ def load_rows(source, split="train", chat=False):
             cause = e.__cause__ or e
             raise DataError(f"{source}: {fault or (str(cause) or repr(cause)).splitlines()[0]}") from None
     else:
+        data_dir = HUB_DATA_DIRS.get(source, {}).get(stage)
         try:
-            rows = datasets.load_dataset(source, split=split)
+            rows = datasets.load_dataset(source, split=split, data_dir=data_dir)
         except Exception as e:
             raise DataError(f"{source}: not a local file and not loadable from the Hugging Face Hub "
                             f"({type(e).__name__}); pass a .jsonl/.json/.parquet file") from None

@@ -225,7 +225,7 @@ def load_examples(args, tokenizer):
     """Tokenized (train, eval) examples for the stage; all data errors surface here, before training.
     Sets args.longest: the tokens of the run's longest sequence, which every model must have positions for."""
     try:
-        rows = load_rows(args.dataset, chat=bool(tokenizer.chat_template))  # hh-rlhf: turns for a template
+        rows = load_rows(args.dataset, chat=bool(tokenizer.chat_template), stage=args.stage)
         check_columns(rows, args.stage, args.dataset)
     except DataError as e:
         fail(str(e))

@@ -32,6 +32,9 @@ HUB_ROWS = {
     "CarperAI/openai_summarize_comparisons": {"prompt": "SUBREDDIT: r/cats\nTITLE: cat\nPOST: My cat sleeps all day.",
                                               "chosen": "TL;DR: my cat is lazy", "rejected": "TL;DR: dogs"},
     "fka/awesome-chatgpt-prompts": {"act": "Linux Terminal", "prompt": "I want you to act as a linux terminal."},
+    "lvwerra/stack-exchange-paired": {"qid": 7, "question": "How do I undo a commit?\n", "date": "2012/03/01",
+                                      "metadata": ["https://stackoverflow.com/questions/7"],
+                                      "response_j": "Use `git revert`.", "response_k": " Delete the repo."},
 }
 EXPECTED = {
     "Anthropic/hh-rlhf": {"prompt": "\n\nHuman: Hi?\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."},
@@ -40,6 +43,8 @@ EXPECTED = {
     "CarperAI/openai_summarize_comparisons": {"prompt": "SUBREDDIT: r/cats\nTITLE: cat\nPOST: My cat sleeps all day.\nTL;DR:",
                                               "chosen": " my cat is lazy", "rejected": " dogs"},
     "fka/awesome-chatgpt-prompts": {"prompt": "I want you to act as a linux terminal."},
+    "lvwerra/stack-exchange-paired": {"prompt": "Question: How do I undo a commit?\n\nAnswer:",
+                                      "chosen": " Use `git revert`.", "rejected": " Delete the repo."},
 }
 
 
@@ -47,12 +52,29 @@ EXPECTED = {
 def test_hub_adapters(name, monkeypatch):
     calls = []
 
-    def fake_load_dataset(path, split):  # stands in for the Hub: same call, the published schema
-        calls.append((path, split))
+    def fake_load_dataset(path, split, data_dir):  # stands in for the Hub: same call, the published schema
+        calls.append((path, split, data_dir))
         return datasets.Dataset.from_list([HUB_ROWS[name]])
     monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
     rows = load_rows(name, split="test")
-    assert calls == [(name, "test")] and rows[0] == EXPECTED[name]
+    folder = "data/evaluation" if name == "lvwerra/stack-exchange-paired" else None  # eval.py's prompts
+    assert calls == [(name, "test", folder)] and rows[0] == EXPECTED[name]
+
+
+def test_stack_exchange_paired_reads_each_stage_its_own_folder_as_stackllama(monkeypatch):
+    """StackLLaMA (Open-ChatGPT's example 3) fine-tuned, trained its reward model and ran PPO on three disjoint
+    folders of the dataset (millions of pairs each): a stage loads its folder alone, not the whole dataset."""
+    folders = []
+
+    def fake_load_dataset(path, split, data_dir):
+        folders.append(data_dir)
+        return datasets.Dataset.from_list([HUB_ROWS["lvwerra/stack-exchange-paired"]])
+    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    for stage in ("sft", "rm", "dpo", "ppo", "grpo", "rloo"):
+        load_rows("lvwerra/stack-exchange-paired", stage=stage)
+    assert folders == ["data/finetune", "data/reward", "data/reward", "data/rl", "data/rl", "data/rl"]
+    chat = load_rows("lvwerra/stack-exchange-paired", chat=True)[0]  # the question alone: the template asks it
+    assert chat == {"prompt": "How do I undo a commit?", "chosen": "Use `git revert`.", "rejected": "Delete the repo."}
 
 
 def test_hh_rlhf_for_a_chat_template_is_its_turns(monkeypatch):
@@ -61,7 +83,7 @@ def test_hh_rlhf_for_a_chat_template_is_its_turns(monkeypatch):
     text as a chat written by hand. Turns of one speaker in a row are joined (templates want them to alternate)."""
     transcript = "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: Help me.\n\nHuman: Please?\n\nAssistant:"
     row = {"chosen": transcript + " Sure.", "rejected": transcript + " No."}
-    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split: datasets.Dataset.from_list([row]))
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split, data_dir: datasets.Dataset.from_list([row]))
     chat = load_rows("Anthropic/hh-rlhf", chat=True)[0]
     turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"},
              {"role": "user", "content": "Help me.\n\nPlease?"}]
@@ -79,7 +101,7 @@ def test_hh_rlhf_for_a_chat_template_is_its_turns(monkeypatch):
 def test_hub_adapters_for_a_chat_template_strip_the_plain_text_spacing(name, monkeypatch):
     """The template writes the turns: no "\\n\\n" ending SHP's user turn, no space opening a TL;DR reply (a
     policy taught so would open every reply with one). TL;DR's cue stays: in a user turn it asks for the summary."""
-    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split: datasets.Dataset.from_list([HUB_ROWS[name]]))
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split, data_dir: datasets.Dataset.from_list([HUB_ROWS[name]]))
     row = load_rows(name, chat=True)[0]
     assert row == {column: text.strip() for column, text in EXPECTED[name].items()}
     prompt, reply = row["prompt"], row.get("response", row.get("chosen"))
@@ -90,7 +112,7 @@ def test_hub_adapters_for_a_chat_template_strip_the_plain_text_spacing(name, mon
 
 
 def test_hub_failure_is_one_clear_line(monkeypatch):
-    def offline(path, split):
+    def offline(path, split, data_dir):
         raise ConnectionError("no network")
     monkeypatch.setattr(data.datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf: not a local file and not loadable .*ConnectionError"):
@@ -106,7 +128,7 @@ def test_hh_transcripts_that_differ_before_the_last_reply_are_dropped_and_counte
             {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c", "rejected": "\n\nHuman: a\n\nAssistant: d"},
             HUB_ROWS["Anthropic/hh-rlhf"]]
     assert split_hh(rows[1]) == {"prompt": "\n\nHuman: a\n\nAssistant:", "chosen": "", "rejected": ""}
-    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split: datasets.Dataset.from_list(rows))
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda path, split, data_dir: datasets.Dataset.from_list(rows))
     init_distributed()  # a world of one: load_examples asks for its rank
     tok = make_tokenizer(chat_template=chat)
     for stage in ("sft", "rm", "dpo"):
