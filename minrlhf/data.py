@@ -431,10 +431,10 @@ def encode_preference(row, tokenizer, max_length, keep="end"):
     at a token limit (`chosen_ended` or `rejected_ended` false): scored as PPO scores it. The replies keep
     their last max_length - 1 tokens, where a reward model reads its score (keep="start": their first, for
     DPO, whose log-probs of a reply's start are the policy's on real text), and the prompt its last tokens
-    that fit beside the longer reply (one at least, so every pair makes the same forward calls, as ZeRO-3
-    needs): both replies are judged in the same context. `cut`: the prompt or a reply lost tokens; `hash`:
-    `prompt_hash`. None for an empty reply, or replies alike (as text, or once cut): no preference to learn,
-    a loss of log 2, no gradient."""
+    that fit beside the longer reply (`last_tokens`; one at least, so every pair makes the same forward calls,
+    as ZeRO-3 needs): both replies are judged in the same context. `cut`: the prompt or a reply lost tokens;
+    `hash`: `prompt_hash`. None for an empty reply, or replies alike (as text, or once cut): no preference to
+    learn, a loss of log 2, no gradient."""
     prompt_text, chosen_text, rejected_text = (_text(row, column) for column in ("prompt", *REPLIES))
     if not (chosen_text.strip() and rejected_text.strip()):
         return None
@@ -446,16 +446,26 @@ def encode_preference(row, tokenizer, max_length, keep="end"):
     if chosen == rejected:
         return None
     room = max_length - max(len(chosen), len(rejected))  # for the prompt
-    return {"prompt": prompt[max(0, len(prompt) - room):], "chosen": chosen, "rejected": rejected,
+    return {"prompt": last_tokens(prompt, room, tokenizer), "chosen": chosen, "rejected": rejected,
             "cut": longest > max_length, "hash": prompt_hash(prompt_text)}
 
 
 def encode_rl_prompt(row, tokenizer, max_length):
     """{prompt, input_ids, cut}: the prompt as given, text or chat messages (for reward functions), and its
-    ids, keeping the last max_length (cut: it had more)."""
+    ids, keeping the last max_length (`last_tokens`; cut: it had more)."""
     prompt = _text(row, "prompt")
     ids = encode_prompt(tokenizer, prompt)
-    return {"prompt": prompt, "input_ids": ids[-max_length:], "cut": len(ids) > max_length}
+    kept = last_tokens(ids, max_length, tokenizer)
+    return {"prompt": prompt, "input_ids": kept, "cut": len(ids) > max_length}
+
+
+def last_tokens(ids, n, tokenizer):
+    """The last n >= 1 of `ids`, as a sequence cut on the left keeps them, but a BOS that starts it stays
+    first: models trained with one always there (Llama, Gemma) read text without it as something else."""
+    if len(ids) <= n:
+        return ids
+    bos = ids[:1] if tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else []
+    return bos + ids[len(ids) - n + len(bos):]
 
 
 ENCODERS = {"sft": encode_sft, "rm": encode_preference,

@@ -9,9 +9,10 @@ import math
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          DynamicCache)
 
-from .data import encode_pair, pad_with_mask, prompts_before_replies
+from .data import encode_pair, last_tokens, pad_with_mask, prompts_before_replies
 from .losses import logprobs_from_logits
 
 
@@ -57,8 +58,14 @@ def load_tokenizer_of(path):
 
 def position_limit(model):
     """How many positions `model` reads; None for no limit (ALiBi: BLOOM). Past it, learned position
-    embeddings (GPT-2, OPT) fail deep in the forward, and rotary ones meet positions never trained on."""
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    embeddings (GPT-2, OPT) fail deep in the forward, and rotary ones meet positions never trained on.
+    LongRoPE (Phi-3-128k, Phi-3.5): its original range, past which transformers rotates every row of a batch
+    by the long factors as soon as one row is longer (mid-generation too): a row's log-probs would change."""
+    config = model.config.get_text_config()
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":
+        return rope["original_max_position_embeddings"]
+    return getattr(config, "max_position_embeddings", None)
 
 
 def vocab_size(model):
@@ -217,12 +224,20 @@ def full_pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
                         position_ids=position_ids(attention_mask)).logits.float().view(-1, 2)
 
 
+def repeatable_cache(config):
+    """Whether every layer's cache holds keys and values, which `pair_scores` repeats for the second reply:
+    not a recurrent state (Mamba's, linear attention's: Jamba, Qwen3-Next), which transformers cannot
+    repeat."""
+    return all(hasattr(layer, "batch_repeat_interleave") for layer in DynamicCache(config=config).layers)
+
+
 def score_pairs(reward_model, groups):
     """Scores of the chosen and the rejected replies, (B,) each, from `collate_pairs` groups: what scoring
     each prompt + reply in full gives (`reward_scores`; tested), with each prompt run once (`pair_scores`).
-    Gradient checkpointing turns the KV cache off in training; there each pair is run in full."""
+    Gradient checkpointing turns the KV cache off in training; there each pair is run in full, as with a
+    cache that cannot serve two replies (`repeatable_cache`)."""
     cache_off = reward_model.training and torch.is_grad_enabled() and reward_model.is_activation_checkpointing
-    score = full_pair_scores if cache_off else pair_scores
+    score = pair_scores if repeatable_cache(reward_model.config) and not cache_off else full_pair_scores
     return torch.cat([score(reward_model, **group) for group in groups]).unbind(1)  # chosen, rejected
 
 
@@ -231,10 +246,10 @@ def score_texts(reward_model, tokenizer, prompts, responses, max_length, device=
     """Reward of each (prompt, response) text, encoded as in training (`encode_pair`), so a reward model
     may have its own tokenizer and chat template. ended[i] False: response i was cut off at the token limit
     and is scored as such, without the end of turn and EOS it did not generate (default: all ended).
-    Past max_length it keeps each sequence's last tokens, where training cuts a pair's shared prompt to fit
-    its longer reply. -> (B,)"""
+    Past max_length it keeps each sequence's last tokens (`last_tokens`: a BOS stays), where training cuts a
+    pair's shared prompt to fit its longer reply. -> (B,)"""
     ended = [True] * len(prompts) if ended is None else ended
-    seqs = [sum(encode_pair(tokenizer, p, r, e, generated=True), [])[-max_length:]
+    seqs = [last_tokens(sum(encode_pair(tokenizer, p, r, e, generated=True), []), max_length, tokenizer)
             for p, r, e in zip(prompts, responses, ended)]
     ids, mask = pad_with_mask(seqs, tokenizer.pad_token_id)  # (B, T) right-padded
     return reward_scores(reward_model, ids.to(device), mask.to(device))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from tokenizers import processors
 
+import minrlhf as M
 import minrlhf.data as data
 from minrlhf import (DataError, collate_pairs, collate_prompts, collate_sft, encode_pair, encode_preference,
                      encode_rl_prompt, encode_sft, ensure_pad_token, load_rows, split_hh, tokenize)
@@ -458,6 +459,24 @@ def test_rl_prompts_keep_their_last_tokens():
     full = tok(prompt)["input_ids"]
     assert encode_rl_prompt({"prompt": prompt}, tok, 3) == {"prompt": prompt, "input_ids": full[-3:], "cut": True}
     assert encode_rl_prompt({"prompt": prompt}, tok, len(full))["cut"] is False
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompts_cut_on_the_left_keep_their_bos_first(chat):
+    """A tokenizer that starts every text with BOS (Llama 2's, Gemma's): an RL prompt or a pair's prompt past
+    max_length keeps the BOS first, then its last tokens; models trained with BOS always there read text
+    without it as another kind of text. SFT cuts on the right: its rows keep theirs anyway."""
+    tok = make_sentencepiece_tokenizer(chat_template=chat)
+    if chat:  # Gemma's and Llama 2's templates write BOS first
+        tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    prompt = "the film was great and the food was great and the service was slow"
+    full = M.encode_prompt(tok, prompt)
+    assert full[0] == tok.bos_token_id and len(full) > 8
+    assert encode_rl_prompt({"prompt": prompt}, tok, 8)["input_ids"] == full[:1] + full[-7:]
+    pair = encode_preference({"prompt": prompt, "chosen": " yes", "rejected": " no"}, tok, 8)
+    full_prompt = encode_pair(tok, prompt, " yes")[0]
+    kept = 8 - max(len(pair["chosen"]), len(pair["rejected"]))
+    assert pair["prompt"] == full_prompt[:1] + full_prompt[len(full_prompt) - kept + 1:] and len(pair["prompt"]) == kept
 
 
 def test_pairs_whose_replies_are_alike_are_dropped_and_counted():

@@ -592,6 +592,18 @@ def test_a_longest_sequence_of_exactly_the_positions_fits(w, capsys):
                                              r"longest sequence")
 
 
+def test_longrope_reads_its_original_range_alike_in_every_batch(tmp_path, capsys):
+    """Phi-3.5's LongRoPE: transformers rotates every row of a batch by the long factors once one row is longer
+    than the original range (4096 there, 16 here), so a short row's log-probs would depend on its neighbours
+    (3.6e-4 in float64): a run longer than that range is refused, as one past a model's positions."""
+    path = save_tiny("phi3", tmp_path, config={"original_max_position_embeddings": 16, "rope_scaling": {
+        "rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}})
+    load_model("--model", path, make_tokenizer(), False, longest=16)
+    with pytest.raises(SystemExit) as exit_info:
+        load_model("--model", path, make_tokenizer(), False, longest=17)
+    assert_one_error_line(exit_info, capsys, r"--model .*: 16 positions, fewer than the 17 tokens")
+
+
 def test_quiet_libraries_silences_the_hub_clients_retry_warnings():
     """Offline, a --model name that is no local folder makes the Hub client log each retry on stderr."""
     code = ("from minrlhf.cli import quiet_libraries; quiet_libraries(); from huggingface_hub.utils import logging; "

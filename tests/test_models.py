@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from minrlhf import (Critic, PolicyWithValueHead, collate_pairs, encode_pair, encode_preference, ensure_pad_token,
                      full_pair_scores, load_causal_lm, load_reward_model, logprobs_from_logits, pad, pair_scores,
                      reply_logprobs, response_logprobs, response_positions, reward_scores, sampled_logprobs, score_pairs,
                      score_texts, within_positions)
-from tiny import FAMILIES, make_tokenizer, save_tiny
+from tiny import FAMILIES, make_sentencepiece_tokenizer, make_tokenizer, save_tiny
 
 
 PAIR_ROWS = [{"prompt": "Human: can you help me with my homework?", "chosen": " sure, what is it?", "rejected": " no"},
@@ -152,6 +152,25 @@ def test_pair_scores_match_the_full_sequences(family_dir, max_length):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_score_pairs_of_a_model_with_a_recurrent_state_runs_them_in_full():
+    """Jamba's Mamba layers keep a recurrent state, not keys and values that could serve a second reply:
+    `score_pairs` scores such a model's pairs in full (before: an AttributeError in the RM stage's first step)."""
+    tokenizer = make_tokenizer()
+    config = AutoConfig.for_model("jamba", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_labels=1,
+                                  pad_token_id=tokenizer.pad_token_id, num_experts=2, num_experts_per_tok=1,
+                                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                  expert_layer_offset=1, mamba_d_state=4)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    pairs = sorted((encode_preference(row, tokenizer, 64) for row in PAIR_ROWS), key=lambda pair: len(pair["prompt"]))
+    full = [pair["prompt"] + pair[key] for pair in pairs for key in ("chosen", "rejected")]
+    with torch.no_grad():
+        got = torch.stack(score_pairs(model, collate_pairs(pairs, tokenizer.pad_token_id, slack=math.inf)), 1)
+        expected = reward_scores(model, pad(full, tokenizer.pad_token_id), pad([[1] * len(s) for s in full], 0))
+    torch.testing.assert_close(got.flatten(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_score_pairs_under_gradient_checkpointing(family_dir):
     """In training with gradient checkpointing transformers drops the KV cache that `pair_scores` hands the
     replies; `score_pairs` then runs each pair in full: the scores of the model in eval mode, and gradients."""
@@ -255,6 +274,21 @@ def test_score_texts_keeps_the_last_tokens_within_the_positions(tmp_path):
     with torch.no_grad():
         got = score_texts(model, tokenizer, [prompt], [response], within_positions(model, 64))
         expected = reward_scores(model, torch.tensor([ids[-16:]]), torch.ones(1, 16, dtype=torch.long))
+    torch.testing.assert_close(got, expected)
+
+
+def test_score_texts_keeps_a_bos_first_past_the_positions(tmp_path):
+    """A tokenizer that starts every text with BOS (Llama 2's): the sequence cut on the left still starts
+    with it, then its last tokens, as PPO's prompts and the reward model's training pairs are cut."""
+    tokenizer = make_sentencepiece_tokenizer()
+    model = load_reward_model(save_tiny("gpt2", tmp_path, config={"n_positions": 16, "vocab_size": len(tokenizer)}),
+                              tokenizer.pad_token_id).eval()
+    prompt, response = "the film was great and the food was great", " and I loved it, the service was great"
+    ids = sum(encode_pair(tokenizer, prompt, response), [])
+    assert ids[0] == tokenizer.bos_token_id and len(ids) > 16
+    with torch.no_grad():
+        got = score_texts(model, tokenizer, [prompt], [response], within_positions(model, 64))
+        expected = reward_scores(model, torch.tensor([ids[:1] + ids[-15:]]), torch.ones(1, 16, dtype=torch.long))
     torch.testing.assert_close(got, expected)
 
 

@@ -108,6 +108,8 @@ _CONFIGS = {
     "bloom": dict(hidden_size=32, n_layer=2, n_head=4),  # ALiBi: no position limit
     "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256),
+    "phi3": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,  # for its LongRoPE
+                 num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256),
 }
 
 
