@@ -142,6 +142,16 @@ def _json_fault(path):
     return None if found else "the data set is empty"
 
 
+def _null_first(path):
+    """Whether a .json/.jsonl file's first record is null, which crashes datasets' reader, process and all."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            return re.match(r"\s*(\[\s*)?null\b", f.read(4096)) is not None
+    except (OSError, EOFError, zlib.error):  # not gzip, or cut short: datasets and `_json_fault` say so
+        return False
+
+
 def _parquet_fault(path):
     """'the data set is empty' for a parquet file of no rows (datasets says "BatchSize must be greater
     than 0"), else None: its own reason stands."""
@@ -167,6 +177,9 @@ def load_rows(source, split="train", chat=False, stage=None):
             raise DataError(f"{source}: no such file")
         if os.path.getsize(source) == 0:
             raise DataError(f"{source}: the data set is empty")
+        if LOCAL_FORMATS[ext] == "json" and _null_first(source):
+            raise DataError(f"{source}: its first record is null; expected an object per line (.jsonl) or a "
+                            f"list of objects (.json)")
         try:
             path = glob.escape(os.path.abspath(source))  # datasets reads data_files as a pattern: [v2], *
             rows = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")

@@ -71,6 +71,9 @@ def check_output(args):
             fail(f"--output {args.output} already holds checkpoints; pass --resume to continue, or choose "
                  f"another --output")
         check_resume_flags(args, saved)
+    elif saved and os.path.isfile(os.path.join(args.output, "config.json")):  # its checkpoints removed
+        fail(f"--output {args.output} holds the final model of a finished run, which the run would write "
+             f"over; choose another --output")
     check_writable("--output", args.output, args.output)
 
 

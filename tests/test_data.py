@@ -197,6 +197,9 @@ def write(tmp_path, name, text):
     ("blank.jsonl", "\n\n", r"blank\.jsonl: the data set is empty"),  # datasets: "Instruction "train" ...
     ("list.json", "[]", r"list\.json: the data set is empty"),  # ... corresponds to no data!"
     ("number.json", "5", r"number\.json: line 1: a JSON int; expected a list of objects"),
+    ("null.jsonl", '\nnull\n{"prompt": "a"}\n', r"null\.jsonl: its first record is null; expected an object per line"),
+    ("null.json", '[null, {"prompt": "a"}]', r"null\.json: its first record is null"),  # datasets: SIGSEGV
+    ("null_alone.json", "null", r"null_alone\.json: its first record is null"),
     ("twice.jsonl", '{"prompt": "a", "prompt": "b"}\n', r"twice\.jsonl: JSON parse error: Column\(/prompt\) was "
                                                       r"specified twice"),  # datasets' cause, not its wrapper's line
     ("cut.jsonl.gz", gzip.compress(b'{"prompt": "a"}\n' * 100, mtime=0)[:30], r"cut\.jsonl\.gz: cannot read it as UTF-8 text "

@@ -138,6 +138,9 @@ def w(tmp_path_factory):
     os.makedirs(d / "sft_run")
     (d / "sft_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
     os.makedirs(d / "ckpt_run" / "checkpoints" / "step1")  # also a run stopped before its final model
+    os.makedirs(d / "finished_run")  # a finished sft run whose checkpoints were removed to save space
+    (d / "finished_run" / "args.json").write_text(json.dumps({"stage": "sft"}))
+    (d / "finished_run" / "config.json").write_text("{}")
     make_tokenizer().save_pretrained(d / "adapter")  # a PEFT adapter folder: adapters and tokenizer, no model
     (d / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     for name, saved in {"resume_run": {"batch_size": 4}, "ranks_run": {"world_size": 2},
@@ -250,6 +253,8 @@ CASES = {  # name: (flags, the one line expected on stderr)
                                                   r"--resume: no complete checkpoint in .*checkpoints"),
     "output of another stage": (["--stage", "rm", "--output", "{w}/sft_run"], r"sft_run holds a --stage sft run"),
     "checkpoints without resume": (["--output", "{w}/ckpt_run"], r"ckpt_run already holds checkpoints; pass --resume"),
+    "a finished run's final model": (["--output", "{w}/finished_run"], r"finished_run holds the final model of a "
+                                                                        r"finished run, which the run would write over"),
     "fewer prompts than a rollout": (PPO + ["--reward-fn", "err_rewards:boom", "--dataset", "{w}/ten.jsonl",
                                             "--rollout-batch-size", 16],
                                      r"ten\.jsonl: 10 usable training rows \(0 dropped: .*\); need at "
