@@ -23,10 +23,10 @@ import torch
 
 import minrlhf as M  # before transformers: the Hub's offline mode without a network (minrlhf/offline.py)
 from minrlhf.defaults import SENTIMENT_DATA, default_model, vader
-from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_template,
-                         check_writable, fail, fail_to_load, first_line, nonempty, positive_int,
-                         quiet_libraries, run_path, same_path, samples_per_prompt, sampling_temperature,
-                         saved_args, write_atomically)
+from minrlhf.cli import (LOAD_ERRORS, OneLineArgumentParser, bounded, check_embeddings, check_not_critic,
+                         check_template, check_writable, fail, fail_to_load, first_line, nonempty,
+                         positive_int, quiet_libraries, run_path, same_path, samples_per_prompt,
+                         sampling_temperature, saved_args, write_atomically)
 from minrlhf.models import load_tokenizer_of
 from minrlhf.sampling import load_chat_model, sample
 
@@ -232,6 +232,7 @@ def load_inputs(args):
     models = {"--policy": (args.policy, policy), "--base": (args.base, base)}
     reward_model = None
     if args.reward_model:
+        check_not_critic("--reward-model", args.reward_model)
         reward_model = loaded("--reward-model", args.reward_model, load_reward_model)
         check_template("--reward-model", args.reward_model, reward_model[1], prompts,
                        f"--prompts {args.prompts}")

@@ -442,7 +442,7 @@ def parse_args(argv=None):
     a("--offload", action="store_true", help="ZeRO-Offload: optimizer state (ZeRO-3: weights too) on the CPU")
     add_run_flags(p.add_argument_group("checkpoints and logging").add_argument)
     a("--ref-model", type=nonempty,
-      help="frozen reference policy of the KL penalty and of dpo (default: a copy of --model)")
+      help="frozen reference of the KL penalty and of dpo (default: --model; LoRA: the policy, adapters off)")
     a("--beta", type=positive, default=0.1, help="dpo: beta, the weight of the log-ratio to the reference")
     add_lora_flags(p.add_argument_group("LoRA").add_argument)
     a("--gradient-checkpointing", action="store_true",

@@ -23,6 +23,7 @@ LOAD_ERRORS = Exception
 # what writing to a full disk (or a folder without permission) raises: the OS's error for plain files,
 # torch.save's RuntimeError, safetensors' own SafetensorError for the weights of save_pretrained
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+CRITIC_NORMALISATION = "value_normalisation.pt"  # beside a saved critic: its values are (score - mean) / std
 
 
 def fail(message, this_rank=False):
@@ -143,6 +144,14 @@ def fail_to_load(flag, path, reason):
         if os.path.isdir(path):  # else a Hub name, or nothing: the reason says which
             fail(f"{flag} {path}: not a model folder (no config.json)")
     fail(f"{flag} {path}: {reason}")
+
+
+def check_not_critic(flag, path):
+    """One line for a PPO run's critic passed as a reward model: it scores values, scaled by that run's
+    rewards (CRITIC_NORMALISATION beside it), not what the reward model it started from scores."""
+    if os.path.isfile(os.path.join(path, CRITIC_NORMALISATION)):
+        fail(f"{flag} {path}: a PPO critic ({CRITIC_NORMALISATION} beside it): it predicts returns, not "
+             f"rewards; pass a reward model (--stage rm's output)")
 
 
 def saved_args(output):

@@ -12,14 +12,14 @@ from collections.abc import Mapping, Set
 import torch
 import torch.distributed as dist
 
-from .cli import LOAD_ERRORS, check_embeddings, fail, fail_to_load, fail_together, first_line, same_path
+from .cli import (CRITIC_NORMALISATION, LOAD_ERRORS, check_embeddings, check_not_critic, fail, fail_to_load,
+                  fail_together, first_line, same_path)
 from .data import (ONLINE, DataError, check_columns, ensure_pad_token, held_out, load_rows, sequence_length,
                    tokenize)
 from .defaults import SENTIMENT_DATA, default_model
 from .engine import frozen, writable
 from .lora import LoRALinear, WithoutAdapters, add_lora
 from .models import Critic, load_causal_lm, load_reward_model, load_tokenizer_of, position_limit, vocab_size
-from .run import CRITIC_NORMALISATION
 
 
 def offline_defaults(args):
@@ -65,6 +65,8 @@ def check_online_args(args):
              f"(--batch-size x --grad-accum = {args.batch_size * args.grad_accum})")
     if (args.reward_model is None) == (args.reward_fn is None):
         fail(f"--stage {args.stage} needs exactly one of --reward-model DIR or --reward-fn MODULE:FUNCTION")
+    if args.reward_model:
+        check_not_critic("--reward-model", args.reward_model)
     if args.target_kl and not args.kl_coef:
         fail("--target-kl adapts --kl-coef by a factor at each iteration: it needs --kl-coef > 0")
     args.missing_eos_penalty = args.missing_eos_penalty or 0.0

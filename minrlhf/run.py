@@ -19,13 +19,12 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .cli import (WRITE_ERRORS, check_writable, fail, fail_together, lost_peer, new_file_mode, run_path,
-                  same_path, saved_args, synced, write_atomically)
+from .cli import (CRITIC_NORMALISATION, WRITE_ERRORS, check_writable, fail, fail_together, lost_peer,
+                  new_file_mode, run_path, same_path, saved_args, synced, write_atomically)
 from .engine import read_config
 from .lora import merged_state_dict
 
 APPROX_KL_WARNING = 0.5  # nats per token: far outside the trust region PPO's clipping assumes
-CRITIC_NORMALISATION = "value_normalisation.pt"  # beside a saved critic: its values are (score - mean) / std
 
 
 def checkpoints(output):
@@ -355,8 +354,9 @@ class Run:
             if lost_peer(e):  # another rank failed: its checkpoint files, not necessarily this one's
                 raise
             reason = (f"{type(e).__name__}: {e}" if str(e) else repr(e)).splitlines()[0]  # assert: no message
-            fail(f"--resume: cannot load {found[-1]} ({reason}); remove it to resume from the one before",
-                 this_rank=True)
+            advice = (f"remove it to resume from {os.path.basename(found[-2])}" if len(found) > 1 else
+                      "it is the run's only checkpoint: start the run again in another --output")
+            fail(f"--resume: cannot load {found[-1]} ({reason}); {advice}", this_rank=True)
         reschedule(self.engine)
         if self.critic:
             reschedule(self.critic)

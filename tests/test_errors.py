@@ -49,6 +49,8 @@ def w(tmp_path_factory):
     save_tiny("llama", d / "model")
     load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "rm")
     make_tokenizer().save_pretrained(d / "rm")
+    shutil.copytree(d / "rm", d / "critic")  # a PPO run's critic: a reward model's files, and its values' scale
+    torch.save({"mean": 0.0, "std": 1.0}, d / "critic" / "value_normalisation.pt")
     short = save_tiny("llama", d / "short", config={"max_position_embeddings": 16})
     # more token embeddings than its tokenizer has tokens (as Qwen's, padded): it can sample ids past them
     save_tiny("llama", d / "wide", config={"vocab_size": len(make_tokenizer()) + 64})
@@ -172,6 +174,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "tied reward model as policy": (["--model", "{w}/tied_rm"],
                                     r"--model .*tied_rm: cannot load as a causal LM \(not a causal LM checkpoint: "
                                     r"a reward model \(it has a score head\)\)"),
+    "a critic as the reward model": (PPO + ["--reward-model", "{w}/critic"],
+                                     r"--reward-model .*critic: a PPO critic \(value_normalisation\.pt beside it\): it "
+                                     r"predicts returns, not rewards; pass a reward model"),
     "reward model without head": (PPO + ["--reward-model", "{w}/model"],
                                   r"--reward-model .*model: cannot load as a reward model \(not a reward model"),
     "past the positions": (["--dataset", "{w}/long.jsonl"], r"--model .*model: 256 positions, fewer than the \d+ tokens "
@@ -463,6 +468,7 @@ EVAL_CASES = {  # eval.py: name -> (flags, the one line expected on stderr), all
     "policy missing": (["--policy", "{w}/nope"], r"--policy .*nope: "),
     "policy a reward model": (["--policy", "{w}/tied_rm"], r"--policy .*tied_rm: not a causal LM checkpoint: a reward "
                                                           r"model \(it has a score head\)"),
+    "a critic as the reward model": (["--reward-model", "{w}/critic"], r"--reward-model .*critic: a PPO critic"),
     "reward model without head": (["--reward-model", "{w}/model"],
                                   r"--reward-model .*model: not a reward model: it has no trained score head"),
     "prompts without prompts": (["--prompts", "{w}/cols.jsonl"],

@@ -1139,11 +1139,14 @@ def test_resume_refuses_fewer_steps_and_a_damaged_checkpoint(work):
         "error: --resume: the checkpoint is at step 4, past this run's last step 3 (--max-steps or --epochs)")
     os.remove(work / "damaged" / "checkpoints" / "step4" / "rng_rank0.pt")
     assert re.search(r"error: --resume: cannot load .*step4 \(FileNotFoundError: .*\); remove it to "
-                                   r"resume from the one before$", resume_fails(work, "damaged", "--max-steps", 4))
+                                   r"resume from step2$", resume_fails(work, "damaged", "--max-steps", 4))
     shutil.rmtree(work / "damaged" / "checkpoints" / "step4")  # emptied: DeepSpeed's assert, without a message
     os.mkdir(work / "damaged" / "checkpoints" / "step4")
     assert re.search(r"error: --resume: cannot load .*step4 \(AssertionError\(\)\); remove it",
                      resume_fails(work, "damaged", "--max-steps", 4))
+    shutil.rmtree(work / "damaged" / "checkpoints" / "step2")  # no checkpoint before it: removing it loses the run
+    assert resume_fails(work, "damaged", "--max-steps", 4).endswith(
+        "; it is the run's only checkpoint: start the run again in another --output")
 
 
 def test_resume_reads_the_same_deepspeed_config_from_another_path(work):
@@ -1211,7 +1214,7 @@ def test_a_write_or_load_error_on_one_rank_is_that_ranks_line_first(work):
     next((work / "rank1_disk" / "checkpoints" / "step2").glob("zero_pp_rank_1_*optim_states.pt")).unlink()
     errors = launch("rank1_disk", "--max-steps", 4, "--resume")
     assert re.fullmatch(r"error: rank 1: --resume: cannot load .*step2 \(FileNotFoundError: .*zero_pp_rank_1_.*\); "
-                        r"remove it to resume from the one before", errors[0]), errors
+                        r"remove it to resume from step1", errors[0]), errors
     errors = launch("rank0_disk", "--max-steps", 2, FULL_AT="final", FULL_RANK="0")
     assert errors == [f"error: rank 0: --output {work / 'rank0_disk'}: cannot write the final model (Error while "
                       f"serializing: I/O error: File too large (os error 27)); its last checkpoint holds it, and --resume "
