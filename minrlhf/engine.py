@@ -4,6 +4,7 @@ import contextlib
 import functools
 import glob
 import json
+import math
 import os
 import socket
 import sys
@@ -12,6 +13,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from torch.utils.cpp_extension import get_default_build_root
@@ -100,10 +102,50 @@ def deepspeed_config(args, world_size):
         fail(f"--deepspeed_config {args.deepspeed_config}: optimizer lr {params['lr']} contradicts --lr "
              f"{args.lr}; leave it out, train.py fills it")
     try:  # DeepSpeed's own checks of it, now: under ZeRO-3 they would first run inside a model's loading
-        DeepSpeedZeroConfig(**zero)
+        zero_config = DeepSpeedZeroConfig(**zero)
     except Exception as e:
         fail(f"--deepspeed_config {args.deepspeed_config}: zero_optimization: {config_problems(e)}")
+    offloads = [k for k in ("offload_optimizer", "offload_param") if getattr(zero_config, k) is not None
+                and getattr(zero_config, k).device != "none"]
+    if zero["stage"] == 0 and offloads:  # DeepSpeed ignores them there
+        fail(f"--deepspeed_config {args.deepspeed_config}: zero_optimization.{offloads[0]} at ZeRO stage 0, "
+             f"which has no partitions to offload; pass --zero-stage 1, 2 or 3")
+    try:
+        unread = unread_keys(cfg)
+    except Exception as e:  # DeepSpeed's own checks of the whole config
+        fail(f"--deepspeed_config {args.deepspeed_config}: {type(e).__name__}: {first_line(e)}")
+    if unread:  # DeepSpeed ignores them
+        fail(f"--deepspeed_config {args.deepspeed_config}: {', '.join(unread)}: not a key DeepSpeed reads (a "
+             f"typo? another kind of file?)")
     return cfg
+
+
+class ReadKeys(dict):
+    """A dict that records which of its keys were looked up."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def unread_keys(cfg):
+    """The config's top-level keys that DeepSpeed's parser (DeepSpeedConfig) never looks up: a misspelt key
+    ("zero_optimisation") or another file (a model's config.json), which DeepSpeed would ignore silently."""
+    keys = ReadKeys({k: v for k, v in cfg.items() if k != "train_batch_size"})  # the others' product: no
+    DeepSpeedConfig(keys)  # check of it against a world size that DeepSpeed may not know yet
+    return sorted(set(keys) - keys.read)
 
 
 def config_problems(error):
@@ -128,9 +170,9 @@ def read_config(path):
     if cfg.get("fp16", {}).get("enabled"):  # its loss scaler skips overflowing steps: here they stop the run
         fail(f"--deepspeed_config {path}: fp16 is enabled; train.py trains in fp32, or bf16 with --bf16 (no "
              f"loss scaling)")
-    clip = cfg.get("gradient_clipping", 0.0)  # DeepSpeed reads it unchecked: a string fails at the first step
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)):
-        fail(f"--deepspeed_config {path}: gradient_clipping {clip!r}; expected a number")
+    problems = unchecked_value_problems(cfg)
+    if problems:
+        fail(f"--deepspeed_config {path}: {problems[0]}")
     if "scheduler" in cfg:  # DeepSpeed would run it instead of train.py's, silently
         fail(f"--deepspeed_config {path}: a scheduler section; leave it out, train.py's lr decays linearly "
              f"to 0")
@@ -138,6 +180,32 @@ def read_config(path):
         fail(f"--deepspeed_config {path}: a checkpoint section; leave it out, train.py writes each "
              f"checkpoint under a temporary name and renames it when it is complete")
     return cfg
+
+
+def unchecked_value_problems(cfg):
+    """What DeepSpeed reads unchecked and fails on at the first step (or ignores): gradient clipping, the
+    optimizer's type, betas, eps and weight decay, steps_per_print. -> list of problems, each one line"""
+    optimizer = cfg.get("optimizer", {"type": "AdamW"})
+    params, problems = optimizer.get("params", {}), []
+    if not non_negative_number(cfg.get("gradient_clipping", 0.0)):
+        problems.append(f"gradient_clipping {cfg['gradient_clipping']!r}; expected a number >= 0 (0: none)")
+    if not isinstance(optimizer.get("type"), str):
+        problems.append(f"optimizer type {optimizer.get('type')!r}; expected a name, e.g. \"AdamW\"")
+    betas = params.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(non_negative_number(b) for b in betas)
+            and max(betas) < 1):
+        problems.append(f"optimizer betas {betas!r}; expected two numbers in [0, 1)")
+    problems += [f"optimizer {key} {params[key]!r}; expected a number >= 0" for key in ("eps", "weight_decay")
+                 if key in params and not non_negative_number(params[key])]
+    steps = cfg.get("steps_per_print", 10)
+    if type(steps) is not int or steps < 1:
+        problems.append(f"steps_per_print {steps!r}; expected a whole number > 0")
+    return problems
+
+
+def non_negative_number(value):
+    """A finite JSON number >= 0: not a string, not true/false."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 def param_groups(model, part=None, lr=None):
