@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import reprlib
 from statistics import fmean
 
 import torch
@@ -144,7 +145,8 @@ def load_prompts(path, tokenizer):
         fail(f"--prompts {path}: expected {{prompt}} rows; found columns {rows.column_names}")
     for number, prompt in enumerate(rows["prompt"], 1):
         if not (isinstance(prompt, str) or M.is_chat(prompt)):
-            fail(f"--prompts {path}: row {number}: the prompt is {prompt!r}; expected text or chat messages")
+            fail(f"--prompts {path}: row {number}: the prompt is {reprlib.repr(prompt)}; expected text or "
+                 f"chat messages")
     return list(rows["prompt"])
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 import zlib
 
 import datasets
@@ -384,10 +385,11 @@ def _text(row, column):
     if column == "messages":
         if is_chat(value):
             return value
-        raise DataError(f"column 'messages' is {value!r}; expected a list of {{role, content}} messages")
+        raise DataError(f"column 'messages' is {reprlib.repr(value)}; expected a list of {{role, content}} "
+                        f"messages")
     if isinstance(value, str) or (column == "prompt" and is_chat(value)):
         return value
-    raise DataError(f"column {column!r} is {value!r}; expected text")
+    raise DataError(f"column {column!r} is {reprlib.repr(value)}; expected text")  # a long value: its start
 
 
 def reply_ended(row, reply):
@@ -415,6 +417,9 @@ def _sft_pair(row):
         return None, _text(row, "text"), True
     if "prompt" not in row:  # a {messages} or {text} file whose field is null in this row: _text raises
         return None, _text(row, "messages" if "messages" in row else "text"), True
+    if "response" not in row and "chosen" not in row:  # e.g. {prompt, text}: text beside a prompt is no reply
+        raise DataError("a row with a 'prompt' needs its reply in 'response' (or 'chosen'); 'text' is read "
+                        "only in rows without a prompt")
     reply = "response" if row.get("response") is not None or "chosen" not in row else "chosen"
     return _text(row, "prompt"), _text(row, reply), reply_ended(row, reply)
 

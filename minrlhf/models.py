@@ -8,6 +8,7 @@ import contextlib
 import math
 
 import torch
+from jinja2 import TemplateSyntaxError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -47,11 +48,17 @@ def load_causal_lm(path, dtype=torch.float32):
 def load_tokenizer_of(path):
     """The tokenizer saved with a model. One that encodes text to no tokens is refused: for a folder without
     tokenizer files (a model's config and weights alone) transformers builds an empty GPT-2 tokenizer of one
-    token, which turns every prompt into no tokens and every figure computed from them into noise."""
+    token, which turns every prompt into no tokens and every figure computed from them into noise; so is a
+    chat template that does not parse."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.encode("a", add_special_tokens=False):
         raise ValueError("an empty tokenizer that encodes text to no tokens: what transformers loads from a "
                          "folder without tokenizer files; expected tokenizer.json, vocab.json or the like")
+    if tokenizer.chat_template:  # a template that does not parse: the model's fault, not the first row's
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False)
+        except TemplateSyntaxError as e:
+            raise ValueError(f"its chat template does not parse ({e.message}, line {e.lineno})") from None
     return tokenizer
 
 

@@ -49,6 +49,8 @@ def w(tmp_path_factory):
     save_tiny("llama", d / "model")
     load_reward_model(str(d / "model"), make_tokenizer().pad_token_id).save_pretrained(d / "rm")
     make_tokenizer().save_pretrained(d / "rm")
+    shutil.copytree(d / "model", d / "bad_template")  # a chat template with a syntax error
+    (d / "bad_template" / "chat_template.jinja").write_text("{{ m['content'] }")
     shutil.copytree(d / "rm", d / "critic")  # a PPO run's critic: a reward model's files, and its values' scale
     torch.save({"mean": 0.0, "std": 1.0}, d / "critic" / "value_normalisation.pt")
     short = save_tiny("llama", d / "short", config={"max_position_embeddings": 16})
@@ -126,6 +128,8 @@ def w(tmp_path_factory):
              "betas_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": {"betas": "0.9"}}}),
              "decay_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": {"weight_decay": "0.1"}}}),
              "print_ds.json": json.dumps({"steps_per_print": "x"}),
+             "prompt_text.jsonl": '{"prompt": "a", "text": "b"}\n' * 8,
+             "columns.json": json.dumps({"prompt": ["the film was"] * 500, "response": [" great"] * 500}),
              "true_ds.json": json.dumps({"gradient_clipping": True}), "list_ds.json": "[]", "bf16_ds.json": json.dumps({"bf16": True}),
              "params_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": "x"}}),
              "lr_ds.json": json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 0.5}}}),
@@ -357,6 +361,14 @@ CASES = {  # name: (flags, the one line expected on stderr)
                         r"decay_ds\.json: optimizer weight_decay '0\.1'; expected a number >= 0"),
     "ds steps_per_print": (["--deepspeed_config", "{w}/print_ds.json"],
                            r"print_ds\.json: steps_per_print 'x'; expected a whole number > 0"),
+    "text beside a prompt": (["--dataset", "{w}/prompt_text.jsonl"],
+                             r"prompt_text\.jsonl: row 1: a row with a 'prompt' needs its reply in 'response' \(or "
+                             r"'chosen'\); 'text' is read only in rows without a prompt"),
+    "a file of columns": (["--dataset", "{w}/columns.json"],  # its value cut short, not 500 prompts in one line
+                          r"columns\.json: row 1: column 'prompt' is \['the film was', .{0,100}\.\.\.\]; expected text$"),
+    "a template that does not parse": (["--model", "{w}/bad_template"],
+                                       r"--model .*bad_template: cannot load its tokenizer \(its chat template does "
+                                       r"not parse \(unexpected '}', line 1\)\)"),
     "ds scheduler": (["--deepspeed_config", "{w}/sched_ds.json"],
                      r"sched_ds\.json: a scheduler section; leave it out, train\.py's lr decays linearly to 0"),
     "ds checkpoint": (["--deepspeed_config", "{w}/ckpt_ds.json"],
