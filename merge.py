@@ -104,13 +104,17 @@ def writing(output):
 
 
 def check_policy_paths(policies, base):
-    """One line for a policy passed twice (its change would count twice in the mean), or one whose args.json
-    names another model than --base: its change from --base is no task vector. A recorded path that does not
-    exist here (relative to another folder, a Hub name) cannot be compared, and passes."""
+    """One line for a policy passed twice (its change would count twice in the mean), the base itself (its
+    change, none, would shrink the mean), or one whose args.json names another model than --base: its change
+    from --base is no task vector. A recorded path that does not exist here (relative to another folder, a
+    Hub name) cannot be compared, and passes."""
     for i, path in enumerate(policies):
         twice = [other for other in policies[:i] if same_path(path, other)]
         if twice:
             fail(f"--policies {path}: passed twice (also as {twice[0]}); pass each policy once")
+        if same_path(path, base):
+            fail(f"--policies {path}: the --base itself, whose change from --base is none; pass trained "
+                 f"policies")
         model = run_path(saved_args(path), "model")  # what the train.py run in `path` was trained from
         if model and os.path.exists(model) and not same_path(model, base):
             fail(f"--policies {path}: trained from {model} (its args.json), not from --base {base}; pass "

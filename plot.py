@@ -6,6 +6,7 @@ written by `eval.py --json`).
     python plot.py runs/ppo runs/grpo runs/rloo runs/dpo --out runs/methods.png
 """
 import json
+import math
 import os
 
 import matplotlib
@@ -56,9 +57,12 @@ def read_eval(run_dir):
     try:
         with open(path) as f:
             figures = json.load(f)
-        held_out, policy = (float(figures["kl"]), float(figures["gold"])), figures.get("policy")
+        held_out, policy = (figures["kl"], figures["gold"]), figures.get("policy")
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{path}: {type(e).__name__}: {e}; expected the figures of eval.py --json")
+    if not all(type(x) in (int, float) and math.isfinite(x) for x in held_out):  # not "0.5", true or NaN
+        fail(f"{path}: kl {held_out[0]!r}, gold {held_out[1]!r}; expected finite numbers, as eval.py --json "
+             f"writes them")
     if isinstance(policy, str) and os.path.exists(policy) and not same_path(policy, run_dir):
         fail(f"{path}: the figures of eval.py --policy {policy}, not of {run_dir}; run eval.py --policy "
              f"{run_dir} --json {path}")

@@ -703,6 +703,9 @@ PLOT_CASES = {  # plot.py: name -> (run folders, flags, the one line expected on
                                                              r"eval\.py --policy \S*/sft --json \S*/sft/eval\.json first$"),
     "broken eval.json": (["bad_eval", "sft"], [], r"bad_eval/eval\.json: KeyError: 'kl'; expected the figures of "
                                                   r"eval\.py --json"),
+    "eval.json of text": (["gold", "text_eval"], [], r"text_eval/eval\.json: kl '1e309', gold True; expected "
+                                                      r"finite numbers, as eval\.py --json writes them$"),
+    "eval.json of NaN": (["gold", "nan_eval"], [], r"nan_eval/eval\.json: kl nan, gold 0\.5; expected finite numbers"),
     "eval.json of another policy": (["gold", "other_eval"], [], r"other_eval/eval\.json: the figures of eval\.py "
                                                                 r"--policy \S*/gold, not of \S*/other_eval; run "
                                                                 r"eval\.py --policy \S*/other_eval --json"),
@@ -723,6 +726,9 @@ def test_plot_bad_input_fails_with_one_line(name, tmp_path, capsys):
         os.makedirs(tmp_path / run)
         (tmp_path / run / "metrics.jsonl").write_text(text)
     (tmp_path / "bad_eval" / "eval.json").write_text('{"gold": 0.5}')
+    for run, figures in {"text_eval": '{"kl": "1e309", "gold": true}', "nan_eval": '{"kl": NaN, "gold": 0.5}'}.items():
+        os.makedirs(tmp_path / run)
+        (tmp_path / run / "eval.json").write_text(figures)
     (tmp_path / "other_eval" / "eval.json").write_text(json.dumps({"policy": str(tmp_path / "gold"), "kl": 1.0,
                                                                    "gold": 0.6}))  # eval.py --json's of gold
     os.makedirs(tmp_path / "png_dir" / "ppo.png")

@@ -171,6 +171,9 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "trained from another base": (["--policies", "{d}/from_a"],
                                   r"--policies .*from_a: trained from .*/a \(its args\.json\), not from "
                                   r"--base .*base; pass --base .*/a, or policies trained from .*base$"),
+    "the base as a policy": (["--policies", ["{d}/a", "{d}/base/"]],
+                             r"--policies .*base/: the --base itself, whose change from --base is none; pass trained "
+                             r"policies$"),
     "a policy twice": (["--policies", ["{d}/a", "{d}/b", "{d}/./a/"]],
                        r"--policies .*/\./a/: passed twice \(also as .*/a\); pass each policy once"),
     "a new --output in new folders": (["--output", "{t}/new/deeper/out", "--base", "{d}/nope", "--policies",
