@@ -60,7 +60,7 @@ def read_eval(run_dir):
         held_out, policy = (figures["kl"], figures["gold"]), figures.get("policy")
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{path}: {type(e).__name__}: {e}; expected the figures of eval.py --json")
-    if not all(type(x) in (int, float) and math.isfinite(x) for x in held_out):  # not "0.5", true or NaN
+    if not all(type(x) in (int, float) and -math.inf < x < math.inf for x in held_out):  # no "0.5", true, NaN
         fail(f"{path}: kl {held_out[0]!r}, gold {held_out[1]!r}; expected finite numbers, as eval.py --json "
              f"writes them")
     if isinstance(policy, str) and os.path.exists(policy) and not same_path(policy, run_dir):

@@ -478,12 +478,18 @@ def encode_rl_prompt(row, tokenizer, max_length):
 
 
 def last_tokens(ids, n, tokenizer):
-    """The last n >= 1 of `ids`, as a sequence cut on the left keeps them, but a BOS that starts it stays
-    first: models trained with one always there (Llama, Gemma) read text without it as something else."""
+    """The last n >= 1 of `ids`, as a sequence cut on the left keeps them, but the BOS that the tokenizer
+    starts every text with (Llama's, Gemma's) stays first: such models read text without it as something
+    else. A BOS that only opens a turn (ChatML's <|im_start|>, SmolLM2's BOS) goes with the turn's start."""
     if len(ids) <= n:
         return ids
-    bos = ids[:1] if tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else []
+    bos = ids[:1] if ids[0] == tokenizer.bos_token_id and starts_with_bos(tokenizer) else []
     return bos + ids[len(ids) - n + len(bos):]
+
+
+def starts_with_bos(tokenizer):
+    """Whether the tokenizer puts its BOS before every text it encodes."""
+    return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 ENCODERS = {"sft": encode_sft, "rm": encode_preference,

@@ -107,13 +107,13 @@ def deepspeed_config(args, world_size):
         fail(f"--deepspeed_config {args.deepspeed_config}: zero_optimization: {config_problems(e)}")
     offloads = [k for k in ("offload_optimizer", "offload_param") if getattr(zero_config, k) is not None
                 and getattr(zero_config, k).device != "none"]
-    if zero["stage"] == 0 and offloads:  # DeepSpeed ignores them there
+    if zero["stage"] == 0 and offloads:  # nothing is partitioned there
         fail(f"--deepspeed_config {args.deepspeed_config}: zero_optimization.{offloads[0]} at ZeRO stage 0, "
              f"which has no partitions to offload; pass --zero-stage 1, 2 or 3")
     try:
         unread = unread_keys(cfg)
     except Exception as e:  # DeepSpeed's own checks of the whole config
-        fail(f"--deepspeed_config {args.deepspeed_config}: {type(e).__name__}: {first_line(e)}")
+        fail(f"--deepspeed_config {args.deepspeed_config}: {config_problems(e)}")
     if unread:  # DeepSpeed ignores them
         fail(f"--deepspeed_config {args.deepspeed_config}: {', '.join(unread)}: not a key DeepSpeed reads (a "
              f"typo? another kind of file?)")
@@ -143,9 +143,12 @@ class ReadKeys(dict):
 def unread_keys(cfg):
     """The config's top-level keys that DeepSpeed's parser (DeepSpeedConfig) never looks up: a misspelt key
     ("zero_optimisation") or another file (a model's config.json), which DeepSpeed would ignore silently."""
-    keys = ReadKeys({k: v for k, v in cfg.items() if k != "train_batch_size"})  # the others' product: no
-    DeepSpeedConfig(keys)  # check of it against a world size that DeepSpeed may not know yet
-    return sorted(set(keys) - keys.read)
+    # without train_batch_size (the other batch keys' product), which DeepSpeedConfig would check against a
+    # world size it may not know yet. It reads a shallow copy, which shares `read`; were it ever to read a
+    # plain dict, nothing would be recorded, and nothing refused
+    keys = ReadKeys({k: v for k, v in cfg.items() if k != "train_batch_size"})
+    DeepSpeedConfig(keys)
+    return sorted(set(keys) - keys.read) if keys.read else []
 
 
 def config_problems(error):
@@ -197,9 +200,9 @@ def unchecked_value_problems(cfg):
         problems.append(f"optimizer betas {betas!r}; expected two numbers in [0, 1)")
     problems += [f"optimizer {key} {params[key]!r}; expected a number >= 0" for key in ("eps", "weight_decay")
                  if key in params and not non_negative_number(params[key])]
-    steps = cfg.get("steps_per_print", 10)
-    if type(steps) is not int or steps < 1:
-        problems.append(f"steps_per_print {steps!r}; expected a whole number > 0")
+    steps = cfg.get("steps_per_print")
+    if steps is not None and (type(steps) is not int or steps < 1):
+        problems.append(f"steps_per_print {steps!r}; expected a whole number > 0, or null")
     return problems
 
 

@@ -11,6 +11,7 @@ import torch
 from jinja2 import TemplateSyntaxError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from .data import encode_pair, last_tokens, pad_with_mask, prompts_before_replies
 from .losses import logprobs_from_logits
@@ -59,6 +60,8 @@ def load_tokenizer_of(path):
             tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False)
         except TemplateSyntaxError as e:
             raise ValueError(f"its chat template does not parse ({e.message}, line {e.lineno})") from None
+        except Exception:  # it parses; what it refuses (a user turn alone), the rows' own messages will meet
+            pass
     return tokenizer
 
 
@@ -226,10 +229,10 @@ def pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):
 
 
 def repeatable(cache):
-    """Whether every layer of `cache` holds keys and values, which `pair_scores` repeats for the second
-    reply, not a recurrent state (Mamba's, linear attention's: Jamba, Qwen3-Next): transformers cannot
-    repeat those."""
-    return all(hasattr(layer, "batch_repeat_interleave") for layer in cache.layers)
+    """Whether every layer of `cache` holds only keys and values, which `pair_scores` repeats for the second
+    reply: no recurrent state (Mamba's, linear attention's: Jamba, Zamba, Qwen3-Next), which transformers
+    does not repeat."""
+    return not any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
 
 
 def full_pair_scores(reward_model, prompt_ids, reply_ids, attention_mask):

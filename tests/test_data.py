@@ -482,6 +482,17 @@ def test_prompts_cut_on_the_left_keep_their_bos_first(chat):
     assert pair["prompt"] == full_prompt[:1] + full_prompt[len(full_prompt) - kept + 1:] and len(pair["prompt"]) == kept
 
 
+def test_a_bos_that_only_opens_a_turn_goes_with_the_cut():
+    """SmolLM2's BOS is ChatML's <|im_start|>, which its template writes before each turn and its tokenizer
+    before no text: kept first, it would open a turn without a role before text from the middle of another."""
+    tok = make_tokenizer(chat_template=True)
+    tok.bos_token = "<|im_start|>"
+    prompt = "the film was great and the food was great and the service was slow"
+    full = M.encode_prompt(tok, prompt)
+    assert full[0] == tok.bos_token_id and tok("a")["input_ids"][0] != tok.bos_token_id
+    assert encode_rl_prompt({"prompt": prompt}, tok, 8)["input_ids"] == full[-8:]
+
+
 def test_pairs_whose_replies_are_alike_are_dropped_and_counted():
     """No preference to learn: alike as text, or once the replies keep only their last max_length - 1 tokens."""
     tok = make_tokenizer()

@@ -360,7 +360,7 @@ CASES = {  # name: (flags, the one line expected on stderr)
     "ds weight decay": (["--deepspeed_config", "{w}/decay_ds.json"],
                         r"decay_ds\.json: optimizer weight_decay '0\.1'; expected a number >= 0"),
     "ds steps_per_print": (["--deepspeed_config", "{w}/print_ds.json"],
-                           r"print_ds\.json: steps_per_print 'x'; expected a whole number > 0"),
+                           r"print_ds\.json: steps_per_print 'x'; expected a whole number > 0, or null"),
     "text beside a prompt": (["--dataset", "{w}/prompt_text.jsonl"],
                              r"prompt_text\.jsonl: row 1: a row with a 'prompt' needs its reply in 'response' \(or "
                              r"'chosen'\); 'text' is read only in rows without a prompt"),
@@ -643,12 +643,25 @@ def test_longrope_reads_its_original_range_alike_in_every_batch(tmp_path, capsys
     """Phi-3.5's LongRoPE: transformers rotates every row of a batch by the long factors once one row is longer
     than the original range (4096 there, 16 here), so a short row's log-probs would depend on its neighbours
     (3.6e-4 in float64): a run longer than that range is refused, as one past a model's positions."""
+    from minrlhf.cli import quiet_libraries
+    quiet_libraries()  # as train.py: no progress bars
     path = save_tiny("phi3", tmp_path, config={"original_max_position_embeddings": 16, "rope_scaling": {
         "rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}})
     load_model("--model", path, make_tokenizer(), False, longest=16)
     with pytest.raises(SystemExit) as exit_info:
         load_model("--model", path, make_tokenizer(), False, longest=17)
     assert_one_error_line(exit_info, capsys, r"--model .*: 16 positions, fewer than the 17 tokens")
+
+
+def test_a_template_that_parses_loads_whatever_it_refuses(tmp_path):
+    """Loading renders the chat template once to find one that does not parse; one that refuses that user turn
+    alone (it wants a system turn first) is the rows' to meet, not the tokenizer's fault."""
+    from minrlhf.models import load_tokenizer_of
+    tokenizer = make_tokenizer(chat_template=True)
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn first') }}"
+                               "{% endif %}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}")
+    tokenizer.save_pretrained(tmp_path)
+    assert load_tokenizer_of(str(tmp_path)).chat_template == tokenizer.chat_template
 
 
 def test_quiet_libraries_silences_the_hub_clients_retry_warnings():

@@ -806,6 +806,24 @@ def test_the_batch_keys_count_every_rank_and_zero_stage_defaults_to_0(tmp_path):
     assert cfg["zero_optimization"]["stage"] == 0
 
 
+def test_a_deepspeed_chat_config_passes_the_config_checks(tmp_path):
+    """The checks for keys DeepSpeed never reads and values it reads unchecked refuse none of a real config's:
+    DeepSpeed-Chat's training config (its fp16 section disabled), monitors, a null steps_per_print."""
+    cfg = {"steps_per_print": None, "gradient_clipping": 1.0, "prescale_gradients": False, "wall_clock_breakdown": False,
+           "zero_optimization": {"stage": 3, "offload_param": {"device": "none"}, "offload_optimizer": {"device": "none"},
+                                 "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7,
+                                 "stage3_prefetch_bucket_size": 3e7, "memory_efficient_linear": False},
+           "fp16": {"enabled": False}, "hybrid_engine": {"enabled": False, "max_out_tokens": 512},
+           "tensorboard": {"enabled": False, "output_path": str(tmp_path), "job_name": "x"},
+           "activation_checkpointing": {"partition_activations": False}, "flops_profiler": {"enabled": False},
+           "communication_data_type": None, "zero_allow_untested_optimizer": True,
+           "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    args = train_py.parse_args(["--stage", "sft", "--model", ROOT, "--dataset", "x.jsonl", "--deepspeed_config",
+                                str(tmp_path / "ds.json")])
+    assert deepspeed_config(args, 1)["zero_optimization"]["stage"] == 3
+
+
 def test_the_fewest_training_rows_are_one_batch_of_every_rank(tmp_path, monkeypatch, capsys):
     """Two ranks: 64 rows are one step of --batch-size 8 x --grad-accum 4 x 2 ranks, exactly; not one of
     --grad-accum 8."""
